@@ -1,0 +1,106 @@
+"""Argument checks shared by the public functions. Each failure is a ValueError or TypeError that
+names the argument and says what was expected. Only metadata and Python values are inspected (no
+host synchronisation), so the checks are free under torch.compile."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence
+
+import torch
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
+    return f"{type(x).__name__} {x!r}"
+
+
+def floating_tensor(x, name: str, ndims: Sequence[int], shape_doc: str) -> torch.Tensor:
+    """A real floating-point tensor with one of ``ndims`` dimensions and no empty dimension."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {_describe(x)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+                        f"got {x.dtype}")
+    if x.dim() not in ndims:
+        raise ValueError(f"{name} must have shape {shape_doc} ({' or '.join(map(str, ndims))} dimensions), "
+                         f"got {x.dim()} dimensions, shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    return x
+
+
+def same_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; "
+                         "move them to the same device")
+
+
+def real_tensor(x, name: str, shape_doc: str) -> torch.Tensor:
+    """A real (bool, integer or floating) tensor, e.g. a mask or a gate."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {_describe(x)}")
+    if x.is_complex():
+        raise TypeError(f"{name} must be a real tensor, got {x.dtype}")
+    return x
+
+
+def number(x, name: str, *, positive: bool = False) -> float:
+    """A finite Python/NumPy real number (not a tensor: reading one would synchronise)."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {_describe(x)}")
+    value = float(x)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def integer(x, name: str, *, minimum: int) -> int:
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {_describe(x)}")
+    if int(x) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {int(x)}")
+    return int(x)
+
+
+def per_axis(x, name: str, nd: int, convert) -> tuple:
+    """An int/float for every spatial axis, or one value broadcast to all ``nd`` axes."""
+    if isinstance(x, (list, tuple)):
+        if len(x) != nd:
+            raise ValueError(f"{name} must give one value per spatial axis ({nd} for this input), got {len(x)}: {x!r}")
+        return tuple(convert(v, f"{name}[{i}]") for i, v in enumerate(x))
+    return (convert(x, name),) * nd
+
+
+def radius(x, nd: int, name: str = "radius") -> tuple[int, ...]:
+    return per_axis(x, name, nd, lambda v, n: integer(v, n, minimum=1))
+
+
+def flag(x, name: str) -> bool:
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be a bool, got {_describe(x)}")
+    return x
+
+
+def choice(x, name: str, options: Sequence[str]) -> str:
+    if not isinstance(x, str) or x not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {x!r}")
+    return x
+
+
+def integer_ratio(big: Sequence[int], small: Sequence[int], name: str, ref_name: str) -> Optional[tuple[int, ...]]:
+    """Per-axis integer factors big/small; raises unless every axis is an exact multiple."""
+    if tuple(big) == tuple(small):
+        return None
+    if any(b < s or b % s for b, s in zip(big, small)):
+        raise ValueError(f"{name} has spatial size {tuple(big)}, which must equal or be an integer multiple "
+                         f"of {ref_name}'s {tuple(small)} on every axis")
+    return tuple(b // s for b, s in zip(big, small))
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation (and result) for fp16/bf16/fp32 inputs, fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,140 @@
+"""Kernel descriptors of the masked CRF loss, canonicalised once for every backend.
+
+A descriptor is one Gaussian term of the pairwise kernel,
+
+    K_ij = sum_k weight_k * exp(-1/2 * (|dpos_ij|^2 / sigma_xy_k^2 + sum_f (I_if - I_jf)^2 / sigma_img_kf^2))
+
+with dpos in physical units (voxel index times spacing). A term without sigma_xy has no spatial
+part; a term without sigma_image is a pure-xy kernel. Users give descriptors as
+:class:`CRFKernel` tuples, plain ``(weight, sigma_xy, sigma_image)`` tuples, or dicts in the
+original Gated CRF format (``{"weight": 1, "xy": 6, "rgb": 0.1}``: any key but "weight" and "xy"
+names the image).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional, Sequence, Union
+
+from . import _checks
+
+
+class CRFKernel(NamedTuple):
+    """One Gaussian term of the masked CRF kernel.
+
+    Args:
+        weight: multiplier of this term.
+        sigma_xy: spatial bandwidth in pixels (in physical units when a spacing is given), or None
+            for a term without a spatial part.
+        sigma_image: intensity bandwidth, one value for every image channel or one per channel
+            (None in a per-channel sequence leaves that channel out), or None for a pure-xy term.
+    """
+
+    weight: float = 1.0
+    sigma_xy: Optional[float] = 6.0
+    sigma_image: Optional[Union[float, Sequence[Optional[float]]]] = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class CRFParams:
+    """Everything a backend needs besides tensors. Hashable and value-free (no tensors)."""
+
+    radius: tuple[int, ...]          # per spatial axis, (rh, rw) or (rd, rh, rw)
+    spacing: tuple[float, ...]       # per spatial axis
+    zero_padding: bool               # True: the original's border term; False: "valid"
+    weights: tuple[float, ...]       # per descriptor
+    sigma_xy: tuple[Optional[float], ...]               # per descriptor
+    sigma_image: tuple[Optional[tuple[Optional[float], ...]], ...]  # per descriptor, per channel
+
+    @property
+    def num_kernels(self) -> int:
+        return len(self.weights)
+
+    @property
+    def uses_image(self) -> bool:
+        return any(s is not None and any(c is not None for c in s) for s in self.sigma_image)
+
+    def table(self, channels: int) -> list[float]:
+        """Row-major (K, 2 + channels) table [weight, 1/sigma_xy, 1/sigma_img_f ...], 0 = unused,
+        as the compiled kernels take it."""
+        rows = []
+        for w, sxy, simg in zip(self.weights, self.sigma_xy, self.sigma_image):
+            rows.append(w)
+            rows.append(0.0 if sxy is None else 1.0 / sxy)
+            for f in range(channels):
+                s = None if simg is None else simg[f]
+                rows.append(0.0 if s is None else 1.0 / s)
+        return rows
+
+
+def _sigma(x, name):
+    return None if x is None else _checks.number(x, name, positive=True)
+
+
+def _descriptor(desc, i: int):
+    where = f"kernels[{i}]"
+    if isinstance(desc, dict):
+        unknown_weight = "weight" not in desc
+        if unknown_weight:
+            raise ValueError(f"{where} must have a 'weight' key (original Gated CRF format), got keys {sorted(desc)}")
+        image_keys = [k for k in desc if k not in ("weight", "xy")]
+        if len(image_keys) > 1:
+            raise ValueError(f"{where} names several modalities {image_keys}; masked_crf_loss takes one image "
+                             "tensor (concatenate modalities along channels and give per-channel sigmas, or use "
+                             "compat.ModelLossSemsegGatedCRF with a dict sample)")
+        weight = desc["weight"]
+        sxy = desc.get("xy")
+        simg = desc[image_keys[0]] if image_keys else None
+    elif isinstance(desc, (tuple, list)) and len(desc) == 3:
+        weight, sxy, simg = desc
+    else:
+        raise TypeError(f"{where} must be a CRFKernel, a (weight, sigma_xy, sigma_image) tuple or a dict "
+                        f"like {{'weight': 1, 'xy': 6, 'image': 0.1}}, got {desc!r}")
+    weight = _checks.number(weight, f"{where}.weight")
+    sxy = _sigma(sxy, f"{where}.sigma_xy")
+    if isinstance(simg, (tuple, list)):
+        simg = tuple(_sigma(s, f"{where}.sigma_image[{f}]") for f, s in enumerate(simg))
+        if all(s is None for s in simg):
+            simg = None
+    else:
+        simg = _sigma(simg, f"{where}.sigma_image")
+    if sxy is None and simg is None:
+        raise ValueError(f"{where} has neither sigma_xy nor sigma_image: a kernel needs at least one feature")
+    return weight, sxy, simg
+
+
+def canonical(*, nd: int, radius, spacing, padding: str, kernels, weight, sigma_xy, sigma_image,
+              channels: Optional[int]) -> CRFParams:
+    """Validate the CRF options and resolve per-channel image sigmas (``channels`` = image channels,
+    None when no image was given)."""
+    radius = _checks.radius(radius, nd)
+    spacing = (1.0,) * nd if spacing is None else _checks.per_axis(
+        spacing, "spacing", nd, lambda v, n: _checks.number(v, n, positive=True))
+    padding = _checks.choice(padding, "padding", ("zeros", "valid"))
+    if kernels is None:
+        descs = [_descriptor((weight, sigma_xy, sigma_image), 0)]
+    else:
+        if isinstance(kernels, (dict, CRFKernel)) or not isinstance(kernels, (list, tuple)) or len(kernels) == 0:
+            raise TypeError(f"kernels must be a non-empty list of descriptors, got {kernels!r}")
+        descs = [_descriptor(d, i) for i, d in enumerate(kernels)]
+    per_channel = []
+    for i, (_, _, simg) in enumerate(descs):
+        if simg is None:
+            per_channel.append(None)
+            continue
+        if channels is None:
+            raise ValueError(f"kernel descriptor {i} uses the image (sigma_image={simg!r}) but image is None")
+        if isinstance(simg, tuple):
+            if len(simg) != channels:
+                raise ValueError(f"kernel descriptor {i} gives {len(simg)} per-channel image sigmas but image "
+                                 f"has {channels} channels")
+            per_channel.append(simg)
+        else:
+            per_channel.append((simg,) * channels)
+    return CRFParams(
+        radius=radius,
+        spacing=spacing,
+        zero_padding=padding == "zeros",
+        weights=tuple(d[0] for d in descs),
+        sigma_xy=tuple(d[1] for d in descs),
+        sigma_image=tuple(per_channel),
+    )

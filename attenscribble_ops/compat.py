@@ -1,0 +1,192 @@
+"""Drop-in replacements with the original signatures and return dicts: existing training code
+changes only its import.
+
+* :class:`ModelLossSemsegGatedCRF`: the Gated CRF loss class (Obukhov et al.), as copied by WSL4MIS
+  and AttenScribble. ``sample`` may be the original dict of modalities or the image tensor itself;
+  the compatibility-matrix branch works as intended (the original raises AttributeError); the
+  caller's tensors are never mutated (the original zeroes NaNs of a full-resolution mask in place).
+* :class:`AttnGatedCRF`: AttenScribble's attentive-similarity loss on a dense kernel, without the
+  per-call identity matrix and float64 mask upload.
+* :func:`pre_compute_xy_mask`: the same float64 array as the original, vectorised.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import _checks, _crf_params, functional
+from .reference.attentive_similarity import window_decay_numpy
+from .reference.masked_crf import dense_kernels
+
+
+def pre_compute_xy_mask(h: int, w: int, radius: int, sigma: float) -> np.ndarray:
+    """Dense (h*w, h*w) float64 Gaussian distance mask inside the (2r+1)^2 window, zero diagonal:
+    bitwise the array of the original per-pair loop, computed vectorised."""
+    h = _checks.integer(h, "h", minimum=1)
+    w = _checks.integer(w, "w", minimum=1)
+    radius = _checks.integer(radius, "radius", minimum=0)
+    sigma = _checks.number(sigma, "sigma", positive=True)
+    return window_decay_numpy(h, w, radius, sigma)
+
+
+class ModelLossSemsegGatedCRF(torch.nn.Module):
+    """Gated CRF loss with the original interface; computed by the fused backends.
+
+    Args:
+        backend: "auto" (default), "reference", "cpu", "cuda" or "triton".
+
+    ``forward`` returns ``{"loss": loss}`` (plus ``"kernels_vis"`` when asked), loss values and
+    gradients equal to the original's to float rounding, border term included.
+    """
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = _checks.choice(backend, "backend", ("auto", "reference", "cpu", "cuda", "triton"))
+
+    def forward(self, y_hat_softmax, kernels_desc, kernels_radius, sample, height_input, width_input,
+                mask_src=None, mask_dst=None, compatibility=None, custom_modality_downsamplers=None,
+                out_kernels_vis=False):
+        probs = _checks.floating_tensor(y_hat_softmax, "y_hat_softmax", (4,), "(N, C, H, W)")
+        n, _, height, width = probs.shape
+        height_input = _checks.integer(height_input, "height_input", minimum=1)
+        width_input = _checks.integer(width_input, "width_input", minimum=1)
+        if width_input % width or height_input % height or width_input * height != height_input * width:
+            raise ValueError(f"height_input x width_input ({height_input}x{width_input}) must be the same integer "
+                             f"multiple of the prediction's {height}x{width}")
+        if not isinstance(kernels_desc, (list, tuple)) or not kernels_desc or \
+                not all(isinstance(d, dict) for d in kernels_desc):
+            raise TypeError(f"kernels_desc must be a non-empty list of dicts like "
+                            f"[{{'weight': 1, 'xy': 6, 'rgb': 0.1}}], got {kernels_desc!r}")
+        downsamplers = custom_modality_downsamplers or {}
+        modalities = []
+        for desc in kernels_desc:
+            modalities += [key for key in desc if key not in ("weight", "xy") and key not in modalities]
+        images, owner = [], []
+        for name in modalities:
+            feature = self._modality(sample, name)
+            _checks.same_device(f"sample[{name!r}]", feature, "y_hat_softmax", probs)
+            if tuple(feature.shape[2:]) != (height, width):
+                feature = downsamplers.get(name, F.adaptive_avg_pool2d)(feature.detach(), (height, width))
+            images.append(feature)
+            owner += [name] * feature.shape[1]
+        image = torch.cat(images, dim=1) if images else None
+        kernels = []
+        for desc in kernels_desc:
+            per_channel = tuple(desc.get(name) for name in owner)
+            kernels.append(_crf_params.CRFKernel(desc.get("weight"), desc.get("xy"),
+                                                 per_channel if any(s is not None for s in per_channel) else None))
+        masks = {}
+        for name, mask in (("mask_src", mask_src), ("mask_dst", mask_dst)):
+            if mask is not None:
+                mask = _checks.real_tensor(mask, name, f"({n}, 1, H, W)")
+                if mask.dim() != 4 or tuple(mask.shape[:2]) != (n, 1):
+                    raise ValueError(f"{name} must be an (N, 1, H, W) batch with N={n}, got {tuple(mask.shape)}")
+                if tuple(mask.shape[2:]) != (height, width) and "mask" in downsamplers:
+                    mask = downsamplers["mask"](mask.detach().float(), (height, width))
+            masks[name] = mask
+        loss = functional.masked_crf_loss(probs, image, radius=kernels_radius, kernels=kernels,
+                                          compatibility=compatibility, padding="zeros", backend=self.backend, **masks)
+        out = {"loss": loss}
+        if out_kernels_vis:
+            out["kernels_vis"] = self._visualize(probs, image, kernels, kernels_radius, masks, height_input, width_input)
+        return out
+
+    @staticmethod
+    def _modality(sample, name: str) -> torch.Tensor:
+        if isinstance(sample, dict):
+            if name not in sample:
+                raise ValueError(f"modality {name!r} is listed in kernels_desc but not present in sample "
+                                 f"(keys: {sorted(sample)})")
+            feature = sample[name]
+        else:
+            feature = sample
+        return _checks.floating_tensor(feature, f"sample[{name!r}]" if isinstance(sample, dict) else "sample",
+                                       (4,), "(N, F, H_in, W_in)")
+
+    @staticmethod
+    def _visualize(probs, image, kernels, radius, masks, height_input, width_input) -> torch.Tensor:
+        """Every diameter-th window laid out as a tile (the original's ``kernels_vis``)."""
+        n, _, height, width = probs.shape
+        dtype = _checks.accumulate_dtype(probs.dtype)
+        params = _crf_params.canonical(nd=2, radius=radius, spacing=None, padding="zeros", kernels=kernels,
+                                       weight=None, sigma_xy=None, sigma_image=None,
+                                       channels=None if image is None else image.shape[1])
+        m_src = functional._prepare_mask(masks.get("mask_src"), "mask_src", probs, dtype)
+        m_dst = functional._prepare_mask(masks.get("mask_dst"), "mask_dst", probs, dtype)
+        img = None if image is None else image.detach().to(dtype)
+        k = dense_kernels(params, img, m_dst, m_src, n, (height, width), dtype, probs.device)
+        k = k.permute(0, 1, 4, 5, 2, 3)  # (N, 1, d, d, H, W), the original's layout
+        r = params.radius[0]
+        d = 2 * r + 1
+        vis = k[:, :, :, :, r::d, r::d]
+        vh, vw = vis.shape[-2:]
+        vis = vis.permute(0, 1, 4, 2, 5, 3).reshape(n, 1, d * vh, d * vw)[:, :, :height, :width]
+        vis = F.pad(vis, [0, width - vis.shape[3], 0, height - vis.shape[2]])
+        return F.interpolate(vis, (height_input, width_input), mode="nearest")
+
+
+class AttnGatedCRF(torch.nn.Module):
+    """AttenScribble's loss on a dense similarity kernel, with the original interface.
+
+    ``forward`` returns ``{"loss": (sum L - sum_i p_i . (L p)_i) / (B n)}`` with
+    L = kernel * kernel_xy_mask, diagonal zero, exactly as the original, but the mask is converted
+    and uploaded once per (array, device) and the diagonal is zeroed without an n x n identity.
+    The mask array must not be modified in place between calls (it is cached by identity).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._masks: dict = {}
+
+    def _decay(self, mask, n: int, device, dtype) -> torch.Tensor:
+        key = (id(mask), str(device), dtype)
+        hit = self._masks.get(key)
+        if hit is not None and hit[0] is mask:
+            return hit[1]
+        if isinstance(mask, np.ndarray):
+            tensor = torch.from_numpy(mask)
+        elif isinstance(mask, torch.Tensor):
+            tensor = mask.detach()
+        else:
+            raise TypeError(f"kernel_xy_mask must be an (n, n) numpy array or tensor, got {type(mask).__name__}")
+        if tuple(tensor.shape) != (n, n):
+            raise ValueError(f"kernel_xy_mask must have shape (n, n) = ({n}, {n}), got {tuple(tensor.shape)}")
+        tensor = tensor.to(device=device, dtype=dtype, copy=True)
+        tensor.diagonal().zero_()
+        if len(self._masks) >= 4:
+            self._masks.pop(next(iter(self._masks)))
+        self._masks[key] = (mask, tensor)
+        return tensor
+
+    def forward(self, y_hat_softmax, kernel, kernel_xy_mask, kernel_h, kernel_w, is_y_grad=True, is_k_grad=True,
+                is_exclude_sc=False, batch_is_sc=None):
+        is_y_grad, is_k_grad = bool(is_y_grad), bool(is_k_grad)  # the original takes any truthy flag
+        if not (is_y_grad or is_k_grad):
+            raise ValueError("is_y_grad and is_k_grad are both False: the loss would have no gradient")
+        probs = _checks.floating_tensor(y_hat_softmax, "y_hat_softmax", (4,), "(B, C, H, W)")
+        b = probs.shape[0]
+        kernel_h = _checks.integer(kernel_h, "kernel_h", minimum=1)
+        kernel_w = _checks.integer(kernel_w, "kernel_w", minimum=1)
+        n = kernel_h * kernel_w
+        kernel = _checks.floating_tensor(kernel, "kernel", (3,), f"(B, n, n) = ({b}, {n}, {n})")
+        if tuple(kernel.shape) != (b, n, n):
+            raise ValueError(f"kernel must have shape (B, kernel_h*kernel_w, kernel_h*kernel_w) = ({b}, {n}, {n}), "
+                             f"got {tuple(kernel.shape)}")
+        _checks.same_device("kernel", kernel, "y_hat_softmax", probs)
+        if not is_y_grad:
+            probs = probs.detach()
+        if not is_k_grad:
+            kernel = kernel.detach()
+        if is_k_grad and is_exclude_sc and batch_is_sc is not None:
+            single = torch.as_tensor(batch_is_sc, dtype=torch.bool, device=kernel.device)
+            if tuple(single.shape) != (b,):
+                raise ValueError(f"batch_is_sc must give one flag per sample ({b}), got shape {tuple(single.shape)}")
+            kernel = kernel * (~single).view(b, 1, 1)
+        probs = functional._resize_to_grid(probs, (kernel_h, kernel_w))
+        dtype = torch.promote_types(kernel.dtype, torch.float32)
+        pairs = kernel * self._decay(kernel_xy_mask, n, kernel.device, dtype)
+        p = probs.flatten(2).transpose(1, 2).to(pairs.dtype)
+        return {"loss": (pairs.sum() - (torch.bmm(pairs, p) * p).sum()) / (b * n)}

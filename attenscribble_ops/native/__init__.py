@@ -1,0 +1,4 @@
+"""Python glue of the compiled operators (attenscribble_ops._C): fake kernels for torch.compile
+and opcheck, autograd formulas, and registration as the "cpu" and "cuda" backends. Imported only
+when the extension loaded."""
+from . import clean_mask  # noqa: F401

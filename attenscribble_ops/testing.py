@@ -1,0 +1,130 @@
+"""Helpers for tests, benchmarks and examples: input makers, a tolerance table, the backends that
+can run here, and time / peak-memory measurement (CUDA allocator statistics on the GPU, the
+process's peak resident set on Linux CPUs)."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import backends
+
+# (atol, rtol) for comparing a backend with the float64 reference, by input dtype.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (2e-5, 2e-4),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+
+def runnable_backends(op: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                      ndim: int = 4) -> list[str]:
+    """Backends that can run ``op`` on such inputs in this installation."""
+    meta = backends.Meta(torch.device(device).type, dtype, ndim)
+    return [b for b in backends.BACKENDS if backends.why_not(op, b, meta) is None]
+
+
+def make_crf_inputs(batch: int = 2, classes: int = 4, shape: Sequence[int] = (32, 32), *, channels: int = 1,
+                    image_factor: int = 1, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,
+                    mask_fraction: Optional[float] = 0.9) -> dict:
+    """probs (softmax of random logits), an image in [0, 1] at ``image_factor`` x the prediction
+    resolution, and a random destination mask with ``mask_fraction`` of ones (None: no mask)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = tuple(shape)
+    logits = 2.0 * torch.randn((batch, classes) + shape, generator=g, dtype=torch.float64)
+    image_shape = tuple(s * image_factor for s in shape)
+    out = {
+        "probs": logits.softmax(1).to(device=device, dtype=dtype),
+        "image": torch.rand((batch, channels) + image_shape, generator=g, dtype=torch.float64).to(device=device,
+                                                                                                dtype=dtype),
+    }
+    if mask_fraction is not None:
+        mask = (torch.rand((batch, 1) + shape, generator=g) < mask_fraction).to(dtype)
+        out["mask_dst"] = mask.to(device)
+    return out
+
+
+def make_similarity_inputs(batch: int = 2, heads: int = 1, grid: Sequence[int] = (8, 8), dim: int = 16,
+                           classes: int = 4, probs_factor: int = 4, *, dtype: torch.dtype = torch.float32,
+                           device="cpu", seed: int = 0, logit_std: float = 1.0) -> dict:
+    """q, k (B, heads, n, D) scaled so the logits have about ``logit_std`` spread; probs at
+    ``probs_factor`` x the grid; head weights and bias as the official init."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = grid
+    n = h * w
+    scale = (logit_std / dim ** 0.5) ** 0.5
+    q = torch.randn(batch, heads, n, dim, generator=g, dtype=torch.float64) * scale
+    k = torch.randn(batch, heads, n, dim, generator=g, dtype=torch.float64) * scale
+    logits = 2.0 * torch.randn(batch, classes, h * probs_factor, w * probs_factor, generator=g, dtype=torch.float64)
+    bound = 1.0 / heads ** 0.5
+    return {
+        "q": q.to(device=device, dtype=dtype),
+        "k": k.to(device=device, dtype=dtype),
+        "probs": logits.softmax(1).to(device=device, dtype=dtype),
+        "head_weight": ((torch.rand(heads, generator=g, dtype=torch.float64) * 2 - 1) * bound).to(device=device,
+                                                                                               dtype=dtype),
+        "head_bias": ((torch.rand((), generator=g, dtype=torch.float64) * 2 - 1) * bound).to(device=device,
+                                                                                          dtype=dtype),
+        "grid": (h, w),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn: Callable[[], object], device="cpu", *, warmup: int = 1, repeat: int = 5) -> float:
+    """Median wall time of ``fn()`` in seconds after ``warmup`` calls (device synchronised)."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _read_status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory(fn: Callable[[], object], device="cpu") -> Optional[int]:
+    """Extra bytes at the peak of ``fn()`` over what was allocated before it.
+
+    CUDA: the caching allocator's peak. CPU (Linux): the process's peak resident set (VmHWM,
+    reset through /proc/self/clear_refs) minus the resident set before the call; None where that
+    is unavailable. CPU figures include allocator slack and are coarser than CUDA's."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    before = _read_status_kib("VmRSS")
+    fn()
+    peak = _read_status_kib("VmHWM")
+    if before is None or peak is None:
+        return None
+    return max(0, peak - before) * 1024
