@@ -70,7 +70,12 @@ def _sigma(x, name):
     return None if x is None else _checks.number(x, name, positive=True)
 
 
-def _descriptor(desc, i: int):
+def _descriptor(desc, i: Optional[int]):
+    """(weight, sigma_xy, sigma_image) of one descriptor; i None = the default kernel given by the
+    weight / sigma_xy / sigma_image arguments (errors then name those arguments)."""
+    if i is None:
+        weight, sxy, simg = desc
+        return _finish(weight, sxy, simg, "weight", "sigma_xy", "sigma_image", "the default kernel")
     where = f"kernels[{i}]"
     if isinstance(desc, dict):
         unknown_weight = "weight" not in desc
@@ -89,14 +94,18 @@ def _descriptor(desc, i: int):
     else:
         raise TypeError(f"{where} must be a CRFKernel, a (weight, sigma_xy, sigma_image) tuple or a dict "
                         f"like {{'weight': 1, 'xy': 6, 'image': 0.1}}, got {desc!r}")
-    weight = _checks.number(weight, f"{where}.weight")
-    sxy = _sigma(sxy, f"{where}.sigma_xy")
+    return _finish(weight, sxy, simg, f"{where}.weight", f"{where}.sigma_xy", f"{where}.sigma_image", where)
+
+
+def _finish(weight, sxy, simg, weight_name, sxy_name, simg_name, where):
+    weight = _checks.number(weight, weight_name)
+    sxy = _sigma(sxy, sxy_name)
     if isinstance(simg, (tuple, list)):
-        simg = tuple(_sigma(s, f"{where}.sigma_image[{f}]") for f, s in enumerate(simg))
+        simg = tuple(_sigma(s, f"{simg_name}[{f}]") for f, s in enumerate(simg))
         if all(s is None for s in simg):
             simg = None
     else:
-        simg = _sigma(simg, f"{where}.sigma_image")
+        simg = _sigma(simg, simg_name)
     if sxy is None and simg is None:
         raise ValueError(f"{where} has neither sigma_xy nor sigma_image: a kernel needs at least one feature")
     return weight, sxy, simg
@@ -111,7 +120,7 @@ def canonical(*, nd: int, radius, spacing, padding: str, kernels, weight, sigma_
         spacing, "spacing", nd, lambda v, n: _checks.number(v, n, positive=True))
     padding = _checks.choice(padding, "padding", ("zeros", "valid"))
     if kernels is None:
-        descs = [_descriptor((weight, sigma_xy, sigma_image), 0)]
+        descs = [_descriptor((weight, sigma_xy, sigma_image), None)]
     else:
         if isinstance(kernels, (dict, CRFKernel)) or not isinstance(kernels, (list, tuple)) or len(kernels) == 0:
             raise TypeError(f"kernels must be a non-empty list of descriptors, got {kernels!r}")
@@ -122,7 +131,8 @@ def canonical(*, nd: int, radius, spacing, padding: str, kernels, weight, sigma_
             per_channel.append(None)
             continue
         if channels is None:
-            raise ValueError(f"kernel descriptor {i} uses the image (sigma_image={simg!r}) but image is None")
+            raise ValueError(f"image is None, but kernel descriptor {i} uses it (sigma_image={simg!r}); pass the "
+                             "image, or sigma_image=None for a pure-xy kernel")
         if isinstance(simg, tuple):
             if len(simg) != channels:
                 raise ValueError(f"kernel descriptor {i} gives {len(simg)} per-channel image sigmas but image "

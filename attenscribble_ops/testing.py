@@ -3,6 +3,7 @@ can run here, and time / peak-memory measurement (CUDA allocator statistics on t
 process's peak resident set on Linux CPUs)."""
 from __future__ import annotations
 
+import ctypes
 import statistics
 import time
 from typing import Callable, Optional, Sequence
@@ -103,12 +104,34 @@ def _read_status_kib(field: str) -> Optional[int]:
     return None
 
 
+_M_MMAP_THRESHOLD = -3
+
+
+def _release_freed_cpu_memory() -> None:
+    """Make glibc return freed memory to the OS, so that the resident set tracks live tensors:
+    fix the mmap threshold (by default it grows after each large free, after which big tensors
+    come from the heap and stay resident when freed) and trim the heap."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 17)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 def peak_memory(fn: Callable[[], object], device="cpu") -> Optional[int]:
     """Extra bytes at the peak of ``fn()`` over what was allocated before it.
 
-    CUDA: the caching allocator's peak. CPU (Linux): the process's peak resident set (VmHWM,
-    reset through /proc/self/clear_refs) minus the resident set before the call; None where that
-    is unavailable. CPU figures include allocator slack and are coarser than CUDA's."""
+    CUDA: the caching allocator's peak. CPU (Linux, glibc): the process's peak resident set (VmHWM,
+    reset through /proc/self/clear_refs) minus the resident set before the call, after making
+    glibc hand freed memory back; None where that is unavailable. CPU figures are page-granular
+    and include allocator slack: coarser than CUDA's."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -117,6 +140,7 @@ def peak_memory(fn: Callable[[], object], device="cpu") -> Optional[int]:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
+    _release_freed_cpu_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -1,0 +1,138 @@
+"""Every bad input gets a ValueError or TypeError that names the argument (the README's table is
+this list). Meta tensors stand in for "another device"."""
+import math
+
+import pytest
+import torch
+
+from attenscribble_ops import attentive_similarity_loss, masked_crf_loss, spatial_attention
+
+P = torch.rand(2, 3, 8, 8).softmax(1)
+IMG = torch.rand(2, 1, 8, 8)
+META = torch.empty(2, 3, 8, 8, device="meta")
+
+CRF_CASES = [
+    ("probs as a list", dict(probs=[[1.0]]), TypeError, "probs"),
+    ("integer probs", dict(probs=torch.ones(2, 3, 8, 8, dtype=torch.int64)), TypeError, "probs"),
+    ("complex probs", dict(probs=torch.ones(2, 3, 8, 8, dtype=torch.complex64)), TypeError, "probs"),
+    ("3-D probs", dict(probs=torch.rand(3, 8, 8)), ValueError, "probs"),
+    ("batch of size 0", dict(probs=torch.rand(0, 3, 8, 8), image=torch.rand(0, 1, 8, 8)), ValueError, "probs"),
+    ("image batch differs", dict(image=torch.rand(1, 1, 8, 8)), ValueError, "image"),
+    ("image not an integer multiple", dict(image=torch.rand(2, 1, 12, 12)), ValueError, "image"),
+    ("image smaller than probs", dict(image=torch.rand(2, 1, 4, 4)), ValueError, "image"),
+    ("integer image", dict(image=torch.ones(2, 1, 8, 8, dtype=torch.uint8)), TypeError, "image"),
+    ("image ndim differs", dict(image=torch.rand(2, 1, 2, 8, 8)), ValueError, "image"),
+    ("image on another device", dict(image=torch.empty(2, 1, 8, 8, device="meta")), ValueError, "image"),
+    ("image None but used", dict(image=None), ValueError, "image"),
+    ("radius 0", dict(radius=0), ValueError, "radius"),
+    ("negative radius", dict(radius=-2), ValueError, "radius"),
+    ("float radius", dict(radius=1.5), TypeError, "radius"),
+    ("bool radius", dict(radius=True), TypeError, "radius"),
+    ("radius tuple of wrong length", dict(radius=(1, 2, 3)), ValueError, "radius"),
+    ("sigma_xy 0", dict(sigma_xy=0.0), ValueError, "sigma_xy"),
+    ("negative sigma_image", dict(sigma_image=-0.1), ValueError, "sigma_image"),
+    ("NaN sigma_image", dict(sigma_image=math.nan), ValueError, "sigma_image"),
+    ("infinite weight", dict(weight=math.inf), ValueError, "weight"),
+    ("sigma as a tensor", dict(sigma_xy=torch.tensor(6.0)), TypeError, "sigma_xy"),
+    ("no feature at all", dict(sigma_xy=None, sigma_image=None), ValueError, "neither sigma_xy nor sigma_image"),
+    ("empty kernels", dict(kernels=[]), TypeError, "kernels"),
+    ("kernels as one dict", dict(kernels={"weight": 1, "xy": 6}), TypeError, "kernels"),
+    ("descriptor without weight", dict(kernels=[{"xy": 6}]), ValueError, r"kernels\[0\]"),
+    ("descriptor with bad sigma", dict(kernels=[(1.0, -6.0, None)]), ValueError, r"kernels\[0\].sigma_xy"),
+    ("per-channel sigmas of wrong length", dict(kernels=[(1.0, 6.0, (0.1, 0.2))]), ValueError, "channels"),
+    ("mask batch differs", dict(mask_dst=torch.ones(1, 1, 8, 8)), ValueError, "mask_dst"),
+    ("mask with 2 channels", dict(mask_src=torch.ones(2, 2, 8, 8)), ValueError, "mask_src"),
+    ("complex mask", dict(mask_dst=torch.ones(2, 1, 8, 8, dtype=torch.complex64)), TypeError, "mask_dst"),
+    ("mask not a tensor", dict(mask_dst=[[1.0]]), TypeError, "mask_dst"),
+    ("mask not an integer multiple", dict(mask_dst=torch.ones(2, 1, 12, 12)), ValueError, "mask_dst"),
+    ("mask on another device", dict(mask_dst=torch.empty(2, 1, 8, 8, device="meta")), ValueError, "mask_dst"),
+    ("compatibility of wrong shape", dict(compatibility=torch.ones(2, 2)), ValueError, "compatibility"),
+    ("compatibility with a diagonal", dict(compatibility=torch.ones(3, 3)), ValueError, "diagonal"),
+    ("negative compatibility", dict(compatibility=-(1 - torch.eye(3))), ValueError, "negative"),
+    ("complex compatibility", dict(compatibility=torch.ones(3, 3, dtype=torch.complex64)), TypeError,
+     "compatibility"),
+    ("unknown padding", dict(padding="reflect"), ValueError, "padding"),
+    ("non-positive spacing", dict(spacing=(1.0, 0.0)), ValueError, r"spacing\[1\]"),
+    ("spacing of wrong length", dict(spacing=(1.0, 1.0, 1.0)), ValueError, "spacing"),
+    ("unknown backend", dict(backend="gpu"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("case,kwargs,error,match", CRF_CASES, ids=[c[0] for c in CRF_CASES])
+def test_masked_crf_bad_inputs(case, kwargs, error, match):
+    kwargs = dict(kwargs)
+    probs = kwargs.pop("probs", P)
+    image = kwargs.pop("image", IMG)
+    with pytest.raises(error, match=match):
+        masked_crf_loss(probs, image, **kwargs)
+
+
+Q = torch.randn(2, 1, 16, 8)
+SIM = dict(q=Q, k=torch.randn(2, 1, 16, 8), probs=torch.rand(2, 3, 16, 16).softmax(1),
+           head_weight=torch.randn(1), head_bias=torch.randn(()))
+
+SIM_CASES = [
+    ("3-D q", dict(q=torch.randn(2, 16, 8)), ValueError, "q"),
+    ("integer q", dict(q=torch.ones(2, 1, 16, 8, dtype=torch.int32)), TypeError, "q"),
+    ("k shape differs", dict(k=torch.randn(2, 1, 16, 4)), ValueError, "k must have the shape"),
+    ("k dtype differs", dict(k=torch.randn(2, 1, 16, 8, dtype=torch.float64)), TypeError, "k must have the dtype"),
+    ("k on another device", dict(k=torch.empty(2, 1, 16, 8, device="meta")), ValueError, "k is on"),
+    ("grid does not match q", dict(grid=(4, 5)), ValueError, "grid"),
+    ("grid not a pair", dict(grid=16), TypeError, "grid"),
+    ("grid of zero", dict(grid=(0, 16)), ValueError, r"grid\[0\]"),
+    ("probs batch differs", dict(probs=torch.rand(1, 3, 16, 16)), ValueError, "probs"),
+    ("probs 3-D", dict(probs=torch.rand(3, 16, 16)), ValueError, "probs"),
+    ("integer probs", dict(probs=torch.ones(2, 3, 4, 4, dtype=torch.long)), TypeError, "probs"),
+    ("head_weight does not match heads", dict(head_weight=torch.randn(2)), ValueError, "head_weight"),
+    ("head_weight integer", dict(head_weight=torch.ones(1, dtype=torch.long)), TypeError, "head_weight"),
+    ("head_bias not a scalar", dict(head_bias=torch.randn(2)), TypeError, "head_bias"),
+    ("head_bias a float", dict(head_bias=0.5), TypeError, "head_bias"),
+    ("radius 0", dict(radius=0), ValueError, "radius"),
+    ("sigma 0", dict(sigma=0.0), ValueError, "sigma"),
+    ("infinite logit_scale", dict(logit_scale=math.inf), ValueError, "logit_scale"),
+    ("sample_weight of wrong shape", dict(sample_weight=torch.ones(3)), ValueError, "sample_weight"),
+    ("complex sample_weight", dict(sample_weight=torch.ones(2, dtype=torch.complex64)), TypeError, "sample_weight"),
+    ("grad flag not a bool", dict(grad_probs=1), TypeError, "grad_probs"),
+    ("both gradients off", dict(grad_probs=False, grad_kernel=False), ValueError, "grad_probs and grad_kernel"),
+    ("lse of wrong shape", dict(lse=torch.zeros(2, 16)), ValueError, "lse"),
+    ("unknown backend", dict(backend="fast"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("case,kwargs,error,match", SIM_CASES, ids=[c[0] for c in SIM_CASES])
+def test_attentive_similarity_bad_inputs(case, kwargs, error, match):
+    args = dict(SIM, grid=(4, 4))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        attentive_similarity_loss(args.pop("q"), args.pop("k"), args.pop("probs"), args.pop("head_weight"),
+                                  args.pop("head_bias"), **args)
+
+
+def test_spatial_attention_bad_inputs():
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="v must have shape"):
+        spatial_attention(q, q, torch.randn(1, 2, 6, 4))
+    with pytest.raises(TypeError, match="v must have the dtype"):
+        spatial_attention(q, q, q.double())
+    with pytest.raises(TypeError, match="v must be a torch.Tensor"):
+        spatial_attention(q, q, None)
+
+
+def test_nan_inputs_propagate():
+    """NaN in probs or image is not rejected (that would need a host sync): it propagates. An
+    infinite image value makes every kernel entry of that pixel exp(-inf) = 0 (it is disconnected)."""
+    probs = P.clone()
+    probs[0, 0, 0, 0] = float("nan")
+    assert torch.isnan(masked_crf_loss(probs, IMG))
+    image = IMG.clone()
+    image[1, 0, 3, 3] = float("nan")
+    assert torch.isnan(masked_crf_loss(P, image))
+    image[1, 0, 3, 3] = float("inf")
+    disconnected = masked_crf_loss(P, image)
+    assert torch.isfinite(disconnected)
+    image[1, 0, 3, 3] = 1e6  # finite but as far: exp underflows to 0 for the same entries
+    assert torch.equal(disconnected, masked_crf_loss(P, image))
+    q = SIM["q"].clone()
+    q[0, 0, 0, 0] = float("nan")
+    assert torch.isnan(attentive_similarity_loss(q, SIM["k"], SIM["probs"], SIM["head_weight"], SIM["head_bias"],
+                                                 grid=(4, 4)))

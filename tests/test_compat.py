@@ -1,0 +1,194 @@
+"""Drop-in classes against the spec's formulas: the Gated CRF class (dict and tensor samples, masks,
+several kernel descriptors, the border term, compatibility) and AttnGatedCRF (every flag)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attenscribble_ops.compat import AttnGatedCRF, ModelLossSemsegGatedCRF, pre_compute_xy_mask
+
+from oracles import bilinear_to_grid, crf_pairs_loss, decay_mask_loop
+
+f64 = torch.float64
+
+
+def _probs(B, C, H, W, seed=0):
+    return (2 * torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(seed), dtype=f64)).softmax(1)
+
+
+def _rand(*shape, seed=1):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=f64)
+
+
+def _compare(ours, expected, p1, p2):
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+    ours.backward()
+    expected.backward()
+    torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_dict_sample_two_modalities_two_kernels_masks():
+    B, C, H, W = 2, 3, 4, 5
+    probs = _probs(B, C, H, W)
+    rgb = _rand(B, 3, 2 * H, 2 * W, seed=2)
+    depth = _rand(B, 1, 2 * H, 2 * W, seed=3)
+    mask_src = (_rand(B, 1, H, W, seed=4) > 0.3).to(f64)
+    mask_dst = (_rand(B, 1, H, W, seed=5) > 0.2).to(f64)
+    descs = [{"weight": 0.9, "xy": 6, "rgb": 0.1, "depth": 0.5}, {"weight": 0.1, "xy": 3}]
+    p1, p2 = probs.clone().requires_grad_(), probs.clone().requires_grad_()
+    out = ModelLossSemsegGatedCRF(backend="reference")(p1, descs, 2, {"rgb": rgb, "depth": depth}, 2 * H, 2 * W,
+                                                        mask_src=mask_src, mask_dst=mask_dst)
+    assert set(out) == {"loss"}
+    image = torch.cat([F.avg_pool2d(rgb, 2), F.avg_pool2d(depth, 2)], 1)
+    expected = crf_pairs_loss(p2, image, radius=2, mask_src=mask_src, mask_dst=mask_dst,
+                              descs=[(0.9, 6.0, (0.1, 0.1, 0.1, 0.5)), (0.1, 3.0, None)])
+    _compare(out["loss"], expected, p1, p2)
+
+
+def test_tensor_sample_official_call_with_border_term():
+    """The AttenScribble call: one kernel {"weight": 1, "xy": 6, "rgb": 0.1}, radius 5, the image
+    tensor itself as sample, mask_dst = unannotated pixels; the border term is included."""
+    B, C, H, W = 2, 4, 6, 7
+    probs = _probs(B, C, H, W, seed=6)
+    image = _rand(B, 1, H, W, seed=7)
+    mask_dst = (_rand(B, 1, H, W, seed=8) > 0.1).to(f64)
+    p1, p2 = probs.clone().requires_grad_(), probs.clone().requires_grad_()
+    out = ModelLossSemsegGatedCRF(backend="reference")(p1, [{"weight": 1, "xy": 6, "rgb": 0.1}], 5, image, H, W,
+                                                        mask_src=None, mask_dst=mask_dst)
+    expected = crf_pairs_loss(p2, image, radius=5, descs=[(1.0, 6.0, (0.1,))], mask_dst=mask_dst)
+    _compare(out["loss"], expected, p1, p2)
+
+
+def test_compatibility_branch_works_as_intended():
+    B, C, H, W = 1, 3, 4, 4
+    probs = _probs(B, C, H, W, seed=9)
+    image = _rand(B, 1, H, W, seed=10)
+    compat = torch.tensor([[0, 1, 2], [1, 0, 1], [4, 1, 0]], dtype=torch.float32)
+    mu = (C - 1) * F.normalize(compat.double(), p=1, dim=1)
+    p1, p2 = probs.clone().requires_grad_(), probs.clone().requires_grad_()
+    out = ModelLossSemsegGatedCRF(backend="reference")(p1, [{"weight": 1, "xy": 6, "rgb": 0.1}], 1, image, H, W,
+                                                        compatibility=compat)
+    expected = crf_pairs_loss(p2, image, radius=1, descs=[(1.0, 6.0, (0.1,))], compat=mu)
+    _compare(out["loss"], expected, p1, p2)
+    with pytest.raises(ValueError, match="diagonal"):
+        ModelLossSemsegGatedCRF()(probs, [{"weight": 1, "xy": 6}], 1, image, H, W, compatibility=torch.ones(3, 3))
+    with pytest.raises(ValueError, match="negative"):
+        ModelLossSemsegGatedCRF()(probs, [{"weight": 1, "xy": 6}], 1, image, H, W, compatibility=-compat)
+
+
+def test_callers_tensors_are_never_mutated_and_custom_downsamplers_are_used():
+    B, C, H, W = 1, 2, 4, 4
+    probs = _probs(B, C, H, W, seed=11)
+    image = _rand(B, 1, 2 * H, 2 * W, seed=12)
+    mask = _rand(B, 1, H, W, seed=13).float()
+    mask[0, 0, 0, 0] = float("nan")
+    mask[0, 0, 1, 1] = 0.5
+    image_copy, mask_copy = image.clone(), mask.clone()
+    calls = []
+
+    def nearest(x, size):
+        calls.append(tuple(x.shape))
+        return F.interpolate(x, size=size, mode="nearest")
+
+    out = ModelLossSemsegGatedCRF(backend="reference")(
+        probs, [{"weight": 1, "xy": 6, "rgb": 0.1}], 1, {"rgb": image}, 2 * H, 2 * W, mask_dst=mask,
+        custom_modality_downsamplers={"rgb": nearest})
+    assert calls == [tuple(image.shape)]
+    assert torch.equal(image, image_copy) and torch.equal(mask.nan_to_num(7), mask_copy.nan_to_num(7))
+    cleaned = torch.where(torch.isnan(mask) | (mask < 1), 0.0, mask).double()
+    expected = crf_pairs_loss(probs, F.interpolate(image, size=(H, W), mode="nearest"), radius=1,
+                              descs=[(1.0, 6.0, (0.1,))], mask_dst=cleaned)
+    torch.testing.assert_close(out["loss"], expected)
+
+
+def test_kernels_visualisation_tiles_the_dense_kernels():
+    B, C, H, W, r = 1, 2, 6, 6, 1
+    probs = _probs(B, C, H, W, seed=14)
+    image = _rand(B, 1, H, W, seed=15)
+    out = ModelLossSemsegGatedCRF(backend="reference")(probs, [{"weight": 1, "xy": 2, "rgb": 0.5}], r, image,
+                                                        2 * H, 2 * W, out_kernels_vis=True)
+    vis = out["kernels_vis"]
+    assert vis.shape == (B, 1, 2 * H, 2 * W)
+    # tile (0, 0) shows the window of centre (1, 1): entry (dy, dx) = K((1, 1), (1 + dy - 1, 1 + dx - 1))
+    for dy in range(3):
+        for dx in range(3):
+            y, x = dy, dx
+            if (y, x) == (1, 1):
+                expected = 0.0
+            else:
+                d2 = ((x - 1) / 2) ** 2 + ((y - 1) / 2) ** 2 + ((image[0, 0, y, x] - image[0, 0, 1, 1]) / 0.5) ** 2
+                expected = float(torch.exp(-0.5 * d2))
+            assert vis[0, 0, 2 * dy, 2 * dx].item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_bad_inputs_of_the_gated_crf_class():
+    probs = _probs(1, 2, 4, 4)
+    image = _rand(1, 1, 4, 4)
+    loss = ModelLossSemsegGatedCRF()
+    with pytest.raises(ValueError, match="height_input"):
+        loss(probs, [{"weight": 1, "xy": 6}], 1, image, 6, 4)
+    with pytest.raises(ValueError, match="'rgb'"):
+        loss(probs, [{"weight": 1, "xy": 6, "rgb": 0.1}], 1, {"depth": image}, 4, 4)
+    with pytest.raises(TypeError, match="kernels_desc"):
+        loss(probs, {"weight": 1, "xy": 6}, 1, image, 4, 4)
+    with pytest.raises(ValueError, match="mask_dst"):
+        loss(probs, [{"weight": 1, "xy": 6}], 1, image, 4, 4, mask_dst=torch.ones(1, 2, 4, 4))
+
+
+def _attn_expected(probs, kernel, h, w, radius, sigma, gate=None):
+    p = bilinear_to_grid(probs, (h, w)).flatten(2).transpose(1, 2)
+    mask = decay_mask_loop(h, w, radius, sigma)
+    b, n = kernel.shape[0], h * w
+    total = 0
+    for i in range(b):
+        g = 1.0 if gate is None else gate[i]
+        total = total + g * (mask * kernel[i] * (1 - p[i] @ p[i].T)).sum()
+    return total / (b * n)
+
+
+@pytest.mark.parametrize("is_y_grad,is_k_grad", [(True, True), (True, False), (False, True)])
+def test_attn_gated_crf_flags(is_y_grad, is_k_grad):
+    h, w = 3, 4
+    probs = _probs(2, 3, 6, 8, seed=16).requires_grad_()
+    kernel = torch.sigmoid(torch.randn(2, h * w, h * w, dtype=f64)).requires_grad_()
+    mask = pre_compute_xy_mask(h, w, 2, 6)
+    out = AttnGatedCRF()(probs, kernel, mask, h, w, is_y_grad=is_y_grad, is_k_grad=is_k_grad,
+                         is_exclude_sc=True, batch_is_sc=[False, True])
+    gate = [1.0, 0.0] if is_k_grad else None
+    expected = _attn_expected(probs, kernel, h, w, 2, 6, gate)
+    torch.testing.assert_close(out["loss"], expected.detach())
+    out["loss"].backward()
+    assert (probs.grad is not None) == is_y_grad
+    assert (kernel.grad is not None) == is_k_grad
+    if is_k_grad:
+        assert kernel.grad[1].abs().sum() == 0 and kernel.grad[0].abs().sum() > 0
+    p2, k2 = probs.detach().clone().requires_grad_(), kernel.detach().clone().requires_grad_()
+    _attn_expected(p2, k2, h, w, 2, 6, gate).backward()
+    if is_y_grad:
+        torch.testing.assert_close(probs.grad, p2.grad)
+    if is_k_grad:
+        torch.testing.assert_close(kernel.grad, k2.grad)
+
+
+def test_attn_gated_crf_mask_cache_and_errors():
+    h, w = 3, 3
+    probs = _probs(1, 2, 3, 3)
+    kernel = torch.rand(1, 9, 9, dtype=f64)
+    loss = AttnGatedCRF()
+    a = pre_compute_xy_mask(h, w, 1, 6)
+    b = pre_compute_xy_mask(h, w, 2, 6)
+    la, lb, la2 = (loss(probs, kernel, m, h, w)["loss"] for m in (a, b, a))
+    assert la.item() != lb.item() and la.item() == la2.item()
+    with pytest.raises(ValueError, match="is_y_grad and is_k_grad"):
+        loss(probs, kernel, a, h, w, is_y_grad=False, is_k_grad=False)
+    with pytest.raises(ValueError, match="kernel must have shape"):
+        loss(probs, kernel, a, 3, 4)
+    with pytest.raises(ValueError, match="kernel_xy_mask"):
+        loss(probs, kernel, np.zeros((4, 4)), h, w)
+
+
+def test_pre_compute_xy_mask_is_the_loop_bitwise():
+    for args in [(4, 6, 2, 6), (5, 5, 5, 6.0), (2, 9, 1, 0.7)]:
+        got = pre_compute_xy_mask(*args)
+        assert got.dtype == np.float64
+        assert np.array_equal(got, decay_mask_loop(*args).numpy())
