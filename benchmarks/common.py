@@ -1,0 +1,254 @@
+"""Shared benchmark machinery: the environment every result row carries, timing and peak memory of
+forward / backward / full (forward + backward), result files and the comparison table.
+
+A suite module (bench_<op>.py) defines ``SUITE = Suite(name, cases, providers, build)`` where
+``build(provider, case, device)`` returns a :class:`Workload` or raises :class:`Unavailable`.
+Suites run from the one-command runner (``python -m benchmarks``) and from pytest-benchmark
+(``pytest benchmarks``) through the same builders.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+from attenscribble_ops.testing import peak_memory
+
+MODES = ("forward", "backward", "full")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+class Unavailable(Exception):
+    """A provider cannot run this case here (the message says why); the row records it."""
+
+
+@dataclasses.dataclass
+class Workload:
+    """``forward()`` returns a scalar loss (or a tensor; its sum is differentiated) built from
+    ``leaves``, the tensors whose gradients the backward computes."""
+
+    forward: Callable[[], torch.Tensor]
+    leaves: Sequence[torch.Tensor]
+
+
+@dataclasses.dataclass
+class Suite:
+    name: str
+    cases: Callable[[bool, str], list[dict]]          # (quick, device_type) -> case dicts
+    providers: Callable[[str], list[str]]             # device_type -> provider names
+    build: Callable[[str, dict, torch.device], Workload]
+    reference: str = "reference"
+
+
+@functools.lru_cache(maxsize=None)
+def _git_revision() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (rev or "unknown") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # not installed or broken: recorded, not fatal
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "git": _git_revision(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _clear_grads(leaves) -> None:
+    for t in leaves:
+        t.grad = None
+
+
+def _median_time(step: Callable[[], None], device: torch.device, warmup: int, repeat: int,
+                 setup: Optional[Callable[[], None]] = None) -> float:
+    """Median seconds of ``step`` (CUDA events on the GPU, a synchronised clock on the CPU)."""
+    for _ in range(warmup):
+        if setup:
+            setup()
+        step()
+    _sync(device)
+    times = []
+    for _ in range(repeat):
+        if setup:
+            setup()
+        _sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(work: Workload, mode: str, device: torch.device, *, warmup: int, repeat: int) -> dict:
+    """Median time (ms) and peak extra memory (MiB) of one mode of a workload."""
+    leaves = work.leaves
+    state = {}
+
+    def forward():
+        state["loss"] = work.forward()
+
+    def backward():
+        state["loss"].sum().backward(retain_graph=True)
+
+    def full():
+        _clear_grads(leaves)
+        work.forward().sum().backward()
+
+    if mode == "forward":
+        seconds = _median_time(forward, device, warmup, repeat)
+        peak = peak_memory(forward, device)
+    elif mode == "backward":
+        forward()
+        seconds = _median_time(backward, device, warmup, repeat, setup=lambda: _clear_grads(leaves))
+        _clear_grads(leaves)
+        peak = peak_memory(backward, device)
+    elif mode == "full":
+        seconds = _median_time(full, device, warmup, repeat)
+        _clear_grads(leaves)
+        peak = peak_memory(full, device)
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    state.clear()
+    return {"median_ms": seconds * 1e3, "peak_mib": None if peak is None else peak / 2**20}
+
+
+def run_suite(suite: Suite, device: torch.device, *, quick: bool, modes: Iterable[str],
+              providers: Optional[Sequence[str]] = None, warmup: int = 2, repeat: int = 10,
+              log: Callable[[str], None] = print) -> list[dict]:
+    env = environment(device)
+    rows = []
+    names = [p for p in suite.providers(device.type) if providers is None or p in providers]
+    for case in suite.cases(quick, device.type):
+        for provider in names:
+            for mode in modes:
+                row = {"suite": suite.name, "provider": provider, "mode": mode, **case, **env}
+                try:
+                    work = suite.build(provider, case, device)
+                    row.update(measure(work, mode, device, warmup=warmup, repeat=repeat))
+                except Unavailable as exc:
+                    row.update(median_ms=None, peak_mib=None, skipped=str(exc))
+                except torch.cuda.OutOfMemoryError as exc:
+                    row.update(median_ms=None, peak_mib=None, skipped=f"out of memory: {str(exc)[:120]}")
+                finally:
+                    work = None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append(row)
+                log(format_row(row))
+    return rows
+
+
+def case_label(row: dict) -> str:
+    skip = {"suite", "provider", "mode", "median_ms", "peak_mib", "skipped", "speedup", "memory_ratio"}
+    skip |= set(environment_keys())
+    return " ".join(f"{k}={v}" for k, v in row.items() if k not in skip)
+
+
+def environment_keys() -> tuple[str, ...]:
+    return ("device", "device_type", "torch", "cuda", "triton", "git", "date")
+
+
+def format_row(row: dict) -> str:
+    if row.get("median_ms") is None:
+        return f"  {row['provider']:<18} {row['mode']:<8} {case_label(row):<48} skipped: {row.get('skipped')}"
+    mem = "n/a" if row["peak_mib"] is None else f"{row['peak_mib']:.1f} MiB"
+    return f"  {row['provider']:<18} {row['mode']:<8} {case_label(row):<48} {row['median_ms']:>10.3f} ms {mem:>12}"
+
+
+def add_ratios(rows: list[dict], reference: str = "reference") -> list[dict]:
+    """Speed-up and memory ratio of every row against the reference row of the same case and mode."""
+    index = {(case_label(r), r["mode"]): r for r in rows if r["provider"] == reference and r.get("median_ms")}
+    for r in rows:
+        ref = index.get((case_label(r), r["mode"]))
+        if ref and r.get("median_ms"):
+            r["speedup"] = ref["median_ms"] / r["median_ms"]
+            if ref.get("peak_mib") and r.get("peak_mib"):
+                r["memory_ratio"] = r["peak_mib"] / ref["peak_mib"]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'provider':<18} {'mode':<8} {'case':<48} {'median':>12} {'peak extra':>12} {'speed-up':>9} "
+             f"{'memory':>8}"]
+    for r in rows:
+        if r.get("median_ms") is None:
+            lines.append(f"{r['provider']:<18} {r['mode']:<8} {case_label(r):<48} skipped: {r.get('skipped')}")
+            continue
+        mem = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.1f} MiB"
+        speed = f"{r['speedup']:.1f}x" if "speedup" in r else ""
+        ratio = f"{r['memory_ratio']:.3f}" if "memory_ratio" in r else ""
+        lines.append(f"{r['provider']:<18} {r['mode']:<8} {case_label(r):<48} {r['median_ms']:>9.3f} ms "
+                     f"{mem:>12} {speed:>9} {ratio:>8}")
+    return "\n".join(lines)
+
+
+def slug(text: str) -> str:
+    keep = "".join(c if c.isalnum() else "-" for c in text.lower())
+    return "-".join(part for part in keep.split("-") if part)[:60]
+
+
+def write_results(rows: list[dict], suite: str, device: torch.device, out_dir: str = RESULTS_DIR) -> str:
+    """Write rows to ``<out_dir>/<suite>-<device slug>.json`` (and .csv); returns the JSON path."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{suite}-{slug(device_name(device).split('(')[0])}")
+    with open(stem + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(stem + ".csv", "w") as f:
+        f.write(",".join(keys) + "\n")
+        for r in rows:
+            f.write(",".join("" if r.get(k) is None else str(r.get(k)).replace(",", ";") for k in keys) + "\n")
+    return stem + ".json"

@@ -1,0 +1,124 @@
+"""Plots and README tables generated from saved results (never typed by hand).
+
+    python -m benchmarks.report                 # PNGs for every results file
+    python -m benchmarks.report --readme README.md   # rewrite the tables between the markers
+
+A case dict may carry ``series``: the name of the case key that varies along that series (e.g.
+"size" or "radius"); its rows are plotted against that key, one line per provider, log scale.
+README sections live between ``<!-- bench:<suite>:begin -->`` and ``<!-- bench:<suite>:end -->``.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+from collections import defaultdict
+
+from . import common
+
+
+def _load(path: str) -> list[dict]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def plot_results(path: str) -> list[str]:
+    """One PNG per (series, mode): time and peak memory against the varying key, per provider."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    rows = [r for r in _load(path) if r.get("median_ms") is not None and r.get("series")]
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["series"], r["mode"])].append(r)
+    written = []
+    for (series, mode), items in sorted(groups.items()):
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+        by_provider = defaultdict(list)
+        for r in items:
+            by_provider[r["provider"]].append(r)
+        for provider, rs in sorted(by_provider.items()):
+            rs.sort(key=lambda r: r[series])
+            xs = [r[series] for r in rs]
+            ax_t.plot(xs, [r["median_ms"] for r in rs], marker="o", label=provider)
+            if all(r.get("peak_mib") for r in rs):
+                ax_m.plot(xs, [r["peak_mib"] for r in rs], marker="o", label=provider)
+        for ax, label in ((ax_t, "median time (ms)"), (ax_m, "peak extra memory (MiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(series)
+            ax.set_ylabel(label)
+            ax.grid(True, which="both", alpha=0.3)
+        ax_t.legend(fontsize=8)
+        suite = items[0]["suite"]
+        fig.suptitle(f"{suite}, {mode}, vs {series} — {items[0]['device']}", fontsize=9)
+        fig.tight_layout()
+        out = os.path.splitext(path)[0] + f"-{series}-{mode}.png"
+        fig.savefig(out, dpi=90)
+        plt.close(fig)
+        written.append(out)
+    return written
+
+
+def markdown_table(rows: list[dict], mode: str = "full") -> str:
+    rows = common.add_ratios([dict(r) for r in rows])
+    rows = [r for r in rows if r["mode"] == mode]
+    if not rows:
+        return ""
+    device = rows[0]["device"]
+    lines = [f"Measured on {device}, torch {rows[0]['torch']}, git {rows[0]['git']} ({rows[0]['date'][:10]}); "
+             f"{mode} = forward + backward, median.", "",
+             "| case | provider | time (ms) | peak extra memory (MiB) | speed-up vs reference | memory vs reference |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.get("median_ms") is None:
+            lines.append(f"| {common.case_label(r)} | {r['provider']} | — | — | skipped: {r.get('skipped', '')[:60]} | |")
+            continue
+        mem = "n/a" if r.get("peak_mib") is None else f"{r['peak_mib']:.1f}"
+        speed = f"{r['speedup']:.1f}×" if "speedup" in r else ""
+        ratio = f"{r['memory_ratio']:.3f}" if "memory_ratio" in r else ""
+        lines.append(f"| {common.case_label(r)} | {r['provider']} | {r['median_ms']:.3f} | {mem} | {speed} | {ratio} |")
+    return "\n".join(lines)
+
+
+def update_readme(readme: str, results_dir: str = common.RESULTS_DIR) -> list[str]:
+    """Replace every ``bench:<name>`` section of the README with the table of ``<name>.json``."""
+    with open(readme) as f:
+        text = f.read()
+    updated = []
+    for match in re.finditer(r"<!-- bench:([\w.-]+):begin -->", text):
+        name = match.group(1)
+        path = os.path.join(results_dir, name + ".json")
+        if not os.path.exists(path):
+            continue
+        body = markdown_table(_load(path))
+        pattern = re.compile(rf"(<!-- bench:{re.escape(name)}:begin -->\n).*?(<!-- bench:{re.escape(name)}:end -->)",
+                             re.S)
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+        updated.append(name)
+    with open(readme, "w") as f:
+        f.write(text)
+    return updated
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
+    parser.add_argument("--results", default=common.RESULTS_DIR)
+    parser.add_argument("--readme", default=None, help="rewrite this file's bench sections")
+    args = parser.parse_args(argv)
+    for path in sorted(glob.glob(os.path.join(args.results, "*.json"))):
+        for png in plot_results(path):
+            print(png)
+    if args.readme:
+        print("updated sections:", ", ".join(update_readme(args.readme, args.results)) or "none")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
