@@ -1,0 +1,186 @@
+// Masked CRF loss on the CPU: fused forward and backward that evaluate the window on the fly,
+// memory O(inputs): nothing (2r+1)^d-sized is ever stored.
+//
+// Forward:  raw = sum_i m_i (S_i + border_i - sum_c P_ic A_ic)        (Potts)
+//           raw = sum_i m_i sum_c P_ic (mu A_i)_c                     (compatibility mu)
+// Backward: dP_kc = -g (m_k A_kc + msrc_k B_kc)                         (Potts)
+//           dP_kc =  g (m_k (mu A_k)_c + msrc_k (mu^T B_k)_c)          (compatibility)
+// with S, A, B the window sums of csrc/cpu/masked_crf_rows.h and g the upstream gradient. The
+// backward is a gather: every pixel sums its own window in both mask roles (the Gaussian part
+// of the kernel is symmetric), so no two tasks write the same element and nothing is atomic.
+//
+// Layout: probs (B, C, [D,] H, W) in any float dtype, made contiguous; image (B, F, ...),
+// masks (B, 1, ...) and mu (C, C) in the accumulate dtype (float, double for double probs).
+// Parallel: at::parallel_for over output rows (b, z, y), one scratch set per task. The loss is
+// reduced deterministically: one double partial per row, summed in row order afterwards, so
+// the result does not depend on the number of threads.
+//
+// Instruction sets: the row engine is compiled twice, for the baseline x86-64 ISA and for
+// AVX2 (picked at run time), from the same source; the build flags stay those of the package.
+// Both builds do the same elementwise operations in the same order (no FMA contraction, no
+// vectorised reductions), so they give bitwise-identical results.
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "masked_crf.h"
+
+namespace attenscribble_ops {
+namespace crf_baseline {
+#include "cpu/vec_exp.inc"
+#include "cpu/masked_crf_rows.inc"
+}  // namespace crf_baseline
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define ATTENSCRIBBLE_CRF_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace crf_avx2 {
+#include "cpu/vec_exp.inc"
+#include "cpu/masked_crf_rows.inc"
+}  // namespace crf_avx2
+#pragma GCC pop_options
+#else
+#define ATTENSCRIBBLE_CRF_AVX2 0
+#endif
+
+namespace {
+
+bool use_avx2() {
+#if ATTENSCRIBBLE_CRF_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+template <typename acc_t>
+const acc_t* optional_data(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+}
+
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+struct CpuInputs {
+  CrfGeometry geo;
+  at::Tensor probs, image, mask_dst, mask_src, compat;
+};
+
+CpuInputs cpu_inputs(const char* op, const at::Tensor& probs, const std::optional<at::Tensor>& image,
+                     const std::optional<at::Tensor>& mask_dst, const std::optional<at::Tensor>& mask_src,
+                     const std::optional<at::Tensor>& compat, c10::ArrayRef<double> table, c10::IntArrayRef radius,
+                     c10::ArrayRef<double> spacing, bool zero_padding) {
+  CpuInputs in;
+  in.geo = masked_crf_geometry(op, probs, image, mask_dst, mask_src, compat, table, radius, spacing, zero_padding);
+  TORCH_CHECK(probs.device().is_cpu(), op, ": the CPU kernel needs CPU tensors, got ", probs.device());
+  in.probs = probs.contiguous();
+  in.image = contiguous_or_undefined(image);
+  in.mask_dst = contiguous_or_undefined(mask_dst);
+  in.mask_src = contiguous_or_undefined(mask_src);
+  in.compat = contiguous_or_undefined(compat);
+  return in;
+}
+
+template <typename Rows>
+Rows make_rows(const CpuInputs& in, c10::ArrayRef<double> table) {
+  using scalar_t = typename Rows::scalar_type;
+  using acc_t = typename Rows::acc_t;
+  return Rows(in.geo, table, in.probs.const_data_ptr<scalar_t>(), optional_data<acc_t>(in.image),
+              optional_data<acc_t>(in.mask_dst), optional_data<acc_t>(in.mask_src), optional_data<acc_t>(in.compat));
+}
+
+template <typename Rows, typename Scratch>
+double forward_rows(const CpuInputs& in, c10::ArrayRef<double> table) {
+  const Rows rows = make_rows<Rows>(in, table);
+  std::vector<double> partial(rows.rows());
+  at::parallel_for(0, rows.rows(), 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch(in.geo, Rows::kConvert);
+    for (int64_t r = begin; r < end; ++r) partial[r] = rows.forward_row(r, scratch);
+  });
+  double total = 0;
+  for (const double p : partial) total += p;
+  return total;
+}
+
+template <typename Rows, typename Scratch>
+void backward_rows(const CpuInputs& in, c10::ArrayRef<double> table, double scale, at::Tensor& out) {
+  using scalar_t = typename Rows::scalar_type;
+  const Rows rows = make_rows<Rows>(in, table);
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  at::parallel_for(0, rows.rows(), 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch(in.geo, Rows::kConvert);
+    for (int64_t r = begin; r < end; ++r) rows.backward_row(r, static_cast<typename Rows::acc_t>(scale), dst, scratch);
+  });
+}
+
+template <typename scalar_t>
+double forward_dispatch(const CpuInputs& in, c10::ArrayRef<double> table) {
+  using acc_t = at::opmath_type<scalar_t>;
+#if ATTENSCRIBBLE_CRF_AVX2
+  if (use_avx2()) return forward_rows<crf_avx2::Rows<scalar_t>, crf_avx2::Scratch<acc_t>>(in, table);
+#endif
+  return forward_rows<crf_baseline::Rows<scalar_t>, crf_baseline::Scratch<acc_t>>(in, table);
+}
+
+template <typename scalar_t>
+void backward_dispatch(const CpuInputs& in, c10::ArrayRef<double> table, double scale, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+#if ATTENSCRIBBLE_CRF_AVX2
+  if (use_avx2()) return backward_rows<crf_avx2::Rows<scalar_t>, crf_avx2::Scratch<acc_t>>(in, table, scale, out);
+#endif
+  backward_rows<crf_baseline::Rows<scalar_t>, crf_baseline::Scratch<acc_t>>(in, table, scale, out);
+}
+
+}  // namespace
+
+at::Tensor masked_crf_forward_cpu(const at::Tensor& probs, const std::optional<at::Tensor>& image,
+                                  const std::optional<at::Tensor>& mask_dst, const std::optional<at::Tensor>& mask_src,
+                                  const std::optional<at::Tensor>& compat, c10::ArrayRef<double> table,
+                                  c10::IntArrayRef radius, c10::ArrayRef<double> spacing, bool zero_padding) {
+  const CpuInputs in = cpu_inputs("masked_crf_forward", probs, image, mask_dst, mask_src, compat, table, radius,
+                                  spacing, zero_padding);
+  at::Tensor loss = at::empty({}, probs.options().dtype(crf_accumulate_type(probs.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.probs.scalar_type(), "masked_crf_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    *loss.data_ptr<acc_t>() = static_cast<acc_t>(forward_dispatch<scalar_t>(in, table));
+  });
+  return loss;
+}
+
+at::Tensor masked_crf_backward_cpu(const at::Tensor& grad, const at::Tensor& probs,
+                                   const std::optional<at::Tensor>& image, const std::optional<at::Tensor>& mask_dst,
+                                   const std::optional<at::Tensor>& mask_src, const std::optional<at::Tensor>& compat,
+                                   c10::ArrayRef<double> table, c10::IntArrayRef radius, c10::ArrayRef<double> spacing,
+                                   bool zero_padding) {
+  const CpuInputs in = cpu_inputs("masked_crf_backward", probs, image, mask_dst, mask_src, compat, table, radius,
+                                  spacing, zero_padding);
+  TORCH_CHECK(grad.numel() == 1 && grad.device().is_cpu() && at::isFloatingType(grad.scalar_type()),
+              "masked_crf_backward: grad must be a floating-point CPU tensor with one element, got ", grad.sizes(),
+              " ", grad.scalar_type(), " on ", grad.device());
+  const double scale = grad.item<double>();  // a CPU tensor: reading it costs no device sync
+  at::Tensor out = at::empty(in.probs.sizes(), in.probs.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.probs.scalar_type(), "masked_crf_backward_cpu", [&] {
+    backward_dispatch<scalar_t>(in, table, scale, out);
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(attenscribble_ops, CPU, m) {
+  m.impl("masked_crf_forward", &masked_crf_forward_cpu);
+  m.impl("masked_crf_backward", &masked_crf_backward_cpu);
+}
+
+}  // namespace attenscribble_ops
