@@ -111,20 +111,17 @@ def _mix(mu_ptr, C, acc, cls, cmask, TRANSPOSE: tl.constexpr):
 
 @triton.jit
 def _masked_crf_fwd_kernel(probs_ptr, image_ptr, mdst_ptr, msrc_ptr, mu_ptr, params_ptr, partial_ptr,
-                           C, F, K, D, H, W, PLANE, VOLUME, RD, RH, RW, TILES_W, TILES_PLANE,
+                           C, F, K, D, H, W, PLANE, VOLUME, EZ, EY, EX, TILES_W, TILES_PLANE,
                            HAS_MDST: tl.constexpr, HAS_MSRC: tl.constexpr, COMPAT: tl.constexpr,
                            ZERO_PAD: tl.constexpr, CB: tl.constexpr, BLOCK_H: tl.constexpr,
                            BLOCK_W: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
     BLOCK: tl.constexpr = BLOCK_H * BLOCK_W
     b, z, y, x, inside = _tile(pid, D, H, W, TILES_W, TILES_PLANE, BLOCK_H, BLOCK_W)
-    ez = tl.minimum(RD, D - 1)
-    ey = tl.minimum(RH, H - 1)
-    ex = tl.minimum(RW, W - 1)
     cls = tl.arange(0, CB)
     cmask = cls < C
     ksum, acc_a, _ = _window_sums(probs_ptr, image_ptr, mdst_ptr, msrc_ptr, params_ptr, b, z, y, x, inside, cls,
-                                  cmask, C, F, K, D, H, W, PLANE, VOLUME, ez, ey, ex, False, HAS_MSRC, False, CB, BLOCK, ACC)
+                                  cmask, C, F, K, D, H, W, PLANE, VOLUME, EZ, EY, EX, False, HAS_MSRC, False, CB, BLOCK, ACC)
     plane = PLANE
     volume = VOLUME
     centre = z * plane + y * W + x
@@ -137,9 +134,9 @@ def _masked_crf_fwd_kernel(probs_ptr, image_ptr, mdst_ptr, msrc_ptr, mu_ptr, par
         if ZERO_PAD and not HAS_MSRC:
             # the original's zero padding: every out-of-image window cell is a neighbour with
             # features 0 and probability 0; their number is the window minus the in-image cells
-            n_in = ((tl.minimum(z + ez, D - 1) - tl.maximum(z - ez, 0) + 1)
-                    * (tl.minimum(y + ey, H - 1) - tl.maximum(y - ey, 0) + 1)
-                    * (tl.minimum(x + ex, W - 1) - tl.maximum(x - ex, 0) + 1))
+            n_in = ((tl.minimum(z + EZ, D - 1) - tl.maximum(z - EZ, 0) + 1)
+                    * (tl.minimum(y + EY, H - 1) - tl.maximum(y - EY, 0) + 1)
+                    * (tl.minimum(x + EX, W - 1) - tl.maximum(x - EX, 0) + 1))
             sd = tl.load(params_ptr)
             sh = tl.load(params_ptr + 1)
             sw = tl.load(params_ptr + 2)
@@ -163,7 +160,7 @@ def _masked_crf_fwd_kernel(probs_ptr, image_ptr, mdst_ptr, msrc_ptr, mu_ptr, par
 
 @triton.jit
 def _masked_crf_bwd_kernel(grad_ptr, probs_ptr, image_ptr, mdst_ptr, msrc_ptr, mu_ptr, params_ptr, out_ptr,
-                           C, F, K, D, H, W, PLANE, VOLUME, RD, RH, RW, TILES_W, TILES_PLANE,
+                           C, F, K, D, H, W, PLANE, VOLUME, EZ, EY, EX, TILES_W, TILES_PLANE,
                            HAS_MDST: tl.constexpr, HAS_MSRC: tl.constexpr, COMPAT: tl.constexpr,
                            CB: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
@@ -173,8 +170,7 @@ def _masked_crf_bwd_kernel(grad_ptr, probs_ptr, image_ptr, mdst_ptr, msrc_ptr, m
     cls = tl.arange(0, CB)
     cmask = cls < C
     _, acc_a, acc_b = _window_sums(probs_ptr, image_ptr, mdst_ptr, msrc_ptr, params_ptr, b, z, y, x, inside, cls,
-                                   cmask, C, F, K, D, H, W, PLANE, VOLUME, tl.minimum(RD, D - 1), tl.minimum(RH, H - 1),
-                                   tl.minimum(RW, W - 1), HAS_MDST, HAS_MSRC, SECOND, CB, BLOCK, ACC)
+                                   cmask, C, F, K, D, H, W, PLANE, VOLUME, EZ, EY, EX, HAS_MDST, HAS_MSRC, SECOND, CB, BLOCK, ACC)
     if not SECOND:
         acc_b = acc_a
     plane = PLANE
@@ -223,6 +219,7 @@ def _launch_geometry(probs: torch.Tensor, radius) -> dict:
     batch, classes = probs.shape[:2]
     depth, height, width = (1,) * (5 - probs.dim()) + tuple(probs.shape[2:])
     rd, rh, rw = (0,) * (5 - probs.dim()) + tuple(radius)
+    # loops run over the window clipped to the image; the border term counts the rest
     cb = triton.next_power_of_2(classes)
     # (CB, BLOCK) accumulators: fewer pixels per program as the classes grow
     block = max(16, min(256, 4096 // cb))
@@ -231,7 +228,8 @@ def _launch_geometry(probs: torch.Tensor, radius) -> dict:
     tiles_w = triton.cdiv(width, block_w)
     tiles_plane = tiles_w * triton.cdiv(height, block_h)
     return dict(grid=(tiles_plane * batch * depth,), C=classes, D=depth, H=height, W=width, PLANE=height * width,
-                VOLUME=depth * height * width, RD=rd, RH=rh, RW=rw, TILES_W=tiles_w, TILES_PLANE=tiles_plane,
+                VOLUME=depth * height * width, EZ=min(rd, depth - 1), EY=min(rh, height - 1),
+                EX=min(rw, width - 1), TILES_W=tiles_w, TILES_PLANE=tiles_plane,
                 CB=cb, BLOCK_H=block_h, BLOCK_W=block_w)
 
 
@@ -247,7 +245,7 @@ def _common(probs, image, mask_dst, mask_src, compat, table, radius, spacing):
             placeholder if compat is None else compat.contiguous(),
             _params(tuple(table), tuple(radius), tuple(spacing), probs.device, acc)]
     scalars = dict(C=geo["C"], F=channels, K=len(table) // (2 + channels), D=geo["D"], H=geo["H"], W=geo["W"],
-                   PLANE=geo["PLANE"], VOLUME=geo["VOLUME"], RD=geo["RD"], RH=geo["RH"], RW=geo["RW"],
+                   PLANE=geo["PLANE"], VOLUME=geo["VOLUME"], EZ=geo["EZ"], EY=geo["EY"], EX=geo["EX"],
                    TILES_W=geo["TILES_W"], TILES_PLANE=geo["TILES_PLANE"], HAS_MDST=mask_dst is not None,
                    HAS_MSRC=mask_src is not None, COMPAT=compat is not None, CB=geo["CB"],
                    BLOCK_H=geo["BLOCK_H"], BLOCK_W=geo["BLOCK_W"], ACC=_TL_ACC[acc])
