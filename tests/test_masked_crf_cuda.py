@@ -52,9 +52,9 @@ def _chunk_for(classes):
     return 2 if classes <= 2 else 4 if classes <= 4 else 8
 
 
-def emulate(lib, forward, probs, image, mask_dst, mask_src, compat, params, chunk, scale=1.0, budget=40 * 1024):
-    """Forward raw loss or backward gradient (times ``scale``) from the emulated blocks, and the
-    band plan (band_y, band_x, tiles) they used."""
+def emulate(lib, with_grad, probs, image, mask_dst, mask_src, compat, params, chunk, budget=40 * 1024):
+    """The raw loss and (with_grad) its gradient from the emulated blocks, and the band plan
+    (band_y, band_x, tiles) they used."""
     dtype = probs.dtype
     batch, classes = probs.shape[:2]
     pad = 5 - probs.dim()
@@ -64,13 +64,14 @@ def emulate(lib, forward, probs, image, mask_dst, mask_src, compat, params, chun
                                  *((1,) * pad + tuple(probs.shape[2:])), *((0,) * pad + tuple(params.radius)),
                                  mask_dst is not None, mask_src is not None, params.zero_padding)
     reals = (ctypes.c_double * 3)(*((1.0,) * pad + tuple(params.spacing)))
-    keep = [probs.contiguous(), image, mask_dst, mask_src, compat, table, torch.tensor(scale, dtype=dtype),
-            torch.empty_like(probs), torch.zeros((), dtype=dtype)]
-    ptrs = (ctypes.c_void_p * 9)(*[None if t is None else t.data_ptr() for t in keep])
+    grad = torch.full_like(probs, float("nan"))
+    keep = [probs.contiguous(), image, mask_dst, mask_src, compat, table, grad if with_grad else None,
+            torch.zeros((), dtype=dtype)]
+    ptrs = (ctypes.c_void_p * 8)(*[None if t is None else t.data_ptr() for t in keep])
     plan = (ctypes.c_int64 * 3)()
-    assert lib.crf_emulate(int(forward), int(dtype == torch.float64), chunk, ints, reals, ptrs,
+    assert lib.crf_emulate(int(with_grad), int(dtype == torch.float64), chunk, ints, reals, ptrs,
                            ctypes.c_int64(budget), plan) == 0
-    return (keep[8] if forward else keep[7]), tuple(plan)
+    return keep[7], (grad if with_grad else None), tuple(plan)
 
 
 CASES = [
@@ -98,14 +99,14 @@ def test_emulated_cuda_kernels_match_reference(emulator, case, dtype):
     p = probs.detach().double().requires_grad_()
     up = lambda t: None if t is None else t.double()  # noqa: E731
     ref = masked_crf_reference(p, up(image), up(mask_dst), up(mask_src), up(compat), params)
-    ref.backward(torch.tensor(0.75, dtype=torch.float64))
+    ref.backward()
     atol, rtol = TOLERANCES[dtype]
     scale = ref.detach().abs() + 1  # the raw sum grows with the number of pixels
-    chunks = sorted({_chunk_for(case.classes), 2})
-    for chunk in chunks:
-        loss, _ = emulate(emulator, True, probs, image, mask_dst, mask_src, compat, params, chunk)
-        grad, _ = emulate(emulator, False, probs, image, mask_dst, mask_src, compat, params, chunk, 0.75)
-        torch.testing.assert_close(loss.double(), ref.detach(), atol=atol * scale, rtol=rtol)
+    for chunk in sorted({_chunk_for(case.classes), 2}):
+        loss_only, _, _ = emulate(emulator, False, probs, image, mask_dst, mask_src, compat, params, chunk)
+        loss, grad, _ = emulate(emulator, True, probs, image, mask_dst, mask_src, compat, params, chunk)
+        torch.testing.assert_close(loss_only.double(), ref.detach(), atol=atol * scale, rtol=rtol)
+        torch.testing.assert_close(loss, loss_only, atol=atol * scale, rtol=rtol)
         torch.testing.assert_close(grad.double(), p.grad, atol=atol, rtol=rtol)
 
 
@@ -113,10 +114,8 @@ def test_emulated_bands_split_the_halo(emulator):
     """A small shared-memory budget splits the halo in bands along y and x: same results."""
     case = Case(shape=(12, 90), classes=3, radius=(2, 20), masks=("dst", "src"), compat=True)
     args = op_arguments(case, torch.float64)
-    full_loss, full_plan = emulate(emulator, True, *args, chunk=4, budget=1 << 20)
-    full_grad, _ = emulate(emulator, False, *args, chunk=4, scale=1.25, budget=1 << 20)
-    loss, plan = emulate(emulator, True, *args, chunk=4, budget=3000)
-    grad, _ = emulate(emulator, False, *args, chunk=4, scale=1.25, budget=3000)
+    full_loss, full_grad, full_plan = emulate(emulator, True, *args, chunk=4, budget=1 << 20)
+    loss, grad, plan = emulate(emulator, True, *args, chunk=4, budget=3000)
     assert full_plan[:2] == (12, 72) and plan[0] < 12 and plan[1] == 64
     torch.testing.assert_close(loss, full_loss, atol=1e-9, rtol=1e-12)
     torch.testing.assert_close(grad, full_grad, atol=1e-12, rtol=1e-12)

@@ -53,22 +53,22 @@ def _op_pairs():
     return pairs
 
 
-def _ops(kind):
+def _op(kind):
     if kind == "compiled":
-        return torch.ops.attenscribble_ops.masked_crf_forward, torch.ops.attenscribble_ops.masked_crf_backward
-    return torch.ops.attenscribble_ops.masked_crf_forward_triton, torch.ops.attenscribble_ops.masked_crf_backward_triton
+        return torch.ops.attenscribble_ops.masked_crf_forward
+    return torch.ops.attenscribble_ops.masked_crf_forward_triton
 
 
 @pytest.mark.parametrize("kind,device", _op_pairs(), ids=lambda v: str(v))
 @pytest.mark.parametrize("case", [Case(shape=(3, 4), batch=1, masks=("dst", "src")),
                                   Case(shape=(2, 3, 3), batch=1, compat=True, masks=())], ids=["2d", "3d-compat"])
 def test_opcheck(kind, device, case):
-    forward, backward = _ops(kind)
     probs, image, mask_dst, mask_src, compat, params = op_arguments(case, torch.float32, device)
-    args = _crf_ops.op_arguments(probs.requires_grad_(), image, mask_dst, mask_src, compat, params)
-    torch.library.opcheck(forward, args)
-    grad = torch.tensor(1.5, device=device)
-    torch.library.opcheck(backward, (grad, probs.detach()) + args[1:])
+    for requires_grad in (True, False):
+        args = _crf_ops.op_arguments(probs.detach().requires_grad_(requires_grad), image, mask_dst, mask_src, compat,
+                                     params)
+        assert args[-1] == requires_grad  # with_grad follows autograd
+        torch.library.opcheck(_op(kind), args)
 
 
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if runnable(b)] + (
@@ -158,15 +158,26 @@ def test_operator_checks_reject_inconsistent_direct_calls():
     probs, image, mask_dst, mask_src, compat, params = op_arguments(Case(masks=("dst", "src")), torch.float32)
     good = list(_crf_ops.op_arguments(probs, image, mask_dst, mask_src, compat, params))
     forward = torch.ops.attenscribble_ops.masked_crf_forward
+    forward(*good)
     bad = [(1, image[..., :-1]), (2, mask_dst.double()), (3, mask_src[:1]), (5, good[5][:-1]), (6, [1]),
-           (7, [1.0, 0.0]), (1, image.expand(2, 3, *image.shape[2:])), (5, [1.0, -1.0, 10.0])]
+           (7, [1.0, 0.0]), (1, image.expand(2, 3, *image.shape[2:])), (5, [1.0, -1.0, 10.0]), (6, [1, -1]),
+           (0, probs[:, :, :0])]
     for index, value in bad:
         args = list(good)
         args[index] = value
         with pytest.raises(RuntimeError):
             forward(*args)
-    with pytest.raises(RuntimeError, match="grad"):
-        torch.ops.attenscribble_ops.masked_crf_backward(torch.ones(2), *good)
+
+
+@pytest.mark.skipif(not runnable("cpu", "cpu"), reason="no compiled CPU kernel")
+def test_operator_without_gradient_refuses_backward():
+    probs, image, mask_dst, mask_src, compat, params = op_arguments(Case(), torch.float32)
+    args = list(_crf_ops.op_arguments(probs.requires_grad_(), image, mask_dst, mask_src, compat, params))
+    args[-1] = False
+    raw, grad = torch.ops.attenscribble_ops.masked_crf_forward(*args)
+    assert grad.shape == (0,)
+    with pytest.raises(RuntimeError, match="with_grad=False"):
+        raw.backward()
 
 
 def _available_memory_gib() -> float:

@@ -1,8 +1,8 @@
-"""attenscribble_ops::masked_crf_forward / masked_crf_backward (csrc/cpu/masked_crf.cpp,
-csrc/cuda/masked_crf.cu): the fused masked CRF loss, registered as the "cpu" and "cuda" backends.
+"""attenscribble_ops::masked_crf_forward (csrc/cpu/masked_crf.cpp, csrc/cuda/masked_crf.cu): the
+fused masked CRF loss, registered as the "cpu" and "cuda" backends.
 
-Both evaluate the window on the fly (memory O(inputs)); the backward is a deterministic gather
-that recomputes the window instead of saving anything from the forward.
+One pass over the window gives the loss and, when autograd will need it, the gradient (a
+deterministic gather); memory O(inputs). See attenscribble_ops/_crf_ops.py for the schema.
 """
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ from .._crf_params import CRFParams
 # Looked up once at import: the dispatcher query is not something torch.compile should trace.
 _NO_KERNEL = {d: _extension.why_no_kernel("masked_crf_forward", d) for d in ("cpu", "cuda")}
 
-_crf_ops.register_fake_and_autograd("attenscribble_ops::masked_crf_forward", "attenscribble_ops::masked_crf_backward",
-                                    lambda *args: torch.ops.attenscribble_ops.masked_crf_backward(*args))
+_crf_ops.register_fake_and_autograd("attenscribble_ops::masked_crf_forward")
 
 
 def _check(meta: backends.Meta) -> Optional[str]:
@@ -28,8 +27,9 @@ def _masked_crf_compiled(probs: torch.Tensor, image: Optional[torch.Tensor], mas
                          mask_src: Optional[torch.Tensor], compat: Optional[torch.Tensor],
                          params: CRFParams) -> torch.Tensor:
     """Un-normalised loss from the compiled kernels; the dispatcher picks CPU or CUDA."""
-    return torch.ops.attenscribble_ops.masked_crf_forward(
+    raw, _ = torch.ops.attenscribble_ops.masked_crf_forward(
         *_crf_ops.op_arguments(probs, image, mask_dst, mask_src, compat, params))
+    return raw
 
 
 backends.register("masked_crf", "cpu", check=_check)(_masked_crf_compiled)

@@ -1,19 +1,21 @@
-"""Masked CRF loss in Triton: fused forward and backward, registered as the "triton" backend.
+"""Masked CRF loss in Triton: the loss and its gradient in one fused pass (the "triton" backend).
 
 Same maths as csrc/cpu/masked_crf.cpp. For a centre i and its in-image neighbours j != i:
 
     G_ij = sum_k w_k exp(-1/2 (|dpos_ij|^2 / sxy_k^2 + sum_f (I_if - I_jf)^2 / simg_kf^2))
     S_i = sum_j G_ij msrc_j,  A_ic = sum_j G_ij msrc_j P_jc,  B_ic = sum_j G_ij m_j P_jc
-    forward   Potts: raw = sum_i m_i (S_i + border_i - P_i . A_i);  compat: sum_i m_i P_i . (mu A_i)
-    backward  Potts: dP_k = -g (m_k A_k + msrc_k B_k);   compat: g (m_k mu A_k + msrc_k mu^T B_k)
+    loss      Potts: raw = sum_i m_i (S_i + border_i - P_i . A_i);  compat: sum_i m_i P_i . (mu A_i)
+    gradient  Potts: dP_k = -(m_k A_k + msrc_k B_k);   compat: m_k mu A_k + msrc_k mu^T B_k
+(one pass gives both; autograd scales the gradient, attenscribble_ops/_crf_ops.py).
 
 Layout: contiguous (B, C, D, H, W) probabilities (2-D inputs get D = 1), image (B, F, ...), masks
 (B, 1, ...); a small parameter vector [sd, sh, sw, window, table...] in the accumulate dtype, so
 that float64 runs never round spacings or sigmas to float32.
 Parallel: one program per tile of BLOCK_H x BLOCK_W pixels of one (b, z) plane, all classes in
 a (CB, BLOCK) accumulator; the window is a loop over offsets with masked loads (the GPU caches
-serve the reuse between neighbouring pixels). The backward is a gather, so nothing is atomic;
-the forward writes one partial per program and a single program sums them in a fixed order.
+serve the reuse between neighbouring pixels). The gradient is a gather (each program writes only
+its own pixels), so nothing is atomic; each program writes one loss partial and a single
+program sums them in a fixed order.
 """
 from __future__ import annotations
 
@@ -110,87 +112,73 @@ def _mix(mu_ptr, C, acc, cls, cmask, TRANSPOSE: tl.constexpr):
 
 
 @triton.jit
-def _masked_crf_fwd_kernel(probs_ptr, image_ptr, mdst_ptr, msrc_ptr, mu_ptr, params_ptr, partial_ptr,
-                           C, F, K, D, H, W, PLANE, VOLUME, EZ, EY, EX, TILES_W, TILES_PLANE,
-                           HAS_MDST: tl.constexpr, HAS_MSRC: tl.constexpr, COMPAT: tl.constexpr,
-                           ZERO_PAD: tl.constexpr, CB: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_W: tl.constexpr, ACC: tl.constexpr):
-    pid = tl.program_id(0)
-    BLOCK: tl.constexpr = BLOCK_H * BLOCK_W
-    b, z, y, x, inside = _tile(pid, D, H, W, TILES_W, TILES_PLANE, BLOCK_H, BLOCK_W)
-    cls = tl.arange(0, CB)
-    cmask = cls < C
-    ksum, acc_a, _ = _window_sums(probs_ptr, image_ptr, mdst_ptr, msrc_ptr, params_ptr, b, z, y, x, inside, cls,
-                                  cmask, C, F, K, D, H, W, PLANE, VOLUME, EZ, EY, EX, False, HAS_MSRC, False, CB, BLOCK, ACC)
-    plane = PLANE
-    volume = VOLUME
-    centre = z * plane + y * W + x
-    pc = tl.load(probs_ptr + (b * C + cls[:, None]) * volume + centre[None, :],
-                 mask=cmask[:, None] & inside[None, :], other=0.0).to(ACC)
-    if COMPAT:
-        loss = tl.sum(pc * _mix(mu_ptr, C, acc_a, cls, cmask, False), axis=0)
-    else:
-        loss = ksum - tl.sum(pc * acc_a, axis=0)
-        if ZERO_PAD and not HAS_MSRC:
-            # the original's zero padding: every out-of-image window cell is a neighbour with
-            # features 0 and probability 0; their number is the window minus the in-image cells
-            n_in = ((tl.minimum(z + EZ, D - 1) - tl.maximum(z - EZ, 0) + 1)
-                    * (tl.minimum(y + EY, H - 1) - tl.maximum(y - EY, 0) + 1)
-                    * (tl.minimum(x + EX, W - 1) - tl.maximum(x - EX, 0) + 1))
-            sd = tl.load(params_ptr)
-            sh = tl.load(params_ptr + 1)
-            sw = tl.load(params_ptr + 2)
-            pos2 = (z * sd) * (z * sd) + (y * sh) * (y * sh) + (x * sw) * (x * sw)
-            k0 = tl.zeros([BLOCK], dtype=ACC)
-            for k in range(K):
-                row = params_ptr + _PARAMS + k * (2 + F)
-                inv_xy = tl.load(row + 1)
-                e = inv_xy * inv_xy * pos2
-                for f in range(F):
-                    s = tl.load(row + 2 + f)
-                    v = tl.load(image_ptr + (b * F + f) * volume + centre, mask=inside, other=0.0)
-                    e += s * s * v * v
-                k0 += tl.load(row) * tl.exp(-0.5 * e)
-            loss += (tl.load(params_ptr + 3) - n_in.to(ACC)) * k0
-    if HAS_MDST:
-        loss = loss * tl.load(mdst_ptr + b * volume + centre, mask=inside, other=0.0)
-    loss = tl.where(inside, loss, 0.0)
-    tl.store(partial_ptr + pid, tl.sum(loss, axis=0))
+def _border(image_ptr, params_ptr, b, z, y, x, inside, F, K, D, H, W, VOLUME, EZ, EY, EX,
+            BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """The original's zero padding: every out-of-image window cell is a neighbour with features 0
+    and probability 0; their number is the window minus the in-image cells."""
+    n_in = ((tl.minimum(z + EZ, D - 1) - tl.maximum(z - EZ, 0) + 1)
+            * (tl.minimum(y + EY, H - 1) - tl.maximum(y - EY, 0) + 1)
+            * (tl.minimum(x + EX, W - 1) - tl.maximum(x - EX, 0) + 1))
+    sd = tl.load(params_ptr)
+    sh = tl.load(params_ptr + 1)
+    sw = tl.load(params_ptr + 2)
+    pos2 = (z * sd) * (z * sd) + (y * sh) * (y * sh) + (x * sw) * (x * sw)
+    centre = (z * H + y) * W + x
+    k0 = tl.zeros([BLOCK], dtype=ACC)
+    for k in range(K):
+        row = params_ptr + _PARAMS + k * (2 + F)
+        inv_xy = tl.load(row + 1)
+        e = inv_xy * inv_xy * pos2
+        for f in range(F):
+            s = tl.load(row + 2 + f)
+            v = tl.load(image_ptr + (b * F + f) * VOLUME + centre, mask=inside, other=0.0)
+            e += s * s * v * v
+        k0 += tl.load(row) * tl.exp(-0.5 * e)
+    return (tl.load(params_ptr + 3) - n_in.to(ACC)) * k0
 
 
 @triton.jit
-def _masked_crf_bwd_kernel(grad_ptr, probs_ptr, image_ptr, mdst_ptr, msrc_ptr, mu_ptr, params_ptr, out_ptr,
-                           C, F, K, D, H, W, PLANE, VOLUME, EZ, EY, EX, TILES_W, TILES_PLANE,
-                           HAS_MDST: tl.constexpr, HAS_MSRC: tl.constexpr, COMPAT: tl.constexpr,
-                           CB: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr):
+def _masked_crf_kernel(probs_ptr, image_ptr, mdst_ptr, msrc_ptr, mu_ptr, params_ptr, partial_ptr, grad_ptr,
+                       C, F, K, D, H, W, PLANE, VOLUME, EZ, EY, EX, TILES_W, TILES_PLANE,
+                       HAS_MDST: tl.constexpr, HAS_MSRC: tl.constexpr, COMPAT: tl.constexpr,
+                       ZERO_PAD: tl.constexpr, WITH_GRAD: tl.constexpr, CB: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_W: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
     BLOCK: tl.constexpr = BLOCK_H * BLOCK_W
-    SECOND: tl.constexpr = HAS_MDST or HAS_MSRC
+    SECOND: tl.constexpr = WITH_GRAD and (HAS_MDST or HAS_MSRC)
     b, z, y, x, inside = _tile(pid, D, H, W, TILES_W, TILES_PLANE, BLOCK_H, BLOCK_W)
     cls = tl.arange(0, CB)
     cmask = cls < C
-    _, acc_a, acc_b = _window_sums(probs_ptr, image_ptr, mdst_ptr, msrc_ptr, params_ptr, b, z, y, x, inside, cls,
-                                   cmask, C, F, K, D, H, W, PLANE, VOLUME, EZ, EY, EX, HAS_MDST, HAS_MSRC, SECOND, CB, BLOCK, ACC)
-    if not SECOND:
-        acc_b = acc_a
-    plane = PLANE
-    volume = VOLUME
-    centre = z * plane + y * W + x
+    ksum, acc_a, acc_b = _window_sums(probs_ptr, image_ptr, mdst_ptr, msrc_ptr, params_ptr, b, z, y, x, inside, cls,
+                                      cmask, C, F, K, D, H, W, PLANE, VOLUME, EZ, EY, EX, HAS_MDST, HAS_MSRC, SECOND,
+                                      CB, BLOCK, ACC)
+    centre = z * PLANE + y * W + x
+    at = (b * C + cls[:, None]) * VOLUME + centre[None, :]
+    lanes = cmask[:, None] & inside[None, :]
+    pc = tl.load(probs_ptr + at, mask=lanes, other=0.0).to(ACC)
     md = tl.full([BLOCK], 1.0, ACC)
-    ms = tl.full([BLOCK], 1.0, ACC)
     if HAS_MDST:
-        md = tl.load(mdst_ptr + b * volume + centre, mask=inside, other=0.0)
-    if HAS_MSRC:
-        ms = tl.load(msrc_ptr + b * volume + centre, mask=inside, other=0.0)
-    scale = tl.load(grad_ptr).to(ACC)
+        md = tl.load(mdst_ptr + b * VOLUME + centre, mask=inside, other=0.0)
     if COMPAT:
-        acc_a = _mix(mu_ptr, C, acc_a, cls, cmask, False)
-        acc_b = _mix(mu_ptr, C, acc_b, cls, cmask, True)
+        mixed = _mix(mu_ptr, C, acc_a, cls, cmask, False)
+        loss = tl.sum(pc * mixed, axis=0)
     else:
-        scale = -scale
-    grad = scale * (md[None, :] * acc_a + ms[None, :] * acc_b)
-    tl.store(out_ptr + (b * C + cls[:, None]) * volume + centre[None, :], grad.to(out_ptr.dtype.element_ty),
-             mask=cmask[:, None] & inside[None, :])
+        loss = ksum - tl.sum(pc * acc_a, axis=0)
+        if ZERO_PAD and not HAS_MSRC:
+            loss += _border(image_ptr, params_ptr, b, z, y, x, inside, F, K, D, H, W, VOLUME, EZ, EY, EX, BLOCK, ACC)
+    loss = tl.where(inside, loss * md, 0.0)
+    tl.store(partial_ptr + pid, tl.sum(loss, axis=0))
+    if WITH_GRAD:
+        ms = tl.full([BLOCK], 1.0, ACC)
+        if HAS_MSRC:
+            ms = tl.load(msrc_ptr + b * VOLUME + centre, mask=inside, other=0.0)
+        if not SECOND:
+            acc_b = acc_a
+        if COMPAT:
+            grad = md[None, :] * mixed + ms[None, :] * _mix(mu_ptr, C, acc_b, cls, cmask, True)
+        else:
+            grad = -(md[None, :] * acc_a + ms[None, :] * acc_b)
+        tl.store(grad_ptr + at, grad, mask=lanes)
 
 
 @triton.jit
@@ -255,28 +243,20 @@ def _common(probs, image, mask_dst, mask_src, compat, table, radius, spacing):
 @torch.library.custom_op("attenscribble_ops::masked_crf_forward_triton", mutates_args=())
 def masked_crf_forward_triton(probs: torch.Tensor, image: Optional[torch.Tensor], mask_dst: Optional[torch.Tensor],
                               mask_src: Optional[torch.Tensor], compat: Optional[torch.Tensor], table: list[float],
-                              radius: list[int], spacing: list[float], zero_padding: bool) -> torch.Tensor:
+                              radius: list[int], spacing: list[float], zero_padding: bool,
+                              with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and, with ``with_grad``, its gradient (schema in attenscribble_ops/_crf_ops.py)."""
     probs, args, scalars, grid, acc = _common(probs, image, mask_dst, mask_src, compat, table, radius, spacing)
     partial = torch.empty(grid[0], dtype=acc, device=probs.device)
-    _masked_crf_fwd_kernel[grid](*args, partial, ZERO_PAD=zero_padding, **scalars)
-    out = torch.empty((), dtype=acc, device=probs.device)
-    _masked_crf_sum_kernel[(1,)](partial, out, partial.numel(), BLOCK=1024)
-    return out
+    grad = torch.empty(probs.shape if with_grad else (0,), dtype=acc, device=probs.device)
+    _masked_crf_kernel[grid](*args, partial, grad if with_grad else partial, ZERO_PAD=zero_padding,
+                             WITH_GRAD=with_grad, **scalars)
+    raw = torch.empty((), dtype=acc, device=probs.device)
+    _masked_crf_sum_kernel[(1,)](partial, raw, partial.numel(), BLOCK=1024)
+    return raw, grad
 
 
-@torch.library.custom_op("attenscribble_ops::masked_crf_backward_triton", mutates_args=())
-def masked_crf_backward_triton(grad: torch.Tensor, probs: torch.Tensor, image: Optional[torch.Tensor],
-                               mask_dst: Optional[torch.Tensor], mask_src: Optional[torch.Tensor],
-                               compat: Optional[torch.Tensor], table: list[float], radius: list[int],
-                               spacing: list[float], zero_padding: bool) -> torch.Tensor:
-    probs, args, scalars, grid, _ = _common(probs, image, mask_dst, mask_src, compat, table, radius, spacing)
-    out = torch.empty_like(probs)
-    _masked_crf_bwd_kernel[grid](grad.reshape(()), *args, out, **scalars)
-    return out
-
-
-_crf_ops.register_fake_and_autograd("attenscribble_ops::masked_crf_forward_triton",
-                                    "attenscribble_ops::masked_crf_backward_triton", masked_crf_backward_triton)
+_crf_ops.register_fake_and_autograd("attenscribble_ops::masked_crf_forward_triton")
 
 
 def _check(meta: backends.Meta) -> Optional[str]:
@@ -290,4 +270,5 @@ def masked_crf_triton(probs: torch.Tensor, image: Optional[torch.Tensor], mask_d
                       mask_src: Optional[torch.Tensor], compat: Optional[torch.Tensor],
                       params: CRFParams) -> torch.Tensor:
     """Un-normalised loss from the Triton kernels (the interpreter on CPU tensors)."""
-    return masked_crf_forward_triton(*_crf_ops.op_arguments(probs, image, mask_dst, mask_src, compat, params))
+    raw, _ = masked_crf_forward_triton(*_crf_ops.op_arguments(probs, image, mask_dst, mask_src, compat, params))
+    return raw

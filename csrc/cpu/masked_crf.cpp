@@ -1,13 +1,14 @@
-// Masked CRF loss on the CPU: fused forward and backward that evaluate the window on the fly,
-// memory O(inputs): nothing (2r+1)^d-sized is ever stored.
+// Masked CRF loss on the CPU: one fused pass that evaluates the window on the fly and gives the
+// loss and, with with_grad, its gradient; memory O(inputs): nothing (2r+1)^d-sized is stored.
 //
-// Forward:  raw = sum_i m_i (S_i + border_i - sum_c P_ic A_ic)        (Potts)
+// Loss:     raw = sum_i m_i (S_i + border_i - sum_c P_ic A_ic)        (Potts)
 //           raw = sum_i m_i sum_c P_ic (mu A_i)_c                     (compatibility mu)
-// Backward: dP_kc = -g (m_k A_kc + msrc_k B_kc)                         (Potts)
-//           dP_kc =  g (m_k (mu A_k)_c + msrc_k (mu^T B_k)_c)          (compatibility)
-// with S, A, B the window sums of csrc/cpu/masked_crf_rows.h and g the upstream gradient. The
-// backward is a gather: every pixel sums its own window in both mask roles (the Gaussian part
-// of the kernel is symmetric), so no two tasks write the same element and nothing is atomic.
+// Gradient: dP_kc = -(m_k A_kc + msrc_k B_kc)                          (Potts)
+//           dP_kc =   m_k (mu A_k)_c + msrc_k (mu^T B_k)_c            (compatibility)
+// with S, A, B the window sums of csrc/cpu/masked_crf_rows.inc. The gradient is a gather: every
+// pixel sums its own window in both mask roles (the Gaussian part of the kernel is symmetric),
+// so no two tasks write the same element and nothing is atomic. Autograd multiplies it by the
+// upstream gradient (attenscribble_ops/_crf_ops.py).
 //
 // Layout: probs (B, C, [D,] H, W) in any float dtype, made contiguous; image (B, F, ...),
 // masks (B, 1, ...) and mu (C, C) in the accumulate dtype (float, double for double probs).
@@ -30,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -102,85 +104,50 @@ Rows make_rows(const CpuInputs& in, c10::ArrayRef<double> table) {
               optional_data<acc_t>(in.mask_dst), optional_data<acc_t>(in.mask_src), optional_data<acc_t>(in.compat));
 }
 
+// The loss (rows summed in row order) and, with `grad`, the gradient of every row.
 template <typename Rows, typename Scratch>
-double forward_rows(const CpuInputs& in, c10::ArrayRef<double> table) {
+double run_rows(const CpuInputs& in, c10::ArrayRef<double> table, typename Rows::acc_t* grad) {
   const Rows rows = make_rows<Rows>(in, table);
   std::vector<double> partial(rows.rows());
   at::parallel_for(0, rows.rows(), 1, [&](int64_t begin, int64_t end) {
     Scratch scratch(in.geo, Rows::kConvert);
-    for (int64_t r = begin; r < end; ++r) partial[r] = rows.forward_row(r, scratch);
+    for (int64_t r = begin; r < end; ++r) partial[r] = rows.row(r, grad, scratch);
   });
   double total = 0;
   for (const double p : partial) total += p;
   return total;
 }
 
-template <typename Rows, typename Scratch>
-void backward_rows(const CpuInputs& in, c10::ArrayRef<double> table, double scale, at::Tensor& out) {
-  using scalar_t = typename Rows::scalar_type;
-  const Rows rows = make_rows<Rows>(in, table);
-  scalar_t* dst = out.data_ptr<scalar_t>();
-  at::parallel_for(0, rows.rows(), 1, [&](int64_t begin, int64_t end) {
-    Scratch scratch(in.geo, Rows::kConvert);
-    for (int64_t r = begin; r < end; ++r) rows.backward_row(r, static_cast<typename Rows::acc_t>(scale), dst, scratch);
-  });
-}
-
 template <typename scalar_t>
-double forward_dispatch(const CpuInputs& in, c10::ArrayRef<double> table) {
+double dispatch_isa(const CpuInputs& in, c10::ArrayRef<double> table, at::opmath_type<scalar_t>* grad) {
   using acc_t = at::opmath_type<scalar_t>;
 #if ATTENSCRIBBLE_CRF_AVX2
-  if (use_avx2()) return forward_rows<crf_avx2::Rows<scalar_t>, crf_avx2::Scratch<acc_t>>(in, table);
+  if (use_avx2()) return run_rows<crf_avx2::Rows<scalar_t>, crf_avx2::Scratch<acc_t>>(in, table, grad);
 #endif
-  return forward_rows<crf_baseline::Rows<scalar_t>, crf_baseline::Scratch<acc_t>>(in, table);
-}
-
-template <typename scalar_t>
-void backward_dispatch(const CpuInputs& in, c10::ArrayRef<double> table, double scale, at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
-#if ATTENSCRIBBLE_CRF_AVX2
-  if (use_avx2()) return backward_rows<crf_avx2::Rows<scalar_t>, crf_avx2::Scratch<acc_t>>(in, table, scale, out);
-#endif
-  backward_rows<crf_baseline::Rows<scalar_t>, crf_baseline::Scratch<acc_t>>(in, table, scale, out);
+  return run_rows<crf_baseline::Rows<scalar_t>, crf_baseline::Scratch<acc_t>>(in, table, grad);
 }
 
 }  // namespace
 
-at::Tensor masked_crf_forward_cpu(const at::Tensor& probs, const std::optional<at::Tensor>& image,
-                                  const std::optional<at::Tensor>& mask_dst, const std::optional<at::Tensor>& mask_src,
-                                  const std::optional<at::Tensor>& compat, c10::ArrayRef<double> table,
-                                  c10::IntArrayRef radius, c10::ArrayRef<double> spacing, bool zero_padding) {
+std::tuple<at::Tensor, at::Tensor> masked_crf_forward_cpu(
+    const at::Tensor& probs, const std::optional<at::Tensor>& image, const std::optional<at::Tensor>& mask_dst,
+    const std::optional<at::Tensor>& mask_src, const std::optional<at::Tensor>& compat, c10::ArrayRef<double> table,
+    c10::IntArrayRef radius, c10::ArrayRef<double> spacing, bool zero_padding, bool with_grad) {
   const CpuInputs in = cpu_inputs("masked_crf_forward", probs, image, mask_dst, mask_src, compat, table, radius,
                                   spacing, zero_padding);
-  at::Tensor loss = at::empty({}, probs.options().dtype(crf_accumulate_type(probs.scalar_type())));
+  const at::TensorOptions acc = probs.options().dtype(crf_accumulate_type(probs.scalar_type()));
+  at::Tensor loss = at::empty({}, acc);
+  at::Tensor grad = with_grad ? at::empty(in.probs.sizes(), acc) : at::empty({0}, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.probs.scalar_type(), "masked_crf_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    *loss.data_ptr<acc_t>() = static_cast<acc_t>(forward_dispatch<scalar_t>(in, table));
+    const double total = dispatch_isa<scalar_t>(in, table, with_grad ? grad.data_ptr<acc_t>() : nullptr);
+    *loss.data_ptr<acc_t>() = static_cast<acc_t>(total);
   });
-  return loss;
-}
-
-at::Tensor masked_crf_backward_cpu(const at::Tensor& grad, const at::Tensor& probs,
-                                   const std::optional<at::Tensor>& image, const std::optional<at::Tensor>& mask_dst,
-                                   const std::optional<at::Tensor>& mask_src, const std::optional<at::Tensor>& compat,
-                                   c10::ArrayRef<double> table, c10::IntArrayRef radius, c10::ArrayRef<double> spacing,
-                                   bool zero_padding) {
-  const CpuInputs in = cpu_inputs("masked_crf_backward", probs, image, mask_dst, mask_src, compat, table, radius,
-                                  spacing, zero_padding);
-  TORCH_CHECK(grad.numel() == 1 && grad.device().is_cpu() && at::isFloatingType(grad.scalar_type()),
-              "masked_crf_backward: grad must be a floating-point CPU tensor with one element, got ", grad.sizes(),
-              " ", grad.scalar_type(), " on ", grad.device());
-  const double scale = grad.item<double>();  // a CPU tensor: reading it costs no device sync
-  at::Tensor out = at::empty(in.probs.sizes(), in.probs.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.probs.scalar_type(), "masked_crf_backward_cpu", [&] {
-    backward_dispatch<scalar_t>(in, table, scale, out);
-  });
-  return out;
+  return {loss, grad};
 }
 
 TORCH_LIBRARY_IMPL(attenscribble_ops, CPU, m) {
   m.impl("masked_crf_forward", &masked_crf_forward_cpu);
-  m.impl("masked_crf_backward", &masked_crf_backward_cpu);
 }
 
 }  // namespace attenscribble_ops

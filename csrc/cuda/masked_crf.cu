@@ -1,11 +1,12 @@
-// Masked CRF loss on CUDA: fused forward and gather backward, the window evaluated on the fly
-// from shared-memory tiles with a halo. The maths, layout and parallel decomposition are above
-// the block program in csrc/cuda/masked_crf_tile.cuh (shared with a host emulation that the
-// tests run without a GPU); this file holds the launches and the operator registration.
+// Masked CRF loss on CUDA: the loss and (with_grad) its gradient in one fused pass, the window
+// evaluated on the fly from shared-memory tiles with a halo. The maths, layout and parallel
+// decomposition are above the block program in csrc/cuda/masked_crf_tile.cuh (shared with a
+// host emulation that the tests run without a GPU); this file holds the launches and the
+// operator registration.
 //
 // Memory: nothing beyond the inputs, the gradient, one partial per 32 x 8 tile and a device copy
-// of the (K, 2 + F) descriptor table. No host synchronisation: the upstream gradient is read by
-// the kernel, the table is copied from pinned memory asynchronously.
+// of the (K, 2 + F) descriptor table. No host synchronisation: the table is copied from pinned
+// memory asynchronously.
 // Includes only CUDA + ATen/c10 core headers, like clean_mask.cu, so that `nvcc -c` compiles it
 // against a CPU build of torch (the test suite does).
 #include <ATen/core/Tensor.h>
@@ -18,7 +19,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <vector>
+#include <tuple>
 
 #include "cuda/launch.cuh"
 #include "cuda/masked_crf_tile.cuh"
@@ -34,12 +35,12 @@ struct DeviceSync {
   __device__ void operator()() const { __syncthreads(); }
 };
 
-template <int CC, bool Forward, typename scalar_t, typename acc_t>
+template <int CC, bool WithGrad, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) masked_crf_kernel(const Args<scalar_t, acc_t> a) {
   extern __shared__ __align__(16) unsigned char shared_raw[];
   __shared__ acc_t red[kThreads];
   DeviceSync sync;
-  crf_tile::run_block<CC, Forward>(a, blockIdx.x, gridDim.x, threadIdx.x, reinterpret_cast<acc_t*>(shared_raw), red,
+  crf_tile::run_block<CC, WithGrad>(a, blockIdx.x, gridDim.x, threadIdx.x, reinterpret_cast<acc_t*>(shared_raw), red,
                                    sync);
 }
 
@@ -121,76 +122,55 @@ int grid_for(int64_t tiles) {
   return static_cast<int>(std::min<int64_t>(tiles, int64_t{1} << 30));
 }
 
-template <int CC, bool Forward, typename scalar_t, typename acc_t>
+template <int CC, bool WithGrad, typename scalar_t, typename acc_t>
 void launch(Args<scalar_t, acc_t>& a, cudaStream_t stream) {
-  crf_tile::plan<CC>(a, Forward, kSharedBudget);
-  const size_t shared = static_cast<size_t>(crf_tile::shared_bytes<CC>(a, Forward));
-  masked_crf_kernel<CC, Forward><<<grid_for(a.tiles), kThreads, shared, stream>>>(a);
-  check_launch(Forward ? "masked_crf_forward" : "masked_crf_backward");
+  crf_tile::plan<CC>(a, WithGrad, kSharedBudget);
+  const size_t shared = static_cast<size_t>(crf_tile::shared_bytes<CC>(a));
+  masked_crf_kernel<CC, WithGrad><<<grid_for(a.tiles), kThreads, shared, stream>>>(a);
+  check_launch("masked_crf_forward");
 }
 
 // Classes per chunk: the register accumulators of one thread.
-template <bool Forward, typename scalar_t, typename acc_t>
+template <bool WithGrad, typename scalar_t, typename acc_t>
 void launch_chunked(Args<scalar_t, acc_t>& a, cudaStream_t stream) {
-  if (a.classes <= 2) return launch<2, Forward>(a, stream);
-  if (a.classes <= 4) return launch<4, Forward>(a, stream);
-  launch<8, Forward>(a, stream);
+  if (a.classes <= 2) return launch<2, WithGrad>(a, stream);
+  if (a.classes <= 4) return launch<4, WithGrad>(a, stream);
+  launch<8, WithGrad>(a, stream);
 }
 
 }  // namespace
 
-at::Tensor masked_crf_forward_cuda(const at::Tensor& probs, const std::optional<at::Tensor>& image,
-                                   const std::optional<at::Tensor>& mask_dst,
-                                   const std::optional<at::Tensor>& mask_src, const std::optional<at::Tensor>& compat,
-                                   c10::ArrayRef<double> table, c10::IntArrayRef radius,
-                                   c10::ArrayRef<double> spacing, bool zero_padding) {
+std::tuple<at::Tensor, at::Tensor> masked_crf_forward_cuda(
+    const at::Tensor& probs, const std::optional<at::Tensor>& image, const std::optional<at::Tensor>& mask_dst,
+    const std::optional<at::Tensor>& mask_src, const std::optional<at::Tensor>& compat, c10::ArrayRef<double> table,
+    c10::IntArrayRef radius, c10::ArrayRef<double> spacing, bool zero_padding, bool with_grad) {
   c10::DeviceGuard guard(probs.device());
   const CudaInputs in = cuda_inputs("masked_crf_forward", probs, image, mask_dst, mask_src, compat, table, radius,
                                     spacing, zero_padding);
-  const at::ScalarType acc = crf_accumulate_type(probs.scalar_type());
-  at::Tensor loss = at::empty({}, probs.options().dtype(acc));
+  const at::TensorOptions acc = probs.options().dtype(crf_accumulate_type(probs.scalar_type()));
+  at::Tensor loss = at::empty({}, acc);
+  at::Tensor grad = with_grad ? at::empty(in.probs.sizes(), acc) : at::empty({0}, acc);
   const cudaStream_t stream = current_stream(probs.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.probs.scalar_type(), "masked_crf_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Args<scalar_t, acc_t> a = make_args<scalar_t, acc_t>(in);
-    crf_tile::plan<2>(a, true, kSharedBudget);  // the tile count does not depend on the chunk
-    at::Tensor partial = at::empty({a.tiles}, probs.options().dtype(acc));
+    crf_tile::plan<2>(a, with_grad, kSharedBudget);  // the tile count does not depend on the chunk
+    at::Tensor partial = at::empty({a.tiles}, acc);
     a.partial = partial.data_ptr<acc_t>();
-    launch_chunked<true>(a, stream);
+    if (with_grad) {
+      a.grad = grad.data_ptr<acc_t>();
+      launch_chunked<true>(a, stream);
+    } else {
+      launch_chunked<false>(a, stream);
+    }
     masked_crf_sum_kernel<acc_t><<<1, kThreads, 0, stream>>>(a.partial, a.tiles, loss.data_ptr<acc_t>());
     check_launch("masked_crf_forward (sum)");
   });
-  return loss;
-}
-
-at::Tensor masked_crf_backward_cuda(const at::Tensor& grad, const at::Tensor& probs,
-                                    const std::optional<at::Tensor>& image, const std::optional<at::Tensor>& mask_dst,
-                                    const std::optional<at::Tensor>& mask_src,
-                                    const std::optional<at::Tensor>& compat, c10::ArrayRef<double> table,
-                                    c10::IntArrayRef radius, c10::ArrayRef<double> spacing, bool zero_padding) {
-  c10::DeviceGuard guard(probs.device());
-  const CudaInputs in = cuda_inputs("masked_crf_backward", probs, image, mask_dst, mask_src, compat, table, radius,
-                                    spacing, zero_padding);
-  TORCH_CHECK(grad.numel() == 1 && grad.device() == probs.device() && at::isFloatingType(grad.scalar_type()),
-              "masked_crf_backward: grad must be a floating-point tensor with one element on ", probs.device(),
-              ", got ", grad.sizes(), " ", grad.scalar_type(), " on ", grad.device());
-  const at::ScalarType acc = crf_accumulate_type(probs.scalar_type());
-  const at::Tensor scale = grad.reshape({}).to(acc);
-  at::Tensor out = at::empty(in.probs.sizes(), in.probs.options());
-  const cudaStream_t stream = current_stream(probs.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.probs.scalar_type(), "masked_crf_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    Args<scalar_t, acc_t> a = make_args<scalar_t, acc_t>(in);
-    a.scale = scale.const_data_ptr<acc_t>();
-    a.grad = out.data_ptr<scalar_t>();
-    launch_chunked<false>(a, stream);
-  });
-  return out;
+  return {loss, grad};
 }
 
 TORCH_LIBRARY_IMPL(attenscribble_ops, CUDA, m) {
   m.impl("masked_crf_forward", &masked_crf_forward_cuda);
-  m.impl("masked_crf_backward", &masked_crf_backward_cuda);
 }
 
 }  // namespace attenscribble_ops

@@ -4,10 +4,10 @@
 // with g++ and runs each block on 256 std::threads with a barrier (tests/cuda_emulation), so the
 // tiling, halo and reduction logic is checked against the reference without a GPU.
 //
-// Forward  raw = sum_i m_i (S_i + border_i - sum_c P_ic A_ic)    (Potts)
+// Loss     raw = sum_i m_i (S_i + border_i - sum_c P_ic A_ic)    (Potts)
 //          raw = sum_i m_i sum_c P_ic A_ic,  A over U = mu P    (compatibility)
-// Backward dP_kc = -g (m_k A_kc + msrc_k B_kc)                   (Potts, U = W = P)
-//          dP_kc =  g (m_k A_kc + msrc_k B_kc), U = mu P, W = mu^T P  (compatibility)
+// Gradient dP_kc = -(m_k A_kc + msrc_k B_kc)                     (Potts, U = W = P)
+//          dP_kc =   m_k A_kc + msrc_k B_kc,  U = mu P, W = mu^T P  (compatibility)
 // with A_kc = sum_j G_kj msrc_j U_jc, B_kc = sum_j G_kj m_j W_jc, S_k = sum_j G_kj msrc_j over
 // the in-image window (G: the Gaussian kernel, symmetric). The class mixing is applied to the
 // neighbours as they are staged, so classes can be processed in chunks of CC registers.
@@ -17,9 +17,9 @@
 // thread, CC class accumulators per thread. For each class chunk and window plane dz, the tile's
 // halo is staged in shared memory in bands of band_y x band_x pixels (the whole halo when it
 // fits; bands bound the shared memory for any radius), then every thread sums the part of its
-// window inside the band. The forward reduces the tile's loss in a fixed tree and writes one
-// partial per tile; sum_partials adds them in a fixed order. The backward is a gather (each
-// thread writes only its own pixel's gradient): no atomics anywhere.
+// window inside the band. Each block reduces its tile's loss in a fixed tree and writes one
+// partial per tile; sum_partials adds them in a fixed order. The gradient (WithGrad) comes from
+// the same sums and is a gather (each thread writes only its own pixel): no atomics anywhere.
 #pragma once
 
 #include <cmath>
@@ -47,9 +47,8 @@ struct Args {
   const acc_t* mask_src = nullptr;
   const acc_t* mu = nullptr;      // (C, C) or null (Potts)
   const acc_t* table = nullptr;   // (K, 2 + F): weight, 1/sigma_xy, 1/sigma_image_f
-  const acc_t* scale = nullptr;   // backward: the upstream gradient (one value on the device)
-  acc_t* partial = nullptr;       // forward: one loss partial per tile
-  scalar_t* grad = nullptr;       // backward output, layout of probs
+  acc_t* partial = nullptr;       // one loss partial per tile
+  acc_t* grad = nullptr;          // with the gradient: d raw / d probs, layout of probs
   int64_t batch = 0, classes = 0, channels = 0, kernels = 0, depth = 1, height = 0, width = 0;
   int64_t rd = 0, rh = 0, rw = 0;
   acc_t sd = 1, sh = 1, sw = 1;
@@ -69,14 +68,14 @@ CRF_HD inline double crf_exp(double v) { return exp(v); }
 
 // Values per staged pixel: U (and W when it differs) per chunk class, image, masks.
 template <int CC, typename scalar_t, typename acc_t>
-CRF_HD inline int64_t shared_values_per_pixel(const Args<scalar_t, acc_t>& a, bool forward) {
+CRF_HD inline int64_t shared_values_per_pixel(const Args<scalar_t, acc_t>& a) {
   return CC * (a.mixed_w ? 2 : 1) + (a.image_in_shared ? a.channels : 0) + (a.has_mask_src ? 1 : 0) +
-         (!forward && a.has_mask_dst ? 1 : 0);
+         (a.second_role && a.has_mask_dst ? 1 : 0);
 }
 
 // Derived sizes and the band shape that keeps the staged halo within `shared_budget` bytes.
 template <int CC, typename scalar_t, typename acc_t>
-inline void plan(Args<scalar_t, acc_t>& a, bool forward, int64_t shared_budget) {
+inline void plan(Args<scalar_t, acc_t>& a, bool with_grad, int64_t shared_budget) {
   a.ez = lmin(a.rd, a.depth - 1);
   a.ey = lmin(a.rh, a.height - 1);
   a.ex = lmin(a.rw, a.width - 1);
@@ -86,9 +85,9 @@ inline void plan(Args<scalar_t, acc_t>& a, bool forward, int64_t shared_budget) 
   a.tiles = a.tiles_x * a.tiles_y * a.depth * a.batch;
   a.image_in_shared = a.channels <= kMaxImageInShared;
   // with a compatibility matrix the two roles see different mixes of the neighbour's classes
-  a.second_role = !forward && (a.has_mask_dst || a.has_mask_src || a.mu != nullptr);
+  a.second_role = with_grad && (a.has_mask_dst || a.has_mask_src || a.mu != nullptr);
   a.mixed_w = a.second_role && a.mu != nullptr;
-  const int64_t bytes = shared_values_per_pixel<CC>(a, forward) * int64_t(sizeof(acc_t));
+  const int64_t bytes = shared_values_per_pixel<CC>(a) * int64_t(sizeof(acc_t));
   const int64_t full_y = lmin(kTileY + 2 * a.ey, a.height), full_x = lmin(kTileX + 2 * a.ex, a.width);
   if (full_y * full_x * bytes <= shared_budget) {
     a.band_y = full_y;
@@ -100,8 +99,8 @@ inline void plan(Args<scalar_t, acc_t>& a, bool forward, int64_t shared_budget) 
 }
 
 template <int CC, typename scalar_t, typename acc_t>
-inline int64_t shared_bytes(const Args<scalar_t, acc_t>& a, bool forward) {
-  return a.band_y * a.band_x * shared_values_per_pixel<CC>(a, forward) * int64_t(sizeof(acc_t));
+inline int64_t shared_bytes(const Args<scalar_t, acc_t>& a) {
+  return a.band_y * a.band_x * shared_values_per_pixel<CC>(a) * int64_t(sizeof(acc_t));
 }
 
 // Border term of the centre (b, z, y, x): the original zero-pads, so each out-of-image window
@@ -132,7 +131,7 @@ CRF_HD acc_t border_term(const Args<scalar_t, acc_t>& a, int64_t b, int64_t z, i
 
 // Stages pixels [by0, by0 + ny) x [bx0, bx0 + nx) of plane (b, zz): the chunk's classes of U
 // (and W), the image and the masks, row stride nx, array stride n.
-template <int CC, bool Forward, typename scalar_t, typename acc_t>
+template <int CC, typename scalar_t, typename acc_t>
 CRF_HD void stage_band(const Args<scalar_t, acc_t>& a, int64_t b, int64_t zz, int64_t c0, int64_t by0, int64_t bx0,
                        int64_t ny, int64_t nx, int tid, acc_t* s_u, acc_t* s_w, acc_t* s_img, acc_t* s_msrc,
                        acc_t* s_mdst, int64_t n) {
@@ -161,13 +160,13 @@ CRF_HD void stage_band(const Args<scalar_t, acc_t>& a, int64_t b, int64_t zz, in
       for (int64_t f = 0; f < a.channels; ++f) s_img[f * n + e] = a.image[(b * a.channels + f) * volume + j];
     }
     if (a.has_mask_src) s_msrc[e] = a.mask_src[b * volume + j];
-    if (!Forward && a.has_mask_dst) s_mdst[e] = a.mask_dst[b * volume + j];
+    if (a.second_role && a.has_mask_dst) s_mdst[e] = a.mask_dst[b * volume + j];
   }
 }
 
 // Sums one band into the thread's accumulators: the part of the window of (z, y, x) that lies
 // in the staged pixels of plane zz.
-template <int CC, bool Forward, typename scalar_t, typename acc_t>
+template <int CC, typename scalar_t, typename acc_t>
 CRF_HD void accumulate_band(const Args<scalar_t, acc_t>& a, int64_t b, int64_t z, int64_t y, int64_t x, int64_t zz,
                             int64_t by0, int64_t bx0, int64_t ny, int64_t nx, const acc_t* s_u, const acc_t* s_w,
                             const acc_t* s_img, const acc_t* s_msrc, const acc_t* s_mdst, int64_t n, acc_t* acc_a,
@@ -198,9 +197,9 @@ CRF_HD void accumulate_band(const Args<scalar_t, acc_t>& a, int64_t b, int64_t z
         g += row[0] * crf_exp(acc_t(-0.5) * q);
       }
       const acc_t ga = a.has_mask_src ? g * s_msrc[e] : g;
-      if (Forward) ksum += ga;
+      ksum += ga;
       for (int c = 0; c < CC; ++c) acc_a[c] += ga * s_u[c * n + e];
-      if (!Forward && a.second_role) {
+      if (a.second_role) {
         const acc_t gb = a.has_mask_dst ? g * s_mdst[e] : g;
         for (int c = 0; c < CC; ++c) acc_b[c] += gb * s_w[c * n + e];
       }
@@ -210,7 +209,7 @@ CRF_HD void accumulate_band(const Args<scalar_t, acc_t>& a, int64_t b, int64_t z
 
 // The whole program of one block: tiles first_tile, first_tile + tile_stride, ... Control flow
 // around every sync() depends only on the tile, so all threads of a block reach each barrier.
-template <int CC, bool Forward, typename scalar_t, typename acc_t, typename Sync>
+template <int CC, bool WithGrad, typename scalar_t, typename acc_t, typename Sync>
 CRF_HD void run_block(const Args<scalar_t, acc_t>& a, int64_t first_tile, int64_t tile_stride, int tid, acc_t* shared,
                       acc_t* red, Sync& sync) {
   const int64_t volume = a.depth * a.height * a.width, C = a.classes;
@@ -220,7 +219,7 @@ CRF_HD void run_block(const Args<scalar_t, acc_t>& a, int64_t first_tile, int64_
   acc_t* s_img = s_u + (a.mixed_w ? 2 : 1) * CC * n;
   acc_t* s_msrc = s_img + (a.image_in_shared ? a.channels : 0) * n;
   acc_t* s_mdst = s_msrc + (a.has_mask_src ? n : 0);
-  const acc_t sign_scale = Forward ? acc_t(0) : (a.mu == nullptr ? -*a.scale : *a.scale);
+  const acc_t sign = a.mu == nullptr ? acc_t(-1) : acc_t(1);
   for (int64_t t = first_tile; t < a.tiles; t += tile_stride) {
     int64_t rest = t;
     const int64_t tx0 = (rest % a.tiles_x) * kTileX;
@@ -245,11 +244,11 @@ CRF_HD void run_block(const Args<scalar_t, acc_t>& a, int64_t first_tile, int64_
         for (int64_t by0 = r0; by0 <= r1; by0 += a.band_y) {
           for (int64_t bx0 = q0; bx0 <= q1; bx0 += a.band_x) {
             const int64_t ny = lmin(a.band_y, r1 - by0 + 1), nx = lmin(a.band_x, q1 - bx0 + 1);
-            stage_band<CC, Forward>(a, b, zz, c0, by0, bx0, ny, nx, tid, s_u, s_w, s_img, s_msrc, s_mdst, n);
+            stage_band<CC>(a, b, zz, c0, by0, bx0, ny, nx, tid, s_u, s_w, s_img, s_msrc, s_mdst, n);
             sync();
             if (valid) {
-              accumulate_band<CC, Forward>(a, b, z, y, x, zz, by0, bx0, ny, nx, s_u, s_w, s_img, s_msrc, s_mdst, n,
-                                           acc_a, acc_b, ksum);
+              accumulate_band<CC>(a, b, z, y, x, zz, by0, bx0, ny, nx, s_u, s_w, s_img, s_msrc, s_mdst, n, acc_a,
+                                  acc_b, ksum);
             }
             sync();
           }
@@ -259,27 +258,21 @@ CRF_HD void run_block(const Args<scalar_t, acc_t>& a, int64_t first_tile, int64_
       const acc_t* acc_second = a.second_role ? acc_b : acc_a;
       for (int c = 0; c < CC && c0 + c < C; ++c) {
         const int64_t at = (b * C + c0 + c) * volume + centre;
-        if (Forward) {
-          const acc_t p = static_cast<acc_t>(a.probs[at]);
-          loss += a.mu == nullptr ? -p * acc_a[c] : p * acc_a[c];
-        } else {
-          a.grad[at] = static_cast<scalar_t>(sign_scale * (m * acc_a[c] + ms * acc_second[c]));
-        }
+        loss += sign * static_cast<acc_t>(a.probs[at]) * acc_a[c];
+        if (WithGrad) a.grad[at] = sign * (m * acc_a[c] + ms * acc_second[c]);
       }
-      if (Forward && c0 == 0 && a.mu == nullptr) {
+      if (c0 == 0 && a.mu == nullptr) {
         loss += ksum + (a.zero_padding && !a.has_mask_src ? border_term(a, b, z, y, x) : acc_t(0));
       }
     }
-    if (Forward) {
-      red[tid] = valid ? m * loss : acc_t(0);
+    red[tid] = valid ? m * loss : acc_t(0);
+    sync();
+    for (int s = kThreads / 2; s > 0; s /= 2) {
+      if (tid < s) red[tid] += red[tid + s];
       sync();
-      for (int s = kThreads / 2; s > 0; s /= 2) {
-        if (tid < s) red[tid] += red[tid + s];
-        sync();
-      }
-      if (tid == 0) a.partial[t] = red[0];
-      sync();  // red is reused by the next tile
     }
+    if (tid == 0) a.partial[t] = red[0];
+    sync();  // red is reused by the next tile
   }
 }
 

@@ -35,7 +35,7 @@ void run_threads(Body body) {
 }
 
 template <int CC, typename T>
-int emulate(bool forward, const int64_t* ints, const double* reals, void* const* ptrs, int64_t shared_budget,
+int emulate(bool with_grad, const int64_t* ints, const double* reals, void* const* ptrs, int64_t shared_budget,
             int64_t* plan_out) {
   ct::Args<T, T> a;
   a.batch = ints[0];
@@ -60,39 +60,34 @@ int emulate(bool forward, const int64_t* ints, const double* reals, void* const*
   a.mask_src = static_cast<const T*>(ptrs[3]);
   a.mu = static_cast<const T*>(ptrs[4]);
   a.table = static_cast<const T*>(ptrs[5]);
-  a.scale = static_cast<const T*>(ptrs[6]);
-  a.grad = static_cast<T*>(ptrs[7]);
-  T* loss = static_cast<T*>(ptrs[8]);
-  ct::plan<CC>(a, forward, shared_budget);
+  a.grad = static_cast<T*>(ptrs[6]);
+  T* loss = static_cast<T*>(ptrs[7]);
+  ct::plan<CC>(a, with_grad, shared_budget);
   plan_out[0] = a.band_y;
   plan_out[1] = a.band_x;
   plan_out[2] = a.tiles;
-  const int64_t n_shared = ct::shared_bytes<CC>(a, forward) / int64_t(sizeof(T));
+  const int64_t n_shared = ct::shared_bytes<CC>(a) / int64_t(sizeof(T));
   std::vector<T> shared(static_cast<size_t>(n_shared)), red(ct::kThreads), partial(static_cast<size_t>(a.tiles));
   a.partial = partial.data();
   run_threads([&](int tid, HostSync& sync) {
-    if (forward) {
+    if (with_grad) {
       ct::run_block<CC, true>(a, 0, 1, tid, shared.data(), red.data(), sync);
     } else {
       ct::run_block<CC, false>(a, 0, 1, tid, shared.data(), red.data(), sync);
     }
   });
-  if (forward) {
-    std::vector<double> red64(ct::kThreads);
-    run_threads([&](int tid, HostSync& sync) {
-      ct::sum_partials(partial.data(), a.tiles, loss, tid, red64.data(), sync);
-    });
-  }
+  std::vector<double> red64(ct::kThreads);
+  run_threads([&](int tid, HostSync& sync) { ct::sum_partials(partial.data(), a.tiles, loss, tid, red64.data(), sync); });
   return 0;
 }
 
 template <typename T>
-int emulate_chunk(int chunk, bool forward, const int64_t* ints, const double* reals, void* const* ptrs,
+int emulate_chunk(int chunk, bool with_grad, const int64_t* ints, const double* reals, void* const* ptrs,
                   int64_t shared_budget, int64_t* plan_out) {
   switch (chunk) {
-    case 2: return emulate<2, T>(forward, ints, reals, ptrs, shared_budget, plan_out);
-    case 4: return emulate<4, T>(forward, ints, reals, ptrs, shared_budget, plan_out);
-    case 8: return emulate<8, T>(forward, ints, reals, ptrs, shared_budget, plan_out);
+    case 2: return emulate<2, T>(with_grad, ints, reals, ptrs, shared_budget, plan_out);
+    case 4: return emulate<4, T>(with_grad, ints, reals, ptrs, shared_budget, plan_out);
+    case 8: return emulate<8, T>(with_grad, ints, reals, ptrs, shared_budget, plan_out);
     default: return 1;
   }
 }
@@ -101,9 +96,9 @@ int emulate_chunk(int chunk, bool forward, const int64_t* ints, const double* re
 
 // ints: batch, classes, channels, kernels, depth, height, width, rd, rh, rw, has_mask_dst,
 // has_mask_src, zero_padding. reals: sd, sh, sw. ptrs: probs, image, mask_dst, mask_src, mu,
-// table, scale, grad, loss (null where unused). plan_out: band_y, band_x, tiles.
-extern "C" int crf_emulate(int forward, int is_double, int chunk, const int64_t* ints, const double* reals,
+// table, grad, loss (null where unused). plan_out: band_y, band_x, tiles.
+extern "C" int crf_emulate(int with_grad, int is_double, int chunk, const int64_t* ints, const double* reals,
                            void* const* ptrs, int64_t shared_budget, int64_t* plan_out) {
-  return is_double ? emulate_chunk<double>(chunk, forward != 0, ints, reals, ptrs, shared_budget, plan_out)
-                   : emulate_chunk<float>(chunk, forward != 0, ints, reals, ptrs, shared_budget, plan_out);
+  return is_double ? emulate_chunk<double>(chunk, with_grad != 0, ints, reals, ptrs, shared_budget, plan_out)
+                   : emulate_chunk<float>(chunk, with_grad != 0, ints, reals, ptrs, shared_budget, plan_out);
 }
