@@ -7,7 +7,7 @@ import torch
 
 import attenscribble_ops as ops
 from attenscribble_ops import _crf_ops, backends
-from crf_cases import Case, loss_and_grad, make, op_arguments
+from crf_cases import Case, assert_matches_reference, loss_and_grad, make, op_arguments
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")  # Triton's interpreter
@@ -110,6 +110,18 @@ def test_cpu_bitwise_deterministic_across_threads(dtype):
         torch.set_num_threads(threads)
     for a, b in ((one, two), (two, again)):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.skipif(not runnable("cpu", "cpu"), reason="no compiled CPU kernel")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", [Case(shape=(7, 13), classes=5, radius=3, masks=("dst", "src")),
+                                  Case(shape=(2, 5, 9), classes=6, compat=True, kernels=((1.0, 2.0, 0.3),) * 2)],
+                         ids=["2d", "3d-compat"])
+def test_cpu_baseline_instruction_set(monkeypatch, case, dtype):
+    """ATTENSCRIBBLE_CPU_ISA=baseline runs the build for the baseline ISA (16-byte vectors, no
+    FMA) that machines without AVX2 get."""
+    monkeypatch.setenv("ATTENSCRIBBLE_CPU_ISA", "baseline")
+    assert_matches_reference("cpu", case, dtype)
 
 
 @pytest.mark.parametrize("backend", [b for b in ("triton", "cuda") if runnable(b, "cuda" if b == "cuda" else DEVICE)])

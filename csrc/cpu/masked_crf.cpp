@@ -16,10 +16,11 @@
 // reduced deterministically: one double partial per row, summed in row order afterwards, so
 // the result does not depend on the number of threads.
 //
-// Instruction sets: the row engine is compiled twice, for the baseline x86-64 ISA and for
-// AVX2 (picked at run time), from the same source; the build flags stay those of the package.
-// Both builds do the same elementwise operations in the same order (no FMA contraction, no
-// vectorised reductions), so they give bitwise-identical results.
+// Instruction sets: the row engine is compiled twice from the same source, for the baseline ISA
+// (16-byte vectors) and for AVX2 + FMA (32-byte vectors, fused multiply-adds: the exp
+// polynomial is a chain of them), picked at run time unless ATTENSCRIBBLE_CPU_ISA=baseline; the
+// build flags stay those of the package. Each build is deterministic and independent of the
+// thread count; the two differ from each other in the last bits where FMA rounds once.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -30,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -38,19 +40,25 @@
 #include "masked_crf.h"
 
 namespace attenscribble_ops {
+#define ATTENSCRIBBLE_VEC_BYTES 16
 namespace crf_baseline {
 #include "cpu/vec_exp.inc"
+#include "cpu/masked_crf_simd.inc"
 #include "cpu/masked_crf_rows.inc"
 }  // namespace crf_baseline
+#undef ATTENSCRIBBLE_VEC_BYTES
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define ATTENSCRIBBLE_CRF_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#define ATTENSCRIBBLE_VEC_BYTES 32
 namespace crf_avx2 {
 #include "cpu/vec_exp.inc"
+#include "cpu/masked_crf_simd.inc"
 #include "cpu/masked_crf_rows.inc"
 }  // namespace crf_avx2
+#undef ATTENSCRIBBLE_VEC_BYTES
 #pragma GCC pop_options
 #else
 #define ATTENSCRIBBLE_CRF_AVX2 0
@@ -60,8 +68,9 @@ namespace {
 
 bool use_avx2() {
 #if ATTENSCRIBBLE_CRF_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* isa = std::getenv("ATTENSCRIBBLE_CPU_ISA");
+  return supported && !(isa != nullptr && std::strcmp(isa, "baseline") == 0);
 #else
   return false;
 #endif
@@ -110,7 +119,7 @@ double run_rows(const CpuInputs& in, c10::ArrayRef<double> table, typename Rows:
   const Rows rows = make_rows<Rows>(in, table);
   std::vector<double> partial(rows.rows());
   at::parallel_for(0, rows.rows(), 1, [&](int64_t begin, int64_t end) {
-    Scratch scratch(in.geo, Rows::kConvert);
+    Scratch scratch = rows.scratch();
     for (int64_t r = begin; r < end; ++r) partial[r] = rows.row(r, grad, scratch);
   });
   double total = 0;
