@@ -2,6 +2,7 @@
 
     python benchmarks/bench_masked_crf.py                       # every provider that runs here
     python benchmarks/bench_masked_crf.py --providers cpu --shapes official official-r10 --modes full
+    python benchmarks/bench_masked_crf.py --report benchmarks/results/<file>.json   # markdown table
 
 Providers: "reference" (the unfold implementation, eager), "reference-compile" (the same under
 torch.compile), and the fused backends "cpu", "cuda", "triton" (Triton only on a GPU: interpreter
@@ -190,6 +191,25 @@ def speedups(rows: list) -> list:
             for r in rows if r["provider"] != "reference" and (r["shape"], r["mode"]) in ref]
 
 
+def report(path: str) -> str:
+    """A markdown table of a saved result file (the tables in docs/ are pasted from this)."""
+    data = json.loads(pathlib.Path(path).read_text())
+    env = data["environment"]
+    speed = {(r["provider"], r["shape"], r["mode"]): r["speedup_vs_reference"] for r in data["speedups"]}
+    lines = [f"{env['device']}, torch {env['torch']}, git {env['git']}, {env['date']}", "",
+             "| shape | provider | mode | median ms | x reference | peak extra MiB | extra beyond grad / probs |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        mem = r["peak_extra_bytes"]
+        ratio = r["extra_beyond_grad_over_probs"]
+        sp = speed.get((r["provider"], r["shape"], r["mode"]))
+        lines.append(f"| {r['shape']} ({r['spatial']}, B={r['batch']}, C={r['classes']}, r={r['radius']}) | "
+                     f"{r['provider']} | {r['mode']} | {r['median_ms']:.1f} | {'' if sp is None else f'{sp:.1f}'} | "
+                     f"{'n/a' if mem is None else f'{mem / 2 ** 20:.1f}'} | "
+                     f"{'n/a' if ratio is None else f'{ratio:.2f}'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
@@ -201,7 +221,11 @@ def main(argv=None) -> int:
     parser.add_argument("--reference-limit-gib", type=float, default=8.0,
                         help="skip the reference providers where their estimated peak memory is above this")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument("--report", metavar="JSON", help="print a markdown table of a saved result file and exit")
     args = parser.parse_args(argv)
+    if args.report:
+        print(report(args.report))
+        return 0
     device = torch.device(args.device)
     if device.type == "cpu":
         exact_cpu_memory()
