@@ -19,7 +19,8 @@
 // Instruction sets: the row engine is compiled twice from the same source, for the baseline ISA
 // (16-byte vectors) and for AVX2 + FMA (32-byte vectors, fused multiply-adds: the exp
 // polynomial is a chain of them), picked at run time unless ATTENSCRIBBLE_CPU_ISA=baseline; the
-// build flags stay those of the package. Each build is deterministic and independent of the
+// build flags stay those of the package (GCC only: Clang does not honour "#pragma GCC target"
+// and gets the baseline build). Each build is deterministic and independent of the
 // thread count; the two differ from each other in the last bits where FMA rounds once.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -48,7 +49,7 @@ namespace crf_baseline {
 }  // namespace crf_baseline
 #undef ATTENSCRIBBLE_VEC_BYTES
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
 #define ATTENSCRIBBLE_CRF_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
