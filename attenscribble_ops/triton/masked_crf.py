@@ -203,14 +203,15 @@ def _params(table: tuple, radius: tuple, spacing: tuple, device: torch.device, d
     return torch.tensor((sd, sh, sw, window) + table, dtype=dtype, device=device)
 
 
-def _launch_geometry(probs: torch.Tensor, radius) -> dict:
+def _launch_geometry(probs: torch.Tensor, radius, compat: bool) -> dict:
     batch, classes = probs.shape[:2]
     depth, height, width = (1,) * (5 - probs.dim()) + tuple(probs.shape[2:])
     rd, rh, rw = (0,) * (5 - probs.dim()) + tuple(radius)
     # loops run over the window clipped to the image; the border term counts the rest
     cb = triton.next_power_of_2(classes)
-    # (CB, BLOCK) accumulators: fewer pixels per program as the classes grow
-    block = max(16, min(256, 4096 // cb))
+    # (CB, BLOCK) accumulators, and (CB, CB, BLOCK) for the compatibility mixing: fewer pixels
+    # per program as the classes grow
+    block = max(16, min(256, 4096 // cb, 16384 // (cb * cb) if compat else 256))
     block_w = min(32, triton.next_power_of_2(width), block)
     block_h = min(block // block_w, triton.next_power_of_2(height))
     tiles_w = triton.cdiv(width, block_w)
@@ -225,7 +226,7 @@ def _common(probs, image, mask_dst, mask_src, compat, table, radius, spacing):
     acc = accumulate_dtype(probs.dtype)
     probs = probs.contiguous()
     placeholder = probs  # never read: the matching HAS_* flag is off
-    geo = _launch_geometry(probs, radius)
+    geo = _launch_geometry(probs, radius, compat is not None)
     channels = 0 if image is None else image.shape[1]
     args = [probs, placeholder if image is None else image.contiguous(),
             placeholder if mask_dst is None else mask_dst.contiguous(),
