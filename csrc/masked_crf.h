@@ -133,4 +133,27 @@ inline CrfGeometry masked_crf_geometry(const char* op, const at::Tensor& probs,
   return g;
 }
 
+// The checked sizes and the tensors as the kernels read them: contiguous (a copy only for a
+// non-contiguous input), undefined where an optional input is absent.
+struct CrfInputs {
+  CrfGeometry geo;
+  at::Tensor probs, image, mask_dst, mask_src, compat;
+};
+
+inline CrfInputs masked_crf_inputs(const char* op, const at::Tensor& probs, const std::optional<at::Tensor>& image,
+                                   const std::optional<at::Tensor>& mask_dst,
+                                   const std::optional<at::Tensor>& mask_src,
+                                   const std::optional<at::Tensor>& compat, c10::ArrayRef<double> table,
+                                   c10::IntArrayRef radius, c10::ArrayRef<double> spacing, bool zero_padding) {
+  const auto contiguous = [](const std::optional<at::Tensor>& t) { return t ? t->contiguous() : at::Tensor(); };
+  CrfInputs in;
+  in.geo = masked_crf_geometry(op, probs, image, mask_dst, mask_src, compat, table, radius, spacing, zero_padding);
+  in.probs = probs.contiguous();
+  in.image = contiguous(image);
+  in.mask_dst = contiguous(mask_dst);
+  in.mask_src = contiguous(mask_src);
+  in.compat = contiguous(compat);
+  return in;
+}
+
 }  // namespace attenscribble_ops

@@ -82,32 +82,8 @@ const acc_t* optional_data(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
 }
 
-at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
-struct CpuInputs {
-  CrfGeometry geo;
-  at::Tensor probs, image, mask_dst, mask_src, compat;
-};
-
-CpuInputs cpu_inputs(const char* op, const at::Tensor& probs, const std::optional<at::Tensor>& image,
-                     const std::optional<at::Tensor>& mask_dst, const std::optional<at::Tensor>& mask_src,
-                     const std::optional<at::Tensor>& compat, c10::ArrayRef<double> table, c10::IntArrayRef radius,
-                     c10::ArrayRef<double> spacing, bool zero_padding) {
-  CpuInputs in;
-  in.geo = masked_crf_geometry(op, probs, image, mask_dst, mask_src, compat, table, radius, spacing, zero_padding);
-  TORCH_CHECK(probs.device().is_cpu(), op, ": the CPU kernel needs CPU tensors, got ", probs.device());
-  in.probs = probs.contiguous();
-  in.image = contiguous_or_undefined(image);
-  in.mask_dst = contiguous_or_undefined(mask_dst);
-  in.mask_src = contiguous_or_undefined(mask_src);
-  in.compat = contiguous_or_undefined(compat);
-  return in;
-}
-
 template <typename Rows>
-Rows make_rows(const CpuInputs& in, c10::ArrayRef<double> table) {
+Rows make_rows(const CrfInputs& in, c10::ArrayRef<double> table) {
   using scalar_t = typename Rows::scalar_type;
   using acc_t = typename Rows::acc_t;
   return Rows(in.geo, table, in.probs.const_data_ptr<scalar_t>(), optional_data<acc_t>(in.image),
@@ -116,7 +92,7 @@ Rows make_rows(const CpuInputs& in, c10::ArrayRef<double> table) {
 
 // The loss (rows summed in row order) and, with `grad`, the gradient of every row.
 template <typename Rows, typename Scratch>
-double run_rows(const CpuInputs& in, c10::ArrayRef<double> table, typename Rows::acc_t* grad) {
+double run_rows(const CrfInputs& in, c10::ArrayRef<double> table, typename Rows::acc_t* grad) {
   const Rows rows = make_rows<Rows>(in, table);
   std::vector<double> partial(rows.rows());
   at::parallel_for(0, rows.rows(), 1, [&](int64_t begin, int64_t end) {
@@ -129,7 +105,7 @@ double run_rows(const CpuInputs& in, c10::ArrayRef<double> table, typename Rows:
 }
 
 template <typename scalar_t>
-double dispatch_isa(const CpuInputs& in, c10::ArrayRef<double> table, at::opmath_type<scalar_t>* grad) {
+double dispatch_isa(const CrfInputs& in, c10::ArrayRef<double> table, at::opmath_type<scalar_t>* grad) {
   using acc_t = at::opmath_type<scalar_t>;
 #if ATTENSCRIBBLE_CRF_AVX2
   if (use_avx2()) return run_rows<crf_avx2::Rows<scalar_t>, crf_avx2::Scratch<acc_t>>(in, table, grad);
@@ -143,8 +119,9 @@ std::tuple<at::Tensor, at::Tensor> masked_crf_forward_cpu(
     const at::Tensor& probs, const std::optional<at::Tensor>& image, const std::optional<at::Tensor>& mask_dst,
     const std::optional<at::Tensor>& mask_src, const std::optional<at::Tensor>& compat, c10::ArrayRef<double> table,
     c10::IntArrayRef radius, c10::ArrayRef<double> spacing, bool zero_padding, bool with_grad) {
-  const CpuInputs in = cpu_inputs("masked_crf_forward", probs, image, mask_dst, mask_src, compat, table, radius,
-                                  spacing, zero_padding);
+  const CrfInputs in = masked_crf_inputs("masked_crf_forward", probs, image, mask_dst, mask_src, compat, table,
+                                         radius, spacing, zero_padding);
+  TORCH_CHECK(probs.device().is_cpu(), "masked_crf_forward: the CPU kernel needs CPU tensors, got ", probs.device());
   const at::TensorOptions acc = probs.options().dtype(crf_accumulate_type(probs.scalar_type()));
   at::Tensor loss = at::empty({}, acc);
   at::Tensor grad = with_grad ? at::empty(in.probs.sizes(), acc) : at::empty({0}, acc);

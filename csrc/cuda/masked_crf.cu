@@ -55,28 +55,9 @@ __global__ void __launch_bounds__(kThreads) masked_crf_sum_kernel(const acc_t* p
 // opt-in beyond the default 48 KiB per block is needed on any architecture.
 constexpr int64_t kSharedBudget = 40 * 1024;
 
-struct CudaInputs {
-  CrfGeometry geo;
-  at::Tensor probs, image, mask_dst, mask_src, compat, table;
-};
-
-at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
-CudaInputs cuda_inputs(const char* op, const at::Tensor& probs, const std::optional<at::Tensor>& image,
-                       const std::optional<at::Tensor>& mask_dst, const std::optional<at::Tensor>& mask_src,
-                       const std::optional<at::Tensor>& compat, c10::ArrayRef<double> table, c10::IntArrayRef radius,
-                       c10::ArrayRef<double> spacing, bool zero_padding) {
-  CudaInputs in;
-  in.geo = masked_crf_geometry(op, probs, image, mask_dst, mask_src, compat, table, radius, spacing, zero_padding);
-  TORCH_CHECK(probs.device().is_cuda(), op, ": the CUDA kernel needs CUDA tensors, got ", probs.device());
-  in.probs = probs.contiguous();
-  in.image = contiguous_or_undefined(image);
-  in.mask_dst = contiguous_or_undefined(mask_dst);
-  in.mask_src = contiguous_or_undefined(mask_src);
-  in.compat = contiguous_or_undefined(compat);
-  // filled in the accumulate dtype on the host, so that the copy is a plain pinned async copy
+// The descriptor table on the device: filled in the accumulate dtype on the host, so that the
+// copy is a plain asynchronous copy from pinned memory.
+at::Tensor device_table(c10::ArrayRef<double> table, const at::Tensor& probs) {
   const at::ScalarType acc = crf_accumulate_type(probs.scalar_type());
   at::Tensor host = at::empty({static_cast<int64_t>(table.size())}, at::TensorOptions().dtype(acc).pinned_memory(true));
   if (acc == at::kDouble) {
@@ -84,12 +65,11 @@ CudaInputs cuda_inputs(const char* op, const at::Tensor& probs, const std::optio
   } else {
     std::transform(table.begin(), table.end(), host.data_ptr<float>(), [](double v) { return static_cast<float>(v); });
   }
-  in.table = host.to(probs.options().dtype(acc), /*non_blocking=*/true);
-  return in;
+  return host.to(probs.options().dtype(acc), /*non_blocking=*/true);
 }
 
 template <typename scalar_t, typename acc_t>
-Args<scalar_t, acc_t> make_args(const CudaInputs& in) {
+Args<scalar_t, acc_t> make_args(const CrfInputs& in, const at::Tensor& table) {
   const CrfGeometry& g = in.geo;
   Args<scalar_t, acc_t> a;
   a.probs = in.probs.const_data_ptr<scalar_t>();
@@ -97,7 +77,7 @@ Args<scalar_t, acc_t> make_args(const CudaInputs& in) {
   a.mask_dst = in.mask_dst.defined() ? in.mask_dst.const_data_ptr<acc_t>() : nullptr;
   a.mask_src = in.mask_src.defined() ? in.mask_src.const_data_ptr<acc_t>() : nullptr;
   a.mu = in.compat.defined() ? in.compat.const_data_ptr<acc_t>() : nullptr;
-  a.table = in.table.const_data_ptr<acc_t>();
+  a.table = table.const_data_ptr<acc_t>();
   a.batch = g.batch;
   a.classes = g.classes;
   a.channels = g.channels;
@@ -145,15 +125,17 @@ std::tuple<at::Tensor, at::Tensor> masked_crf_forward_cuda(
     const std::optional<at::Tensor>& mask_src, const std::optional<at::Tensor>& compat, c10::ArrayRef<double> table,
     c10::IntArrayRef radius, c10::ArrayRef<double> spacing, bool zero_padding, bool with_grad) {
   c10::DeviceGuard guard(probs.device());
-  const CudaInputs in = cuda_inputs("masked_crf_forward", probs, image, mask_dst, mask_src, compat, table, radius,
-                                    spacing, zero_padding);
+  const CrfInputs in = masked_crf_inputs("masked_crf_forward", probs, image, mask_dst, mask_src, compat, table,
+                                         radius, spacing, zero_padding);
+  TORCH_CHECK(probs.device().is_cuda(), "masked_crf_forward: the CUDA kernel needs CUDA tensors, got ", probs.device());
+  const at::Tensor device_params = device_table(table, probs);
   const at::TensorOptions acc = probs.options().dtype(crf_accumulate_type(probs.scalar_type()));
   at::Tensor loss = at::empty({}, acc);
   at::Tensor grad = with_grad ? at::empty(in.probs.sizes(), acc) : at::empty({0}, acc);
   const cudaStream_t stream = current_stream(probs.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.probs.scalar_type(), "masked_crf_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    Args<scalar_t, acc_t> a = make_args<scalar_t, acc_t>(in);
+    Args<scalar_t, acc_t> a = make_args<scalar_t, acc_t>(in, device_params);
     crf_tile::plan<2>(a, with_grad, kSharedBudget);  // the tile count does not depend on the chunk
     at::Tensor partial = at::empty({a.tiles}, acc);
     a.partial = partial.data_ptr<acc_t>();
