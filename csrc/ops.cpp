@@ -38,4 +38,12 @@ TORCH_LIBRARY(attenscribble_ops, m) {
   // Shared helper: a mask at prediction resolution with NaN -> 0 and values < 1 -> 0 (the Gated
   // CRF convention for interpolated mask edges), converted to `dtype`.
   m.def("clean_mask(Tensor mask, ScalarType dtype) -> Tensor");
+  // Masked CRF loss (attenscribble_ops/native/masked_crf.py): the un-normalised loss sum, 0-d, in
+  // the accumulate dtype (float; double for double probs), and, with with_grad, its gradient
+  // w.r.t. probs from the same pass (accumulate dtype, shape of probs; shape (0,) without).
+  // image/masks/compat are in the accumulate dtype at the resolution of probs; table is the
+  // row-major (K, 2 + F) descriptor table [weight, 1/sigma_xy, 1/sigma_image_f...] (0 = unused);
+  // radius and spacing have one value per spatial axis.
+  m.def("masked_crf_forward(Tensor probs, Tensor? image, Tensor? mask_dst, Tensor? mask_src, Tensor? compat, "
+        "float[] table, int[] radius, float[] spacing, bool zero_padding, bool with_grad) -> (Tensor, Tensor)");
 }

@@ -2,3 +2,4 @@
 and opcheck, autograd formulas, and registration as the "cpu" and "cuda" backends. Imported only
 when the extension loaded."""
 from . import clean_mask  # noqa: F401
+from . import masked_crf  # noqa: F401

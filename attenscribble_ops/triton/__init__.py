@@ -1,3 +1,4 @@
 """Triton kernels wrapped as torch.library custom ops (custom_op + register_fake + autograd),
 registered as the "triton" backend. Imported only when triton is importable; on the CPU they run
 through the Triton interpreter (TRITON_INTERPRET=1 set before import)."""
+from . import masked_crf  # noqa: F401
