@@ -46,8 +46,9 @@ def real_tensor(x, name: str, shape_doc: str) -> torch.Tensor:
     return x
 
 
-def number(x, name: str, *, positive: bool = False) -> float:
-    """A finite Python/NumPy real number (not a tensor: reading one would synchronise)."""
+def number(x, name: str, *, positive: bool = False, invertible: bool = False) -> float:
+    """A finite Python/NumPy real number (not a tensor: reading one would synchronise).
+    ``invertible``: 1/x must be finite too (a bandwidth the kernels divide by)."""
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {_describe(x)}")
     value = float(x)
@@ -55,6 +56,8 @@ def number(x, name: str, *, positive: bool = False) -> float:
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
+    if invertible and not math.isfinite(1.0 / value if value else math.inf):
+        raise ValueError(f"{name} is too small: 1/{name} overflows, got {value}")
     return value
 
 
@@ -75,8 +78,19 @@ def per_axis(x, name: str, nd: int, convert) -> tuple:
     return (convert(x, name),) * nd
 
 
+MAX_RADIUS = 1 << 15
+
+
 def radius(x, nd: int, name: str = "radius") -> tuple[int, ...]:
-    return per_axis(x, name, nd, lambda v, n: integer(v, n, minimum=1))
+    """Window half-sizes >= 1 (larger than the image is allowed, the window is clipped), at most
+    MAX_RADIUS so that window arithmetic stays far from integer overflow."""
+    def check(v, n):
+        v = integer(v, n, minimum=1)
+        if v > MAX_RADIUS:
+            raise ValueError(f"{n} must be <= {MAX_RADIUS}, got {v}")
+        return v
+
+    return per_axis(x, name, nd, check)
 
 
 def flag(x, name: str) -> bool:

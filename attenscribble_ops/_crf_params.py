@@ -67,7 +67,7 @@ class CRFParams:
 
 
 def _sigma(x, name):
-    return None if x is None else _checks.number(x, name, positive=True)
+    return None if x is None else _checks.number(x, name, positive=True, invertible=True)
 
 
 def _descriptor(desc, i: Optional[int]):
@@ -117,7 +117,7 @@ def canonical(*, nd: int, radius, spacing, padding: str, kernels, weight, sigma_
     None when no image was given)."""
     radius = _checks.radius(radius, nd)
     spacing = (1.0,) * nd if spacing is None else _checks.per_axis(
-        spacing, "spacing", nd, lambda v, n: _checks.number(v, n, positive=True))
+        spacing, "spacing", nd, lambda v, n: _checks.number(v, n, positive=True, invertible=True))
     padding = _checks.choice(padding, "padding", ("zeros", "valid"))
     if kernels is None:
         descs = [_descriptor((weight, sigma_xy, sigma_image), None)]

@@ -74,12 +74,14 @@ def _prepare_compat(compatibility, classes: int, dtype: torch.dtype, device) -> 
                             f"{type(compatibility).__name__}: {exc}") from None
     if mat.shape != (classes, classes):
         raise ValueError(f"compatibility must have shape (C, C) = ({classes}, {classes}), got {tuple(mat.shape)}")
-    if not torch.isfinite(mat).all():
-        raise ValueError("compatibility must be finite")
-    if (mat < 0).any():
-        raise ValueError("compatibility must not have negative values")
-    if (mat.diagonal() != 0).any():
-        raise ValueError("compatibility must have a zero diagonal (a class is compatible with itself)")
+    # Value checks read the matrix: done in eager mode; a compiled graph cannot branch on values.
+    if not torch.compiler.is_compiling():
+        if not torch.isfinite(mat).all():
+            raise ValueError("compatibility must be finite")
+        if (mat < 0).any():
+            raise ValueError("compatibility must not have negative values")
+        if (mat.diagonal() != 0).any():
+            raise ValueError("compatibility must have a zero diagonal (a class is compatible with itself)")
     mu = (classes - 1) * F.normalize(mat, p=1, dim=1)
     return mu.to(device=device, dtype=dtype)
 
@@ -138,7 +140,13 @@ def masked_crf_loss(probs: torch.Tensor, image: Optional[torch.Tensor] = None, *
         channels = image.shape[1]
     params = _crf_params.canonical(nd=nd, radius=radius, spacing=spacing, padding=padding, kernels=kernels,
                                    weight=weight, sigma_xy=sigma_xy, sigma_image=sigma_image, channels=channels)
-    image = _area_downsample(image.detach().to(dtype), shape) if params.uses_image else None
+    if params.uses_image:
+        # fp32/fp64 images are pooled before conversion (no full-resolution copy); fp16/bf16 after.
+        image = image.detach()
+        low = image.dtype not in (torch.float32, torch.float64)
+        image = _area_downsample(image.to(dtype) if low else image, shape).to(dtype)
+    else:
+        image = None
     mask_src = _prepare_mask(mask_src, "mask_src", probs, dtype)
     mask_dst = _prepare_mask(mask_dst, "mask_dst", probs, dtype)
     compat = _prepare_compat(compatibility, classes, dtype, probs.device)

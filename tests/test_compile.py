@@ -1,16 +1,18 @@
 """torch.compile(fullgraph=True) traces the public functions (validation, backend selection and the
 chosen implementation) and matches eager, values and gradients."""
+import pytest
 import torch
 
 import attenscribble_ops as ao
 from attenscribble_ops.testing import make_crf_inputs, make_similarity_inputs
 
 
-def test_masked_crf_loss_compiles_fullgraph():
+@pytest.mark.parametrize("compatibility", [None, torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 1.0], [2.0, 1.0, 0.0]])])
+def test_masked_crf_loss_compiles_fullgraph(compatibility):
     d = make_crf_inputs(2, 3, (10, 12), image_factor=2)
 
     def fn(p):
-        return ao.masked_crf_loss(p, d["image"], radius=2, mask_dst=d["mask_dst"])
+        return ao.masked_crf_loss(p, d["image"], radius=2, mask_dst=d["mask_dst"], compatibility=compatibility)
 
     p1 = d["probs"].clone().requires_grad_()
     p2 = d["probs"].clone().requires_grad_()

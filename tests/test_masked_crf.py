@@ -12,8 +12,6 @@ from attenscribble_ops import backends, compat, nn
 from attenscribble_ops.testing import TOLERANCES
 from crf_cases import Case, assert_matches_reference, loss_and_grad, make
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")  # Triton's interpreter
 
 TRIO = (1.0, 6.0, 0.1), (0.5, 2.0, None), (2.0, None, (0.3, None))
 

@@ -9,8 +9,6 @@ import attenscribble_ops as ops
 from attenscribble_ops import _crf_ops, _crf_params, backends
 from crf_cases import Case, assert_matches_reference, loss_and_grad, make, op_arguments
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")  # Triton's interpreter
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GRADCHECK_CASES = [

@@ -1,0 +1,138 @@
+"""Property-based tests: random shapes, radii, dtypes, masks and options, every runnable backend
+against the reference (values and gradients). CI runs a few hundred cases; `make test-extended`
+sets ATTENSCRIBBLE_HYPOTHESIS_EXAMPLES to run thousands."""
+import os
+
+import pytest
+import torch
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import attenscribble_ops as ao  # noqa: E402
+from attenscribble_ops.testing import TOLERANCES, runnable_backends  # noqa: E402
+
+EXAMPLES = int(os.environ.get("ATTENSCRIBBLE_HYPOTHESIS_EXAMPLES", "120"))
+# The Triton interpreter costs ~1-2 ms per program: far fewer cases, smaller shapes.
+TRITON_EXAMPLES = max(4, EXAMPLES // 20)
+COMMON = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
+                                                                    HealthCheck.data_too_large])
+
+CRF_BACKENDS = [b for b in runnable_backends("masked_crf") if b not in ("reference", "triton")]
+SIM_BACKENDS = [b for b in runnable_backends("attentive_similarity") if b not in ("reference", "triton")]
+
+
+@st.composite
+def crf_case(draw, small=False):
+    nd = draw(st.sampled_from([2, 2, 3]))
+    limit = 6 if small else (9 if nd == 2 else 5)
+    shape = tuple(draw(st.integers(1, limit)) for _ in range(nd))
+    radius = tuple(draw(st.integers(1, 3 if small else 4)) for _ in range(nd))
+    batch = draw(st.integers(1, 2))
+    classes = draw(st.integers(1, 5))
+    channels = draw(st.integers(1, 3))
+    factor = draw(st.sampled_from([1, 1, 2]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    probs = (3 * torch.randn((batch, classes) + shape, generator=g, dtype=torch.float64)).softmax(1)
+    image = torch.rand((batch, channels) + tuple(s * factor for s in shape), generator=g, dtype=torch.float64)
+    kw = dict(radius=radius if draw(st.booleans()) else radius[0],
+              padding=draw(st.sampled_from(["zeros", "valid"])))
+    if draw(st.booleans()):
+        kernels = [(draw(st.floats(0.1, 2.0)), draw(st.sampled_from([None, 1.5, 6.0])),
+                    draw(st.sampled_from([None, 0.1, 0.5])))
+                   for _ in range(draw(st.integers(1, 3)))]
+        kw["kernels"] = [(w, 6.0 if sxy is None and simg is None else sxy, simg) for w, sxy, simg in kernels]
+    else:
+        kw["sigma_xy"] = draw(st.sampled_from([1.0, 3.0, 6.0]))
+        kw["sigma_image"] = draw(st.sampled_from([0.05, 0.1, 1.0]))
+    for name in ("mask_dst", "mask_src"):
+        if draw(st.booleans()):
+            kw[name] = (torch.rand((batch, 1) + shape, generator=g) < draw(st.floats(0.0, 1.0))).double()
+    if classes > 1 and draw(st.integers(0, 4)) == 0:
+        compat = torch.rand(classes, classes, generator=g, dtype=torch.float64)
+        compat.fill_diagonal_(0)
+        kw["compatibility"] = compat
+    if nd == 3 and draw(st.booleans()):
+        kw["spacing"] = (draw(st.floats(0.5, 5.0)), 1.0, draw(st.floats(0.5, 2.0)))
+    dtype = draw(st.sampled_from([torch.float64, torch.float32]))
+    return probs.to(dtype), image.to(dtype), kw
+
+
+def _crf_value_and_grad(probs, image, kw, backend):
+    p = probs.clone().requires_grad_()
+    loss = ao.masked_crf_loss(p, image, backend=backend, **kw)
+    loss.backward()
+    return loss.detach(), p.grad
+
+
+def _assert_crf_matches(probs, image, kw, backend):
+    atol, rtol = TOLERANCES[probs.dtype]
+    want, want_grad = _crf_value_and_grad(probs.double(), image.double(), kw, "reference")
+    got, got_grad = _crf_value_and_grad(probs, image, kw, backend)
+    scale = max(1.0, want.abs().item())
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * scale)
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=rtol, atol=atol * max(1.0, want_grad.abs().max().item()))
+
+
+@pytest.mark.parametrize("backend", CRF_BACKENDS)
+@settings(max_examples=EXAMPLES, **COMMON)
+@given(case=crf_case())
+def test_masked_crf_backends_match_reference(backend, case):
+    _assert_crf_matches(*case, backend)
+
+
+@pytest.mark.skipif("triton" not in runnable_backends("masked_crf"), reason="no Triton masked CRF here")
+@settings(max_examples=TRITON_EXAMPLES, **COMMON)
+@given(case=crf_case(small=True))
+def test_masked_crf_triton_matches_reference(case):
+    _assert_crf_matches(*case, "triton")
+
+
+@st.composite
+def similarity_case(draw):
+    h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    batch, heads = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    dim = draw(st.sampled_from([4, 8, 16]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    std = draw(st.sampled_from([0.3, 1.0, 3.0]))
+    q = torch.randn(batch, heads, h * w, dim, generator=g, dtype=torch.float64) * std
+    k = torch.randn(batch, heads, h * w, dim, generator=g, dtype=torch.float64) * std
+    factor = draw(st.sampled_from([1, 2, 4]))
+    probs = (2 * torch.randn(batch, draw(st.integers(1, 4)), h * factor, w * factor, generator=g,
+                             dtype=torch.float64)).softmax(1)
+    hw = torch.rand(heads, generator=g, dtype=torch.float64) * 2 - 1
+    hb = torch.rand((), generator=g, dtype=torch.float64) * 2 - 1
+    kw = dict(grid=(h, w), radius=draw(st.integers(1, 6)), sigma=draw(st.sampled_from([1.0, 6.0])),
+              logit_scale=draw(st.sampled_from([1.0, 0.5])))
+    if draw(st.booleans()):
+        kw["sample_weight"] = (torch.rand(batch, generator=g) < 0.6).double()
+    switch = draw(st.sampled_from(["both", "probs", "kernel"]))
+    kw["grad_probs"] = switch != "kernel"
+    kw["grad_kernel"] = switch != "probs"
+    dtype = draw(st.sampled_from([torch.float64, torch.float32]))
+    return [t.to(dtype) for t in (q, k, probs, hw, hb)], kw
+
+
+@pytest.mark.parametrize("backend", SIM_BACKENDS)
+@settings(max_examples=EXAMPLES, **COMMON)
+@given(case=similarity_case())
+def test_attentive_similarity_backends_match_reference(backend, case):
+    tensors, kw = case
+    atol, rtol = TOLERANCES[tensors[0].dtype]
+
+    def run(ts, name):
+        leaves = [t.clone().requires_grad_() for t in ts]
+        loss = ao.attentive_similarity_loss(*leaves, backend=name, **kw)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        return loss.detach(), grads
+
+    want, want_grads = run([t.double() for t in tensors], "reference")
+    got, got_grads = run(tensors, backend)
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+    for a, b in zip(got_grads, want_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol * max(1.0, b.abs().max().item()))
