@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     first = next(iter(results.values()))
     meta = {"machine": machine(), "torch": torch.__version__, "data": args.data,
             "schedule": f"{args.iterations} iterations, batch {args.batch_size}, {args.size}x{args.size}, "
-                        f"val every {args.val_every}, seed {args.seed}",
+                        f"val every {args.val_every}, seed {args.seed}, loss windows {args.window_scale}",
             "test_patients": first["test_patients"], "test_volumes": first["summary"][0]["cases"],
             "minutes": (time.time() - t0) / 60}
     (root / "ablation.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=float))

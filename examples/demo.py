@@ -8,7 +8,8 @@ validation patients.
     make demo DEMO_ARGS="--data /path/to/ACDC/training --iterations 1000"
 
 Every option of examples/train.py is accepted; the demo only changes the defaults to a CPU-sized
-schedule (96 x 96, batch 4, 300 iterations) instead of the official 256 x 256, batch 12, 60 000.
+schedule (96 x 96, batch 4, 300 iterations, loss windows scaled to that size: --window-scale
+auto) instead of the official 256 x 256, batch 12, 60 000.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import attenscribble_ops  # noqa: E402
 from train import build_parser, config_from_args  # noqa: E402
 from scribseg.engine import train  # noqa: E402
 from scribseg.phantom import ensure_phantom  # noqa: E402
+from scribseg.volume import DataError  # noqa: E402
 
 PHANTOM_DIR = Path("runs/phantom")
 PHANTOM_PATIENTS = 24
@@ -33,7 +35,7 @@ def main(argv=None) -> int:
     parser = build_parser(require_data=False)
     parser.description = __doc__
     parser.set_defaults(size=96, batch_size=4, iterations=300, val_every=50, ckpt_every=50, val_fraction=0.15,
-                        test_fraction=0.25)
+                        test_fraction=0.25, window_scale="auto")
     args = parser.parse_args(argv)
     if args.size % 16:
         parser.error(f"--size must be divisible by 16, got {args.size}")
@@ -54,7 +56,11 @@ def main(argv=None) -> int:
     for line in attenscribble_ops.explain().splitlines():
         if "auto ->" in line:
             print("  " + line)
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if "test" in summary:
         out = Path(cfg.out)
         print(f"\nfiles: {out / 'metrics_test.csv'}, {out / 'metrics_test.json'}, {out / 'figures'}/*.png")

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from scribseg.engine import TrainConfig, train  # noqa: E402
 from scribseg.objective import LossConfig  # noqa: E402
-from scribseg.volume import parse_spacing  # noqa: E402
+from scribseg.volume import DataError, parse_spacing  # noqa: E402
 
 VARIANTS = {
     "pce": dict(lambda_crf=0.0, lambda_asl=0.0),
@@ -36,6 +36,8 @@ def build_parser(require_data: bool = True) -> argparse.ArgumentParser:
                    help="data folder (WSL4MIS *.h5, ACDC NIfTI, CHAOS DICOM, NIfTI pairs)")
     p.add_argument("--format", default="auto", dest="fmt",
                    choices=["auto", "h5", "acdc-nifti", "chaos-dicom", "nifti-pairs"])
+    p.add_argument("--chaos-sequence", default="T1DUAL-in", choices=["T1DUAL-in", "T1DUAL-out", "T2SPIR"],
+                   help="CHAOS MR sequence to read (paper: T1-DUAL in-phase)")
     p.add_argument("--out", required=require_data, help="run folder (checkpoints, metrics, figures)")
     p.add_argument("--variant", default="attenscribble", choices=sorted(VARIANTS),
                    help="objective: pCE, pCE + masked CRF, the full AttenScribble objective, or full supervision")
@@ -56,6 +58,10 @@ def build_parser(require_data: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--asl-gate", default="label", choices=["label", "scribble", "none"],
                    help="per-sample ASL gate: 'label' as the official code (dense GT has >1 class), 'scribble' "
                         "(uses no dense label), or none")
+    p.add_argument("--window-scale", default="official", choices=["official", "auto"],
+                   help="'official': masked CRF radius 5 / sigma_xy 6 px and ASL radius 5 / sigma 6 grid units "
+                        "whatever the size; 'auto': scaled by size/256 (grid/64), keeping the official extent "
+                        "relative to the image at a reduced --size")
     p.add_argument("--loss-backend", default="auto", choices=["auto", "reference", "cpu", "cuda", "triton"],
                    help="attenscribble_ops backend of both losses and the attention block")
     p.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA with loss scaling, bf16 on the CPU)")
@@ -84,7 +90,8 @@ def config_from_args(args) -> TrainConfig:
         split_file=args.split_file, attention_stage=None if args.attention_stage < 0 else args.attention_stage,
         attention_heads=args.attention_heads, amp=args.amp, device=args.device, resume=args.resume,
         stop_after=args.stop_after, synth_scribbles=args.synth_scribbles, spacing=parse_spacing(args.spacing),
-        limit=args.limit, progress=not args.no_progress, loss=loss)
+        limit=args.limit, chaos_sequence=args.chaos_sequence, progress=not args.no_progress,
+        window_scale=args.window_scale, loss=loss)
 
 
 def main(argv=None) -> int:
@@ -95,7 +102,11 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    train(config_from_args(args))
+    try:
+        train(config_from_args(args))
+    except DataError as exc:  # a missing or corrupt input file: its name, without a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Dice and HD95 of examples/scribseg/metrics.py on hand-made masks with known answers, voxel
+"""Dice and HD95 of examples/scribseg/evaluation.py on hand-made masks with known answers, voxel
 spacing included, and the honest handling of empty predictions."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import examples_support  # noqa: F401  (puts examples/ on sys.path)
-from scribseg.metrics import format_table, score_case, summarise
+from scribseg.evaluation import format_table, score_case, summarise
 
 
 def _box(shape, z, y, x, value=1):

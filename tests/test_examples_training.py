@@ -12,8 +12,7 @@ import torch
 
 from examples_support import tiny_phantom
 
-from scribseg.checkpoint import load_checkpoint, save_atomic
-from scribseg.engine import TrainConfig, train
+from scribseg.engine import TrainConfig, load_checkpoint, save_atomic, train
 from scribseg.model import UNet
 from scribseg.objective import LossConfig, ScribbleModel
 
@@ -109,6 +108,16 @@ def test_model_and_config_errors():
         ScribbleModel(4, LossConfig(), attention_stage=None)
     assert LossConfig().variant == "pCE + MCRF + ASL"
     assert LossConfig(dense=True).variant == "full supervision"
+
+
+def test_window_scaling_keeps_the_official_extent():
+    official = LossConfig()
+    assert official.scaled(256, 64) == official
+    half = official.scaled(128, 32)
+    assert (half.crf_radius, half.crf_sigma_xy, half.asl_radius, half.asl_sigma) == (2, 3.0, 2, 3.0)
+    quarter = official.scaled(64, 16)
+    assert (quarter.crf_radius, quarter.crf_sigma_xy, quarter.asl_radius, quarter.asl_sigma) == (1, 1.5, 1, 1.5)
+    assert quarter.crf_sigma_image == official.crf_sigma_image and quarter.lambda_asl == official.lambda_asl
 
 
 def test_checkpoints_are_atomic(tmp_path):

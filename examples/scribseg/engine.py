@@ -12,18 +12,17 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import figures
-from .checkpoint import load_checkpoint, save_atomic
-from .inference import evaluate, mean_dice
-from .metrics import summarise
+from .evaluation import evaluate, format_table, mean_dice, summarise
 from .objective import LossConfig, ScribbleModel
 from .readers import load_dataset
 from .scribbles import ensure_scribbles
@@ -32,6 +31,43 @@ from .splits import make_or_load_split, partition, save_split
 from .volume import describe
 
 
+# ---------------------------------------------------------------------------------------------
+# Checkpoints are written atomically (a temporary file in the same folder, then ``os.replace``):
+# a crash while saving leaves the previous checkpoint intact, never a truncated one.
+def save_atomic(obj: Any, path) -> Path:
+    """torch.save ``obj`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path) -> dict:
+    """Load a checkpoint written by :func:`save_atomic`; a missing or corrupt file is an error
+    naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle/zip errors of a damaged file come in many types
+        raise RuntimeError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "iteration" not in ckpt:
+        raise RuntimeError(f"{path}: not a scribseg training checkpoint (no 'model'/'iteration' entries)")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class TrainConfig:
     data: str
@@ -59,7 +95,9 @@ class TrainConfig:
     synth_scribbles: bool = False        # replace the data's scribbles by synthesised ones
     spacing: Optional[tuple] = None      # (z, y, x) mm for data without spacing (e.g. WSL4MIS HDF5)
     limit: Optional[int] = None          # read only the first N volumes (quick checks)
+    chaos_sequence: str = "T1DUAL-in"    # CHAOS MR sequence: T1DUAL-in, T1DUAL-out or T2SPIR
     progress: bool = True
+    window_scale: str = "official"       # "official" windows, or "auto": scaled to --size (LossConfig.scaled)
     final_eval: bool = True
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
 
@@ -90,7 +128,8 @@ def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
 
 
 def load_volumes(cfg: TrainConfig, log=print):
-    volumes = load_dataset(cfg.data, fmt=cfg.fmt, spacing=cfg.spacing, limit=cfg.limit)
+    volumes = load_dataset(cfg.data, fmt=cfg.fmt, spacing=cfg.spacing, limit=cfg.limit,
+                           chaos_sequence=cfg.chaos_sequence)
     made = ensure_scribbles(volumes, seed=cfg.seed, force=cfg.synth_scribbles)
     log(f"data: {cfg.data}: {describe(volumes)}" + (f"; scribbles synthesised for {made}" if made else ""))
     if cfg.spacing is not None:
@@ -142,6 +181,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
     sampler = SliceSampler(parts["train"], cfg.size, dense=cfg.loss.dense)
     num_classes = sampler.num_classes
 
+    if cfg.window_scale == "auto":
+        grid = None if cfg.attention_stage is None else cfg.size >> cfg.attention_stage
+        cfg = dataclasses.replace(cfg, loss=cfg.loss.scaled(cfg.size, grid), window_scale="applied")
+        log(f"windows scaled to {cfg.size}x{cfg.size}: masked CRF radius {cfg.loss.crf_radius}, sigma_xy "
+            f"{cfg.loss.crf_sigma_xy:g} px; ASL radius {cfg.loss.asl_radius}, sigma {cfg.loss.asl_sigma:g} grid units")
+    elif cfg.window_scale not in ("official", "applied"):
+        raise ValueError(f"window_scale must be 'official' or 'auto', got {cfg.window_scale!r}")
     torch.manual_seed(cfg.seed)
     model = ScribbleModel(num_classes, cfg.loss, attention_stage=cfg.attention_stage,
                           attention_heads=cfg.attention_heads).to(device)
@@ -250,8 +296,6 @@ def final_evaluation(model: ScribbleModel, parts: dict, cfg: TrainConfig, device
     hist = json.loads((out / "history.json").read_text())
     figures.plot_curves(hist, figdir / "curves.png", title=cfg.loss.variant)
     figures.plot_cases(test, preds, figdir / "test_cases.png", title=f"{cfg.loss.variant}: test patients")
-    from .metrics import format_table
-
     log(format_table(summary, unit, title=f"test ({len(test)} volumes), checkpoint selected on validation at "
                                           f"iteration {result['selected_iteration']}"))
     return result

@@ -48,6 +48,16 @@ class LossConfig:
         if self.lambda_crf < 0 or self.lambda_asl < 0:
             raise ValueError("loss weights must be non-negative")
 
+    def scaled(self, size: int, grid: Optional[int]) -> "LossConfig":
+        """The windows scaled to keep their extent relative to the image, as in the official run at
+        256 x 256 (masked CRF radius 5 px, sigma_xy 6 px) with a 64 x 64 attention grid (ASL radius
+        5, sigma 6 grid units): factor size / 256 for the CRF, grid / 64 for the ASL."""
+        f_crf = size / 256.0
+        f_asl = (grid or 64) / 64.0
+        return dataclasses.replace(self, crf_radius=max(1, round(self.crf_radius * f_crf)),
+                                   crf_sigma_xy=self.crf_sigma_xy * f_crf,
+                                   asl_radius=max(1, round(self.asl_radius * f_asl)), asl_sigma=self.asl_sigma * f_asl)
+
     @property
     def variant(self) -> str:
         if self.dense:
