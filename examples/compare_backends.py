@@ -1,7 +1,8 @@
 """The same short training (same seed, data, split and schedule) with ``--loss-backend reference``
 (the library's pure-PyTorch executable spec) and with ``--loss-backend auto`` (the fastest backend
 the library finds here): loss curves, final test metrics, time and peak memory per iteration, and
-what each backend resolved to (:func:`attenscribble_ops.explain`).
+what each backend resolved to (:func:`attenscribble_ops.explain`). Time and peak memory of one
+training step and of the two losses alone are measured in a fresh process per backend.
 
 Agreement is judged with stated tolerances: every iteration's loss within ``--loss-rtol``
 (relative) and every class's final test Dice within ``--dice-atol``. A fused backend sums in
@@ -91,6 +92,23 @@ def measure_step(cfg: TrainConfig, volumes, split, repeat: int = 3) -> dict:
             "resolved": resolved(cfg.loss.backend, batch["image"])}
 
 
+def _measure_fresh(cfg: TrainConfig, split: dict) -> dict:
+    """:func:`measure_step` in this (fresh) process, reading the data itself."""
+    volumes = load_volumes(cfg, log=lambda *a: None)
+    return measure_step(cfg, volumes, split)
+
+
+def measure_isolated(cfg: TrainConfig, split: dict) -> dict:
+    """:func:`measure_step` in a fresh spawned process, so that one backend's peak memory is not
+    hidden by what the allocator kept from the previous one (on the CPU, the peak is the growth
+    of the resident set)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measure_fresh, cfg, split).result()
+
+
 def compare(data: str, out: str, *, size: int = 64, batch_size: int = 4, iterations: int = 20, seed: int = 2022,
             loss_rtol: float = 1e-3, dice_atol: float = 0.02, limit=None, val_fraction=0.15,
             test_fraction=0.25, progress: bool = False, log=print) -> dict:
@@ -104,7 +122,7 @@ def compare(data: str, out: str, *, size: int = 64, batch_size: int = 4, iterati
         volumes = load_volumes(cfg, log=lambda *a: None)
         split = make_or_load_split(volumes, None, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
         summary = train(cfg, log=log)
-        step = measure_step(cfg, volumes, split)
+        step = measure_isolated(cfg, split)
         train_secs = [r["seconds"] for r in summary["history"]["train"]]
         runs[backend] = {
             "losses": [r["loss"] for r in summary["history"]["train"]],
