@@ -1,0 +1,90 @@
+"""Dice and HD95 of examples/scribseg/evaluation.py on hand-made masks with known answers, voxel
+spacing included, and the honest handling of empty predictions."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import examples_support  # noqa: F401  (puts examples/ on sys.path)
+from scribseg.evaluation import format_table, score_case, summarise
+
+
+def _box(shape, z, y, x, value=1):
+    a = np.zeros(shape, np.uint8)
+    a[z[0]:z[1], y[0]:y[1], x[0]:x[1]] = value
+    return a
+
+
+def test_identical_masks():
+    gt = _box((6, 20, 20), (1, 5), (4, 12), (4, 12))
+    (row,) = score_case(gt, gt, 2, (5.0, 1.5, 1.5))
+    assert row["status"] == "ok" and row["dice"] == pytest.approx(1.0) and row["hd95"] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("axis,spacing,expected", [(2, (10.0, 1.0, 1.5), 4.5), (1, (10.0, 0.7, 1.5), 2.1),
+                                                   (0, (8.0, 1.0, 1.0), 24.0)])
+def test_single_voxels_distance_follows_spacing(axis, spacing, expected):
+    pred = np.zeros((8, 8, 8), np.uint8)
+    gt = np.zeros((8, 8, 8), np.uint8)
+    gt[2, 2, 2] = 1
+    idx = [2, 2, 2]
+    idx[axis] += 3
+    pred[tuple(idx)] = 1
+    (row,) = score_case(pred, gt, 2, spacing)
+    assert row["dice"] == 0.0 and row["hd95"] == pytest.approx(expected)   # 3 voxels along the axis
+
+
+def test_shifted_slab_dice_and_hd95():
+    # 4 x 10 x 10 box, prediction shifted by 2 voxels in x (1.5 mm): overlap 4 x 10 x 8
+    gt = _box((6, 16, 20), (1, 5), (3, 13), (3, 13))
+    pred = _box((6, 16, 20), (1, 5), (3, 13), (5, 15))
+    (row,) = score_case(pred, gt, 2, (8.0, 1.25, 1.5))
+    assert row["dice"] == pytest.approx(2 * 320 / 800)
+    # every boundary voxel of one box is at most 2 voxels (3 mm) in x from the other's boundary,
+    # and the shifted faces are exactly that far: the 95th percentile is 3 mm
+    assert row["hd95"] == pytest.approx(3.0)
+
+
+def test_partial_overlap_in_z():
+    gt = _box((8, 10, 10), (0, 4), (2, 8), (2, 8))
+    pred = _box((8, 10, 10), (0, 2), (2, 8), (2, 8))
+    (row,) = score_case(pred, gt, 2, None)
+    assert row["dice"] == pytest.approx(2 * 72 / (144 + 72))
+
+
+def test_empty_cases_are_counted_not_scored():
+    gt = np.zeros((4, 10, 10), np.uint8)
+    gt[1:3, 2:6, 2:6] = 1
+    gt[1:3, 6:9, 6:9] = 2
+    pred = np.zeros_like(gt)
+    pred[1:3, 2:6, 2:6] = 1
+    pred[0, 0, 0] = 3
+    rows = score_case(pred, gt, 5, (5.0, 1.0, 1.0))
+    by = {r["class"]: r for r in rows}
+    assert by[1]["status"] == "ok" and by[1]["dice"] == pytest.approx(1.0)
+    assert by[2]["status"] == "empty_pred" and by[2]["dice"] == 0.0 and math.isnan(by[2]["hd95"])
+    assert by[3]["status"] == "empty_gt" and by[3]["dice"] == 0.0 and math.isnan(by[3]["hd95"])
+    assert by[4]["status"] == "both_empty" and by[4]["dice"] == 1.0 and math.isnan(by[4]["hd95"])
+    summary = summarise(rows, ("a", "b", "c", "d"))
+    b = summary[1]
+    assert b["empty_pred"] == 1 and b["hd95_cases"] == 0 and math.isnan(b["hd95_mean"]) and b["dice_mean"] == 0.0
+    assert summary[-1]["class"] == "mean" and summary[-1]["empty_pred"] == 1
+    assert "n/a" in format_table(summary)
+
+
+def test_summary_hd95_only_over_defined_cases():
+    gt = _box((4, 10, 10), (1, 3), (2, 6), (2, 6))
+    shifted = np.roll(gt, 1, axis=2)
+    rows = score_case(shifted, gt, 2, (1.0, 1.0, 2.0)) + score_case(np.zeros_like(gt), gt, 2, (1.0, 1.0, 2.0))
+    (s, mean) = summarise(rows, ("fg",))
+    assert s["hd95_cases"] == 1 and s["hd95_mean"] == pytest.approx(rows[0]["hd95"])
+    assert s["empty_pred"] == 1 and s["dice_mean"] == pytest.approx(rows[0]["dice"] / 2)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="prediction shape"):
+        score_case(np.zeros((2, 3, 3)), np.zeros((2, 3, 4)), 2, None)
+    with pytest.raises(ValueError, match="spacing"):
+        score_case(np.zeros((2, 3, 3)), np.zeros((2, 3, 3)), 2, (1.0, 1.0))
