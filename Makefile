@@ -13,7 +13,7 @@ SOURCES       := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
 PYTEST_ARGS   ?=
 DEMO_ARGS     ?=
 
-.PHONY: all install examples demo test test-fast clean
+.PHONY: all install examples demo quick-demo test test-extended clean
 
 all: install
 
@@ -45,8 +45,17 @@ examples: install $(EXAMPLES_STAMP)
 demo: examples
 	$(PY) examples/demo.py $(DEMO_ARGS)
 
+# The losses alone: value, gradient, time and memory of every backend against the reference.
+quick-demo: install
+	$(PY) examples/quick_demo.py
+
 test: install $(EXAMPLES_STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Thousands of property-based cases instead of a few hundred, and the slow tests (int64 offsets:
+# tensors past 2**31 elements, about 13 GiB of memory).
+test-extended: install $(EXAMPLES_STAMP)
+	ATTENSCRIBBLE_HYPOTHESIS_EXAMPLES=3000 $(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf build *.egg-info attenscribble_ops/*.so $(BUILD_STAMP)

@@ -10,7 +10,7 @@ from . import backends as _backends
 _backends._load_implementations()
 
 from ._crf_params import CRFKernel
-from .backends import AUTO_ORDER, BackendUnavailableError, available_backends, explain
+from .backends import AUTO_ORDER, BackendUnavailableError, available_backends, explain, resolve
 from .functional import attentive_similarity_loss, masked_crf_loss, spatial_attention
 from . import compat, nn
 
@@ -25,5 +25,6 @@ __all__ = [
     "explain",
     "masked_crf_loss",
     "nn",
+    "resolve",
     "spatial_attention",
 ]

@@ -142,6 +142,22 @@ def select(op: str, backend: str, meta: Meta) -> tuple[str, Callable]:
     raise BackendUnavailableError(f"no backend can run {op} on {meta.describe()} inputs:\n" + explain(op, meta=meta))
 
 
+def resolve(op: str, example: torch.Tensor, backend: str = "auto", *options: str) -> str:
+    """The name of the backend that runs ``op`` on inputs like ``example`` (its device, dtype and
+    ndim; ``options`` such as "compatibility"), as ``backend=`` would pick it. Raises
+    :class:`BackendUnavailableError` where nothing can run.
+
+    Example:
+        >>> attenscribble_ops.resolve("masked_crf", probs)
+        'cpu'
+    """
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if not isinstance(example, torch.Tensor):
+        raise TypeError(f"example must be a tensor like the op's first input, got {type(example).__name__}")
+    return select(op, backend, Meta.of(example, *options))[0]
+
+
 def available_backends() -> dict[str, list[str]]:
     """Per op, the backends implemented and loadable in this installation (on some device)."""
     return {

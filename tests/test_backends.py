@@ -70,3 +70,14 @@ def test_register_rejects_unknown_names():
         backends.register("nope", "cpu")
     with pytest.raises(ValueError, match="unknown backend"):
         backends.register("masked_crf", "metal")
+
+
+def test_resolve_names_the_backend_auto_picks():
+    probs = torch.rand(1, 2, 4, 4)
+    name = ao.resolve("masked_crf", probs)
+    assert name == backends.select("masked_crf", "auto", Meta.of(probs))[0]
+    assert ao.resolve("masked_crf", probs, "reference") == "reference"
+    with pytest.raises(BackendUnavailableError):
+        ao.resolve("masked_crf", probs, "cuda")
+    with pytest.raises(ValueError, match="op must be one of"):
+        ao.resolve("crf", probs)
