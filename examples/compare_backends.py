@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -40,16 +39,9 @@ OPS = ("masked_crf", "attentive_similarity", "spatial_attention")
 
 
 def resolved(backend: str, example: torch.Tensor) -> dict[str, str]:
-    """Which implementation each op runs with ``backend`` on tensors like ``example``."""
-    if backend != "auto":
-        return {op: backend for op in OPS}
-    out = {}
-    for op in OPS:
-        # every op's first input is a 4-D float tensor on the run's device: probs (B, C, H, W) or q (B, heads, n, D)
-        text = attenscribble_ops.explain(op, example)
-        match = re.search(rf"^{op} on .*: auto -> (\S+)", text, re.MULTILINE)
-        out[op] = match.group(1) if match else "unknown"
-    return out
+    """Which implementation each op runs with ``backend`` on tensors like ``example`` (every op's
+    first input is a 4-D float tensor on the run's device: probs (B, C, H, W) or q (B, heads, n, D))."""
+    return {op: attenscribble_ops.resolve(op, example, backend) for op in OPS}
 
 
 def measure_step(cfg: TrainConfig, volumes, split, repeat: int = 3) -> dict:
