@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--out", default=common.RESULTS_DIR, help="directory for JSON/CSV results")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--json-only", action="store_true", help="no CSV next to the JSON")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     names = list(SUITES) if "all" in args.suite else args.suite
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
                                 warmup=args.warmup, repeat=args.repeat)
         common.add_ratios(rows, suite.reference)
         print(common.table(rows))
-        path = common.write_results(rows, name, device, args.out)
+        path = common.write_results(rows, name, device, args.out, csv=not args.json_only)
         print(f"results: {path}")
         if not args.no_plots:
             from . import report

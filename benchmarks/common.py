@@ -38,6 +38,7 @@ class Workload:
 
     forward: Callable[[], torch.Tensor]
     leaves: Sequence[torch.Tensor]
+    info: dict = dataclasses.field(default_factory=dict)  # recorded in the row (e.g. input sizes)
 
 
 @dataclasses.dataclass
@@ -175,7 +176,13 @@ def run_suite(suite: Suite, device: torch.device, *, quick: bool, modes: Iterabl
                 row = {"suite": suite.name, "provider": provider, "mode": mode, **case, **env}
                 try:
                     work = suite.build(provider, case, device)
+                    row.update(work.info)
                     row.update(measure(work, mode, device, warmup=warmup, repeat=repeat))
+                    grads = sum(t.numel() * t.element_size() for t in work.leaves) if mode != "forward" else 0
+                    inputs = sum(t.numel() * t.element_size() for t in work.leaves)
+                    if row["peak_mib"] is not None and inputs:
+                        # the memory targets: extra beyond the gradients, in units of the inputs
+                        row["extra_over_inputs"] = (row["peak_mib"] * 2**20 - grads) / inputs
                 except Unavailable as exc:
                     row.update(median_ms=None, peak_mib=None, skipped=str(exc))
                 except torch.cuda.OutOfMemoryError as exc:
@@ -190,7 +197,8 @@ def run_suite(suite: Suite, device: torch.device, *, quick: bool, modes: Iterabl
 
 
 def case_label(row: dict) -> str:
-    skip = {"suite", "provider", "mode", "median_ms", "peak_mib", "skipped", "speedup", "memory_ratio"}
+    skip = {"suite", "provider", "mode", "median_ms", "peak_mib", "skipped", "speedup", "memory_ratio",
+            "extra_over_inputs", "series"}
     skip |= set(environment_keys())
     return " ".join(f"{k}={v}" for k, v in row.items() if k not in skip)
 
@@ -238,12 +246,15 @@ def slug(text: str) -> str:
     return "-".join(part for part in keep.split("-") if part)[:60]
 
 
-def write_results(rows: list[dict], suite: str, device: torch.device, out_dir: str = RESULTS_DIR) -> str:
+def write_results(rows: list[dict], suite: str, device: torch.device, out_dir: str = RESULTS_DIR,
+                  csv: bool = True) -> str:
     """Write rows to ``<out_dir>/<suite>-<device slug>.json`` (and .csv); returns the JSON path."""
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{suite}-{slug(device_name(device).split('(')[0])}")
     with open(stem + ".json", "w") as f:
         json.dump(rows, f, indent=1)
+    if not csv:
+        return stem + ".json"
     keys = []
     for r in rows:
         keys += [k for k in r if k not in keys]
