@@ -177,6 +177,11 @@ def _check_grid(grid, n: int) -> tuple[int, int]:
     return h, w
 
 
+def _head_dim_option(x: torch.Tensor) -> str:
+    """Backend-selection option for head dims above what the GPU kernels keep in registers."""
+    return "head_dim>128" if x.shape[-1] > 128 else ""
+
+
 def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor, head_weight: torch.Tensor,
                               head_bias: torch.Tensor, *, grid, radius: int = 5, sigma: float = 6.0,
                               logit_scale: float = 1.0, sample_weight: Optional[torch.Tensor] = None,
@@ -205,8 +210,11 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
         sample_weight: (B,) per-sample gate g_b (official: 0 for single-class slices); not learnable.
         grad_probs, grad_kernel: let gradients flow into the probabilities / into the kernel
             (q, k, head_weight, head_bias); both False is an error.
-        lse: optional (B, heads, n) row log-sum-exps of the similarity logits from a fused attention
-            (backends that can use it skip recomputing them).
+        lse: optional (B, heads, n) row log-sum-exps of the similarity logits, as returned by
+            :func:`spatial_attention` (fused backends then skip their own sweep, and the LSE gradient
+            flows back through the attention's backward, completing dq, dk). An LSE without autograd
+            history while q or k require grad is ignored (recomputed), since the gradient through it
+            is part of dq, dk.
         backend: "auto", "reference", "cpu", "cuda" or "triton".
 
     Returns:
@@ -255,7 +263,11 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
     if not grad_kernel:
         q, k, head_weight, head_bias = q.detach(), k.detach(), head_weight.detach(), head_bias.detach()
         lse = None if lse is None else lse.detach()
-    _, impl = backends.select("attentive_similarity", backend, backends.Meta.of(q))
+    elif lse is not None and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) \
+            and not lse.requires_grad:
+        # A detached LSE would drop the dense part of dq, dk (through d lse / d q, d k): recompute it.
+        lse = None
+    _, impl = backends.select("attentive_similarity", backend, backends.Meta.of(q, _head_dim_option(q)))
     raw = impl(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, (h, w), radius, sigma, logit_scale)
     return raw / (batch * n)
 
@@ -282,5 +294,6 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, logi
     _checks.same_device("v", v, "q", q)
     logit_scale = _checks.number(logit_scale, "logit_scale")
     backend = _checks.choice(backend, "backend", backends.CHOICES)
-    _, impl = backends.select("spatial_attention", backend, backends.Meta.of(q))
+    _, impl = backends.select("spatial_attention", backend,
+                              backends.Meta.of(q, _head_dim_option(q), _head_dim_option(v)))
     return impl(q, k, v, logit_scale)
