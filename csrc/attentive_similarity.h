@@ -228,7 +228,8 @@ ASL_HOST_DEVICE void row_backward(const Args<acc_t>& a, const Grads<acc_t>& gr, 
         acc_t fp[ASL_CHUNK], gam[ASL_CHUNK];
         run_logits(a, b, t, base, count, m, z, atu, aut);
         run_dissimilarity(a, b, t, base, count, diss);
-        for (int j = 0; j < ASL_CHUNK; ++j) gam[j] = gamma_t + (j < count ? gr.grad_rows[b * a.n + base + j] : acc_t(0));
+        for (int j = 0; j < ASL_CHUNK; ++j)
+          gam[j] = gamma_t + (j < count ? gr.grad_rows[b * a.n + base + j] : acc_t(0));
         for (int j = 0; j < ASL_CHUNK; ++j) {
           const int64_t dx = x + j;
           const bool valid = j < count && (dy != 0 || dx != 0);

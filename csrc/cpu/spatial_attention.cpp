@@ -35,6 +35,7 @@
 #include <tuple>
 
 #include "cpu/rowwise.h"
+#include "spatial_attention_inputs.h"
 
 namespace attenscribble_ops {
 namespace {
@@ -43,39 +44,6 @@ namespace {
 int64_t tile_rows(int64_t n) { return std::min<int64_t>(n, std::clamp<int64_t>((int64_t(1) << 18) / n, 16, 1024)); }
 constexpr int64_t kRowGrain = 8;
 
-at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-// (B, heads, n, D) in the accumulation type, viewed as (B * heads, n, D). Detached: the worker
-// threads of at::parallel_for do not inherit the dispatcher's "below autograd" state, and an
-// out= product on a tensor that requires grad would be refused there.
-at::Tensor slices(const at::Tensor& x, at::ScalarType acc) {
-  return x.detach().to(acc).contiguous().view({-1, x.size(2), x.size(3)});
-}
-
-void check_qk(const char* op, const at::Tensor& q, const at::Tensor& k) {
-  TORCH_CHECK_VALUE(q.dim() == 4 && q.numel() > 0, op, ": q must be a non-empty (B, heads, n, D) tensor, got ",
-                    q.sizes());
-  TORCH_CHECK_VALUE(k.sizes() == q.sizes(), op, ": k must have the shape of q ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()) && k.scalar_type() == q.scalar_type(), op,
-                   ": q and k must share one floating dtype, got ", q.scalar_type(), " and ", k.scalar_type());
-}
-
-void check_rows(const char* op, const char* name, const at::Tensor& x, const at::Tensor& q) {
-  TORCH_CHECK_VALUE(x.dim() == 3 && x.size(0) == q.size(0) && x.size(1) == q.size(1) && x.size(2) == q.size(2), op,
-                    ": ", name, " must be (B, heads, n) = (", q.size(0), ", ", q.size(1), ", ", q.size(2), "), got ",
-                    x.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": ", name, " must be floating-point, got ",
-                   x.scalar_type());
-}
-
-void check_v(const char* op, const at::Tensor& v, const at::Tensor& q) {
-  TORCH_CHECK_VALUE(v.dim() == 4 && v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == q.size(2) &&
-                        v.size(3) > 0,
-                    op, ": v must be (B, heads, n, Dv) with (B, heads, n) of q, got ", v.sizes());
-  TORCH_CHECK_TYPE(v.scalar_type() == q.scalar_type(), op, ": v must have the dtype of q (", q.scalar_type(),
-                   "), got ", v.scalar_type());
-}
-
 // One sweep over the keys for every query tile. v undefined: similarity LSE only.
 template <typename T>
 void forward_sweep(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
@@ -83,40 +51,40 @@ void forward_sweep(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t n = q.size(1), rows = tile_rows(n);
   const bool values = v.defined();
   at::parallel_for(0, q.size(0), 1, [&](int64_t bh_begin, int64_t bh_end) {
-  at::Tensor logits = at::empty({rows, n}, q.options());
-  at::Tensor prob = values ? at::empty({rows, n}, q.options()) : at::Tensor();
-  at::Tensor totals = at::empty({rows, 1}, q.options());
-  for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
-    const at::Tensor kt = k[bh].t();
-    for (int64_t r0 = 0; r0 < n; r0 += rows) {
-      const int64_t m = std::min(rows, n - r0);
-      at::Tensor lg = logits.narrow(0, 0, m);
-      at::mm_out(lg, q[bh].narrow(0, r0, m), kt);
-      const T* x = lg.const_data_ptr<T>();
-      T* ls = lse_sim.data_ptr<T>() + bh * n + r0;
-      T* la = values ? lse_attn.data_ptr<T>() + bh * n + r0 : nullptr;
-      T* p = values ? prob.data_ptr<T>() : nullptr;
-      T* tot = totals.data_ptr<T>();
-      at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const T* row = x + i * n;
-          T mx, mn;
-          rowwise::max_min(row, n, &mx, &mn);
-          // shifting by the row maximum of the scaled logits keeps every exponent <= 0
-          const T shift_s = s >= T(0) ? s * mx : s * mn;
-          ls[i] = shift_s + std::log(rowwise::exp_sum(static_cast<T*>(nullptr), row, n, s, shift_s));
-          if (p) {
-            tot[i] = rowwise::exp_sum(p + i * n, row, n, c, c * mx);
-            la[i] = c * mx + std::log(tot[i]);
+    at::Tensor logits = at::empty({rows, n}, q.options());
+    at::Tensor prob = values ? at::empty({rows, n}, q.options()) : at::Tensor();
+    at::Tensor totals = at::empty({rows, 1}, q.options());
+    for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
+      const at::Tensor kt = k[bh].t();
+      for (int64_t r0 = 0; r0 < n; r0 += rows) {
+        const int64_t m = std::min(rows, n - r0);
+        at::Tensor lg = logits.narrow(0, 0, m);
+        at::mm_out(lg, q[bh].narrow(0, r0, m), kt);
+        const T* x = lg.const_data_ptr<T>();
+        T* ls = lse_sim.data_ptr<T>() + bh * n + r0;
+        T* la = values ? lse_attn.data_ptr<T>() + bh * n + r0 : nullptr;
+        T* p = values ? prob.data_ptr<T>() : nullptr;
+        T* tot = totals.data_ptr<T>();
+        at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const T* row = x + i * n;
+            T mx, mn;
+            rowwise::max_min(row, n, &mx, &mn);
+            // shifting by the row maximum of the scaled logits keeps every exponent <= 0
+            const T shift_s = s >= T(0) ? s * mx : s * mn;
+            ls[i] = shift_s + std::log(rowwise::exp_sum(static_cast<T*>(nullptr), row, n, s, shift_s));
+            if (p) {
+              tot[i] = rowwise::exp_sum(p + i * n, row, n, c, c * mx);
+              la[i] = c * mx + std::log(tot[i]);
+            }
           }
-        }
-      });
-      if (!values) continue;
-      at::Tensor o = out[bh].narrow(0, r0, m);
-      at::mm_out(o, prob.narrow(0, 0, m), v[bh]);
-      o.div_(totals.narrow(0, 0, m));
+        });
+        if (!values) continue;
+        at::Tensor o = out[bh].narrow(0, r0, m);
+        at::mm_out(o, prob.narrow(0, 0, m), v[bh]);
+        o.div_(totals.narrow(0, 0, m));
+      }
     }
-  }
   });
 }
 
@@ -132,135 +100,68 @@ void backward_sweep(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const T* lse_a = values ? lse_attn.const_data_ptr<T>() : nullptr;
   const T* dlt = values ? delta.const_data_ptr<T>() : nullptr;
   at::parallel_for(0, q.size(0), 1, [&](int64_t bh_begin, int64_t bh_end) {
-  at::Tensor logits = at::empty({rows, n}, q.options()), dlogits = at::empty({rows, n}, q.options());
-  at::Tensor prob = values ? at::empty({rows, n}, q.options()) : at::Tensor();
-  for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
-    const at::Tensor qb = q[bh], kb = k[bh];
-    at::Tensor dkb = dk[bh];
-    for (int64_t r0 = 0; r0 < n; r0 += rows) {
-      const int64_t m = std::min(rows, n - r0), off = bh * n + r0;
-      at::Tensor lg = logits.narrow(0, 0, m), dl = dlogits.narrow(0, 0, m);
-      const at::Tensor qt = qb.narrow(0, r0, m);
-      at::mm_out(lg, qt, kb.t());
-      const T* x = lg.const_data_ptr<T>();
-      T* d = dl.data_ptr<T>();
-      if (values) {
-        const at::Tensor dot = dout[bh].narrow(0, r0, m), pr = prob.narrow(0, 0, m);
-        T* p = pr.data_ptr<T>();
-        at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) rowwise::exp_store(p + i * n, x + i * n, n, c, lse_a[off + i], T(1));
-        });
-        dv[bh].addmm_(pr.t(), dot);
-        at::mm_out(dl, dot, v[bh].t());
-        at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i)
-            rowwise::dlogits(d + i * n, p + i * n, x + i * n, n, c, dlt[off + i], sim ? s * dlse_s[off + i] : T(0),
-                             s, lse_s[off + i]);
-        });
-      } else {
-        at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i)
-            rowwise::exp_store(d + i * n, x + i * n, n, s, lse_s[off + i], s * dlse_s[off + i]);
-        });
+    at::Tensor logits = at::empty({rows, n}, q.options()), dlogits = at::empty({rows, n}, q.options());
+    at::Tensor prob = values ? at::empty({rows, n}, q.options()) : at::Tensor();
+    for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
+      const at::Tensor qb = q[bh], kb = k[bh];
+      at::Tensor dkb = dk[bh];
+      for (int64_t r0 = 0; r0 < n; r0 += rows) {
+        const int64_t m = std::min(rows, n - r0), off = bh * n + r0;
+        at::Tensor lg = logits.narrow(0, 0, m), dl = dlogits.narrow(0, 0, m);
+        const at::Tensor qt = qb.narrow(0, r0, m);
+        at::mm_out(lg, qt, kb.t());
+        const T* x = lg.const_data_ptr<T>();
+        T* d = dl.data_ptr<T>();
+        if (values) {
+          const at::Tensor dot = dout[bh].narrow(0, r0, m), pr = prob.narrow(0, 0, m);
+          T* p = pr.data_ptr<T>();
+          at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) rowwise::exp_store(p + i * n, x + i * n, n, c, lse_a[off + i], T(1));
+          });
+          dv[bh].addmm_(pr.t(), dot);
+          at::mm_out(dl, dot, v[bh].t());
+          at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i)
+              rowwise::dlogits(d + i * n, p + i * n, x + i * n, n, c, dlt[off + i], sim ? s * dlse_s[off + i] : T(0),
+                               s, lse_s[off + i]);
+          });
+        } else {
+          at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i)
+              rowwise::exp_store(d + i * n, x + i * n, n, s, lse_s[off + i], s * dlse_s[off + i]);
+          });
+        }
+        at::Tensor dqt = dq[bh].narrow(0, r0, m);
+        at::mm_out(dqt, dl, kb);
+        dkb.addmm_(dl.t(), qt);
       }
-      at::Tensor dqt = dq[bh].narrow(0, r0, m);
-      at::mm_out(dqt, dl, kb);
-      dkb.addmm_(dl.t(), qt);
     }
-  }
   });
 }
 
-at::Tensor back_to(const at::Tensor& acc, const at::Tensor& like) {
-  return acc.view(like.sizes()).to(like.scalar_type());
-}
+// The sweeps above, as the device policy of the shared entry points (spatial_attention_inputs.h).
+struct CpuSweeps {
+  static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                      at::Tensor& lse_attn, at::Tensor& lse_sim, double c, double s) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "spatial_attention_forward_cpu", [&] {
+      forward_sweep<scalar_t>(q, k, v, out, lse_attn, lse_sim, c, s);
+    });
+  }
+  static void backward(const AttentionGrads& in, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, double c, double s) {
+    AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "spatial_attention_backward_cpu", [&] {
+      backward_sweep<scalar_t>(in.q, in.k, in.v, in.dout, in.delta, in.lse_attn, in.dlse_sim, in.lse_sim, dq, dk, dv,
+                               c, s);
+    });
+  }
+};
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                                             const at::Tensor& v, double logit_scale) {
-  check_qk("spatial_attention_forward", q, k);
-  check_v("spatial_attention_forward", v, q);
-  const at::ScalarType acc = acc_type(q);
-  const at::Tensor qs = slices(q, acc), ks = slices(k, acc), vs = slices(v, acc);
-  const int64_t bh = qs.size(0), n = qs.size(1);
-  at::Tensor out = at::empty({bh, n, v.size(3)}, qs.options());
-  at::Tensor lse_attn = at::empty({bh, n}, qs.options()), lse_sim = at::empty({bh, n}, qs.options());
-  AT_DISPATCH_FLOATING_TYPES(acc, "spatial_attention_forward_cpu", [&] {
-    forward_sweep<scalar_t>(qs, ks, vs, out, lse_attn, lse_sim, 1.0 / std::sqrt(double(q.size(3))), logit_scale);
-  });
-  const auto rows = q.sizes().slice(0, 3);
-  return {out.view(v.sizes()).to(q.scalar_type()), lse_attn.view(rows), lse_sim.view(rows)};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_backward_cpu(
-    const at::Tensor& dout, const std::optional<at::Tensor>& dlse_attn, const std::optional<at::Tensor>& dlse_sim,
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse_attn,
-    const at::Tensor& lse_sim, double logit_scale) {
-  const char* op = "spatial_attention_backward";
-  check_qk(op, q, k);
-  check_v(op, v, q);
-  TORCH_CHECK_VALUE(dout.sizes() == v.sizes() && out.sizes() == v.sizes(), op, ": dout and out must be shaped like v ",
-                    v.sizes(), ", got ", dout.sizes(), " and ", out.sizes());
-  check_rows(op, "lse_attn", lse_attn, q);
-  check_rows(op, "lse_sim", lse_sim, q);
-  const at::ScalarType acc = acc_type(q);
-  const at::Tensor qs = slices(q, acc), ks = slices(k, acc), vs = slices(v, acc), dos = slices(dout, acc);
-  const int64_t bh = qs.size(0), n = qs.size(1);
-  at::Tensor delta = dos.mul(slices(out, acc)).sum(-1).contiguous();
-  if (dlse_attn.has_value()) {
-    check_rows(op, "dlse_attn", *dlse_attn, q);
-    delta.sub_(dlse_attn->detach().to(acc).reshape({bh, n}));
-  }
-  at::Tensor dls;
-  if (dlse_sim.has_value()) {
-    check_rows(op, "dlse_sim", *dlse_sim, q);
-    dls = dlse_sim->detach().to(acc).reshape({bh, n}).contiguous();
-  }
-  at::Tensor dq = at::empty_like(qs), dk = at::zeros_like(ks), dv = at::zeros_like(vs);
-  const at::Tensor la = lse_attn.detach().to(acc).reshape({bh, n}).contiguous(), ls = lse_sim.detach().to(acc).reshape({bh, n}).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(acc, "spatial_attention_backward_cpu", [&] {
-    backward_sweep<scalar_t>(qs, ks, vs, dos, delta, la, dls, ls, dq, dk, dv, 1.0 / std::sqrt(double(q.size(3))),
-                             logit_scale);
-  });
-  return {back_to(dq, q), back_to(dk, k), back_to(dv, v)};
-}
-
-at::Tensor spatial_attention_lse_cpu(const at::Tensor& q, const at::Tensor& k, double logit_scale) {
-  check_qk("spatial_attention_lse", q, k);
-  const at::ScalarType acc = acc_type(q);
-  const at::Tensor qs = slices(q, acc), ks = slices(k, acc);
-  at::Tensor lse = at::empty({qs.size(0), qs.size(1)}, qs.options()), unused;
-  AT_DISPATCH_FLOATING_TYPES(acc, "spatial_attention_lse_cpu", [&] {
-    forward_sweep<scalar_t>(qs, ks, at::Tensor(), unused, unused, lse, 1.0, logit_scale);
-  });
-  return lse.view(q.sizes().slice(0, 3));
-}
-
-std::tuple<at::Tensor, at::Tensor> spatial_attention_lse_backward_cpu(const at::Tensor& dlse, const at::Tensor& q,
-                                                                      const at::Tensor& k, const at::Tensor& lse,
-                                                                      double logit_scale) {
-  const char* op = "spatial_attention_lse_backward";
-  check_qk(op, q, k);
-  check_rows(op, "dlse", dlse, q);
-  check_rows(op, "lse", lse, q);
-  const at::ScalarType acc = acc_type(q);
-  const at::Tensor qs = slices(q, acc), ks = slices(k, acc);
-  const int64_t bh = qs.size(0), n = qs.size(1);
-  at::Tensor dq = at::empty_like(qs), dk = at::zeros_like(ks), none;
-  const at::Tensor dl = dlse.detach().to(acc).reshape({bh, n}).contiguous(), ls = lse.detach().to(acc).reshape({bh, n}).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(acc, "spatial_attention_lse_backward_cpu", [&] {
-    backward_sweep<scalar_t>(qs, ks, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), dl, ls, dq, dk, none,
-                             1.0, logit_scale);
-  });
-  return {back_to(dq, q), back_to(dk, k)};
-}
-
 TORCH_LIBRARY_IMPL(attenscribble_ops, CPU, m) {
-  m.impl("spatial_attention_forward", &spatial_attention_forward_cpu);
-  m.impl("spatial_attention_backward", &spatial_attention_backward_cpu);
-  m.impl("spatial_attention_lse", &spatial_attention_lse_cpu);
-  m.impl("spatial_attention_lse_backward", &spatial_attention_lse_backward_cpu);
+  m.impl("spatial_attention_forward", &attention_forward<CpuSweeps>);
+  m.impl("spatial_attention_backward", &attention_backward<CpuSweeps>);
+  m.impl("spatial_attention_lse", &attention_lse<CpuSweeps>);
+  m.impl("spatial_attention_lse_backward", &attention_lse_backward<CpuSweeps>);
 }
 
 }  // namespace attenscribble_ops

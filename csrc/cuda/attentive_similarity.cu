@@ -1,0 +1,116 @@
+// attentive_similarity on CUDA: the local-window part of the attentive similarity loss.
+// Formulas, gradients and layout: csrc/attentive_similarity.h, whose per-token functions this
+// file runs verbatim (the CPU tests exercise the same arithmetic).
+// Decomposition: one thread per token (grid-stride over B * n, int64 indices); a thread gathers
+// its (2r+1)^2 window in runs of ASL_CHUNK neighbours and writes only its own token's outputs:
+// no atomics, deterministic. The backward keeps one head's dq/dk accumulators in thread-local
+// arrays of DMAX (32/64/128) values. Per-token partials of dL/dalpha, dL/dbeta are summed by ATen.
+//
+// Includes only CUDA and ATen/c10 core headers (compiled by `nvcc -c` in the test suite).
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "attentive_similarity.h"
+#include "attentive_similarity_inputs.h"
+#include "cuda/launch.cuh"
+
+namespace attenscribble_ops {
+namespace {
+
+constexpr int kThreads = 128;
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    attentive_similarity_forward_kernel(const window::Args<acc_t> a, acc_t* __restrict__ rows, int64_t total) {
+  for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < total; i += int64_t(gridDim.x) * kThreads)
+    rows[i] = window::row_loss(a, i / a.n, i % a.n);
+}
+
+template <typename acc_t, int DMAX>
+__global__ void __launch_bounds__(kThreads)
+    attentive_similarity_backward_kernel(const window::Args<acc_t> a, const window::Grads<acc_t> g, int64_t total) {
+  acc_t dq[DMAX], dk[DMAX];
+  for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < total; i += int64_t(gridDim.x) * kThreads)
+    window::row_backward(a, g, i / a.n, i % a.n, dq, dk);
+}
+
+unsigned blocks_for(int64_t total) {
+  return static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535));
+}
+
+}  // namespace
+
+at::Tensor attentive_similarity_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
+                                             const at::Tensor& probs, const at::Tensor& head_weight,
+                                             const at::Tensor& head_bias,
+                                             const std::optional<at::Tensor>& sample_weight, int64_t radius,
+                                             double sigma, double logit_scale) {
+  c10::DeviceGuard guard(q.device());
+  const Prepared p = prepare(q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma);
+  at::Tensor rows = at::empty({p.batch, p.n}, p.q.options());
+  const int64_t total = p.batch * p.n;
+  const cudaStream_t stream = current_stream(q.device());
+  AT_DISPATCH_FLOATING_TYPES(p.acc, "attentive_similarity_forward_cuda", [&] {
+    const window::Args<scalar_t> a = make_args<scalar_t>(p, radius, sigma, logit_scale);
+    attentive_similarity_forward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        a, rows.data_ptr<scalar_t>(), total);
+  });
+  check_launch("attentive_similarity_forward");
+  return rows;
+}
+
+BackwardResult attentive_similarity_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& q,
+                                                  const at::Tensor& k, const at::Tensor& lse, const at::Tensor& probs,
+                                                  const at::Tensor& head_weight, const at::Tensor& head_bias,
+                                                  const std::optional<at::Tensor>& sample_weight, int64_t radius,
+                                                  double sigma, double logit_scale) {
+  c10::DeviceGuard guard(q.device());
+  const Prepared p = prepare(q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma);
+  TORCH_CHECK_VALUE(grad_rows.dim() == 2 && grad_rows.size(0) == p.batch && grad_rows.size(1) == p.n,
+                    "attentive_similarity_backward: grad_rows must be (B, n) = (", p.batch, ", ", p.n, "), got ",
+                    grad_rows.sizes());
+  TORCH_CHECK_VALUE(grad_rows.device() == q.device(), "attentive_similarity_backward: grad_rows is on ",
+                    grad_rows.device(), " but q is on ", q.device());
+  TORCH_CHECK_VALUE(p.dim <= 128, "attentive_similarity (cuda): head dims up to 128 are supported, got ", p.dim);
+  const at::Tensor gamma = grad_rows.to(p.acc).contiguous();
+  at::Tensor dq = at::empty_like(p.q), dk = at::empty_like(p.k), dlse = at::empty_like(p.lse);
+  at::Tensor dprobs = at::empty_like(p.probs), dalpha = at::empty_like(p.lse);
+  at::Tensor dbeta = at::empty({p.batch, p.n}, p.q.options());
+  const int64_t total = p.batch * p.n;
+  const cudaStream_t stream = current_stream(q.device());
+  AT_DISPATCH_FLOATING_TYPES(p.acc, "attentive_similarity_backward_cuda", [&] {
+    const window::Args<scalar_t> a = make_args<scalar_t>(p, radius, sigma, logit_scale);
+    window::Grads<scalar_t> g;
+    g.dq = dq.data_ptr<scalar_t>();
+    g.dk = dk.data_ptr<scalar_t>();
+    g.dlse = dlse.data_ptr<scalar_t>();
+    g.dprobs = dprobs.data_ptr<scalar_t>();
+    g.dalpha = dalpha.data_ptr<scalar_t>();
+    g.dbeta = dbeta.data_ptr<scalar_t>();
+    g.grad_rows = gamma.const_data_ptr<scalar_t>();
+    if (p.dim <= 32)
+      attentive_similarity_backward_kernel<scalar_t, 32><<<blocks_for(total), kThreads, 0, stream>>>(a, g, total);
+    else if (p.dim <= 64)
+      attentive_similarity_backward_kernel<scalar_t, 64><<<blocks_for(total), kThreads, 0, stream>>>(a, g, total);
+    else
+      attentive_similarity_backward_kernel<scalar_t, 128><<<blocks_for(total), kThreads, 0, stream>>>(a, g, total);
+  });
+  check_launch("attentive_similarity_backward");
+  return finish_backward(p, q, k, lse, probs, head_weight, head_bias, dq, dk, dlse, dprobs, dalpha, dbeta);
+}
+
+TORCH_LIBRARY_IMPL(attenscribble_ops, CUDA, m) {
+  m.impl("attentive_similarity_forward", &attentive_similarity_forward_cuda);
+  m.impl("attentive_similarity_backward", &attentive_similarity_backward_cuda);
+}
+
+}  // namespace attenscribble_ops
