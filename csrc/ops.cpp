@@ -62,4 +62,12 @@ TORCH_LIBRARY(attenscribble_ops, m) {
   m.def("attentive_similarity_backward(Tensor grad_rows, Tensor q, Tensor k, Tensor lse, Tensor probs, "
         "Tensor head_weight, Tensor head_bias, Tensor? sample_weight, int radius, float sigma, float logit_scale) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same loss computing its own LSE (the attention's similarity sweep) when none is handed
+  // over: returns (rows, lse); the backward runs the window kernel and then the dense LSE sweep
+  // into the same gradient buffers, returning (dq, dk, dprobs, dhead_weight, dhead_bias).
+  m.def("attentive_similarity_fused_forward(Tensor q, Tensor k, Tensor probs, Tensor head_weight, "
+        "Tensor head_bias, Tensor? sample_weight, int radius, float sigma, float logit_scale) -> (Tensor, Tensor)");
+  m.def("attentive_similarity_fused_backward(Tensor grad_rows, Tensor? grad_lse, Tensor q, Tensor k, Tensor lse, "
+        "Tensor probs, Tensor head_weight, Tensor head_bias, Tensor? sample_weight, int radius, float sigma, "
+        "float logit_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

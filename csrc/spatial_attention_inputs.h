@@ -2,9 +2,10 @@
 // core only): argument checks (every bad argument raises a ValueError / TypeError naming it
 // before any kernel runs), conversion to the accumulation type (fp32; fp64 for fp64) as
 // contiguous (B * heads, n, D) slices, and the results back in the caller's dtype. The device
-// part is a policy class with two static sweeps:
-//   forward(q, k, v, out, lse_attn, lse_sim, c, s)   v undefined: lse_sim only
-//   backward(AttentionGrads, dq, dk, dv, c, s)       v undefined: the LSE-only backward
+// part is a policy class (CpuSweeps, CudaSweeps) with two static sweeps:
+//   forward(q, k, v, out, lse_attn, lse_sim, c, s)                v undefined: lse_sim only
+//   backward(AttentionGrads, dq, dk, dv, c, s, accumulate)        v undefined: the LSE-only backward;
+//                                                                 accumulate: dq, dk += instead of =
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -60,6 +61,39 @@ inline void check_v(const char* op, const at::Tensor& v, const at::Tensor& q) {
 // undefined for the LSE-only backward, dlse_sim when no similarity gradient arrived.
 struct AttentionGrads {
   at::Tensor q, k, v, dout, delta, lse_attn, lse_sim, dlse_sim;
+};
+
+// The device sweeps, defined in csrc/cpu/spatial_attention.cpp and csrc/cuda/spatial_attention.cu
+// (the attentive similarity ops call them too, for their fused LSE).
+void attention_forward_sweep_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                                 at::Tensor& lse_attn, at::Tensor& lse_sim, double c, double s);
+void attention_backward_sweep_cpu(const AttentionGrads& in, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, double c,
+                                  double s, bool accumulate);
+void attention_forward_sweep_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                                  at::Tensor& lse_attn, at::Tensor& lse_sim, double c, double s);
+void attention_backward_sweep_cuda(const AttentionGrads& in, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                                   double c, double s, bool accumulate);
+
+struct CpuSweeps {
+  static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                      at::Tensor& lse_attn, at::Tensor& lse_sim, double c, double s) {
+    attention_forward_sweep_cpu(q, k, v, out, lse_attn, lse_sim, c, s);
+  }
+  static void backward(const AttentionGrads& in, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, double c, double s,
+                       bool accumulate) {
+    attention_backward_sweep_cpu(in, dq, dk, dv, c, s, accumulate);
+  }
+};
+
+struct CudaSweeps {
+  static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                      at::Tensor& lse_attn, at::Tensor& lse_sim, double c, double s) {
+    attention_forward_sweep_cuda(q, k, v, out, lse_attn, lse_sim, c, s);
+  }
+  static void backward(const AttentionGrads& in, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, double c, double s,
+                       bool accumulate) {
+    attention_backward_sweep_cuda(in, dq, dk, dv, c, s, accumulate);
+  }
 };
 
 inline at::Tensor rows_acc(const at::Tensor& x, at::ScalarType acc) {
@@ -119,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   in.lse_attn = rows_acc(lse_attn, acc);
   in.lse_sim = rows_acc(lse_sim, acc);
   at::Tensor dq = at::empty_like(in.q), dk = at::zeros_like(in.k), dv = at::zeros_like(in.v);
-  Sweeps::backward(in, dq, dk, dv, value_scale(q), logit_scale);
+  Sweeps::backward(in, dq, dk, dv, value_scale(q), logit_scale, false);
   return {back_to(dq, q), back_to(dk, k), back_to(dv, v)};
 }
 
@@ -147,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> attention_lse_backward(const at::Tensor& dlse
   in.dlse_sim = rows_acc(dlse, acc);
   in.lse_sim = rows_acc(lse, acc);
   at::Tensor dq = at::empty_like(in.q), dk = at::zeros_like(in.k), none;
-  Sweeps::backward(in, dq, dk, none, 1.0, logit_scale);
+  Sweeps::backward(in, dq, dk, none, 1.0, logit_scale, false);
   return {back_to(dq, q), back_to(dk, k)};
 }
 

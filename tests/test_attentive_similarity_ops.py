@@ -48,6 +48,9 @@ def test_opcheck_compiled_ops(requires_grad):
     torch.library.opcheck(OPS.attentive_similarity_forward, tuple(_window_args(requires_grad=requires_grad)))
     torch.library.opcheck(OPS.attentive_similarity_forward, tuple(_window_args(requires_grad=requires_grad,
                                                                                gate=False)))
+    fused = _window_args(requires_grad=requires_grad)
+    del fused[2]  # the fused op computes its own LSE
+    torch.library.opcheck(OPS.attentive_similarity_fused_forward, tuple(fused))
 
 
 @requires_compiled
@@ -60,6 +63,19 @@ def test_opcheck_compiled_backward_ops():
     torch.library.opcheck(OPS.spatial_attention_lse_backward, (dlse, q, k, lse_sim, 1.0))
     args = _window_args(requires_grad=False)
     torch.library.opcheck(OPS.attentive_similarity_backward, (torch.rand(2, 20),) + tuple(args))
+    torch.library.opcheck(OPS.attentive_similarity_fused_backward,
+                          (torch.rand(2, 20), torch.rand(2, 2, 20)) + tuple(args))
+    torch.library.opcheck(OPS.attentive_similarity_fused_backward, (torch.rand(2, 20), None) + tuple(args))
+
+
+@requires_compiled
+def test_gradcheck_fused_op_both_outputs():
+    """The fused op's rows and its LSE output (whose gradient joins the window's dlse)."""
+    args = _window_args(dtype=torch.float64)
+    q, k, _, probs, hw, hb = args[:6]
+    rest = args[6:]
+    assert torch.autograd.gradcheck(lambda q, k, p, w, b: OPS.attentive_similarity_fused_forward(q, k, p, w, b, *rest),
+                                    (q, k, probs, hw, hb), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
 @requires_triton
@@ -74,6 +90,11 @@ def test_opcheck_triton_ops():
     torch.library.opcheck(tas.attentive_similarity_forward_triton, tuple(args))
     plain = [a.detach() if torch.is_tensor(a) else a for a in args]
     torch.library.opcheck(tas.attentive_similarity_backward_triton, (torch.rand(2, 20),) + tuple(plain))
+    fused = list(args)
+    del fused[2]
+    torch.library.opcheck(tas.attentive_similarity_fused_forward_triton, tuple(fused))
+    torch.library.opcheck(tas.attentive_similarity_fused_backward_triton,
+                          (torch.rand(2, 20), torch.rand(2, 2, 20)) + tuple(plain))
 
 
 def _block_and_loss(q, k, v, probs, hw, hb, backend):

@@ -2,10 +2,12 @@
 (csrc/cpu/attentive_similarity.cpp, csrc/cuda/attentive_similarity.cu): fake kernels, autograd, and
 the fused "cpu" / "cuda" backends of "attentive_similarity".
 
-The fused loss is two ops: the similarity LSE (handed over by the attention block, or computed by
-``spatial_attention_lse``) and the window op. The window op's backward returns dlse = -rho, which
-autograd routes into whatever produced the LSE, whose dense flash-style backward completes dq, dk.
-No n x n tensor exists at any point.
+Two paths, no n x n tensor in either:
+* an LSE handed over by the attention block: the window op alone. Its backward returns the window
+  terms of dq, dk and dlse = -rho, which autograd routes into the attention's backward (the dense
+  flash-style sweep that completes dq, dk).
+* no LSE: the fused op computes the LSE itself; its backward runs the window kernel and then the
+  dense sweep into the same dq, dk buffers (one pair of gradient buffers instead of two).
 """
 from __future__ import annotations
 
@@ -14,11 +16,11 @@ from typing import Optional
 import torch
 
 from .. import _extension, backends
-from .spatial_attention import CUDA_MAX_HEAD_DIM, acc_dtype, similarity_lse
+from .spatial_attention import CUDA_MAX_HEAD_DIM, acc_dtype
 
 _OPS = torch.ops.attenscribble_ops
-_WHY = {d: _extension.why_no_kernel("attentive_similarity_forward", d) for d in ("cpu", "cuda")}
-_WHY_LSE = {d: _extension.why_no_kernel("spatial_attention_lse", d) for d in ("cpu", "cuda")}
+_WHY = {d: _extension.why_no_kernel("attentive_similarity_forward", d)
+        or _extension.why_no_kernel("attentive_similarity_fused_forward", d) for d in ("cpu", "cuda")}
 
 
 @torch.library.register_fake("attenscribble_ops::attentive_similarity_forward")
@@ -51,9 +53,42 @@ def _backward(ctx, grad_rows):
 torch.library.register_autograd("attenscribble_ops::attentive_similarity_forward", _backward, setup_context=_setup)
 
 
+@torch.library.register_fake("attenscribble_ops::attentive_similarity_fused_forward")
+def _fused_forward_fake(q, k, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale):
+    acc = acc_dtype(q.dtype)
+    return q.new_empty((q.shape[0], q.shape[2]), dtype=acc), q.new_empty(q.shape[:3], dtype=acc)
+
+
+@torch.library.register_fake("attenscribble_ops::attentive_similarity_fused_backward")
+def _fused_backward_fake(grad_rows, grad_lse, q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma,
+                         logit_scale):
+    contiguous = dict(memory_format=torch.contiguous_format)
+    return (torch.empty_like(q, **contiguous), torch.empty_like(k, **contiguous), torch.empty_like(probs, **contiguous),
+            torch.empty_like(head_weight, **contiguous), torch.empty_like(head_bias, **contiguous))
+
+
+def _fused_setup(ctx, inputs, output):
+    q, k, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale = inputs
+    ctx.save_for_backward(q, k, output[1], probs, head_weight, head_bias, sample_weight)
+    ctx.options = (radius, sigma, logit_scale)
+
+
+def _fused_backward(ctx, grad_rows, grad_lse):
+    q, k, lse, probs, head_weight, head_bias, sample_weight = ctx.saved_tensors
+    if grad_rows is None:
+        grad_rows = q.new_zeros((q.shape[0], q.shape[2]), dtype=lse.dtype)
+    grads = _OPS.attentive_similarity_fused_backward(grad_rows, grad_lse, q, k, lse, probs, head_weight, head_bias,
+                                                     sample_weight, *ctx.options)
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])) + (None,) * 4
+
+
+torch.library.register_autograd("attenscribble_ops::attentive_similarity_fused_forward", _fused_backward,
+                                setup_context=_fused_setup)
+
+
 def _check(device_type: str):
     def check(meta: backends.Meta) -> Optional[str]:
-        why = _WHY[device_type] or _WHY_LSE[device_type]
+        why = _WHY[device_type]
         if why is None and device_type == "cuda" and "head_dim>128" in meta.options:
             why = f"the CUDA kernels support head dims up to {CUDA_MAX_HEAD_DIM}"
         return why
@@ -62,19 +97,21 @@ def _check(device_type: str):
 
 
 def fused_loss(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, radius, sigma, logit_scale,
-               lse_op, window_op) -> torch.Tensor:
-    """The un-normalised loss from an LSE op (q, k, logit_scale) -> lse and a window op (the
-    forward of this module's op, or Triton's). Shared by the compiled and the Triton backends."""
+               fused_op, window_op) -> torch.Tensor:
+    """The un-normalised loss: ``fused_op(q, k, probs, hw, hb, sw, r, sigma, s) -> (rows, lse)``
+    without an LSE, else ``window_op(q, k, lse, ...) -> rows``. Shared by the compiled and the
+    Triton backends."""
     if lse is None:
-        lse = lse_op(q, k, logit_scale)
-    lse = lse.to(acc_dtype(q.dtype))
-    rows = window_op(q, k, lse, probs_grid, head_weight, head_bias, sample_weight, radius, sigma, logit_scale)
+        rows, _ = fused_op(q, k, probs_grid, head_weight, head_bias, sample_weight, radius, sigma, logit_scale)
+    else:
+        rows = window_op(q, k, lse.to(acc_dtype(q.dtype)), probs_grid, head_weight, head_bias, sample_weight, radius,
+                         sigma, logit_scale)
     return rows.sum()
 
 
 def _native(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, grid, radius, sigma, logit_scale):
     return fused_loss(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, radius, sigma, logit_scale,
-                      similarity_lse, _OPS.attentive_similarity_forward)
+                      _OPS.attentive_similarity_fused_forward, _OPS.attentive_similarity_forward)
 
 
 backends.register("attentive_similarity", "cpu", check=_check("cpu"))(_native)

@@ -107,8 +107,3 @@ def spatial_attention_cpu(q, k, v, logit_scale):
 def spatial_attention_cuda(q, k, v, logit_scale):
     out, _, lse_sim = _OPS.spatial_attention_forward(q, k, v, logit_scale)
     return out, lse_sim
-
-
-def similarity_lse(q: torch.Tensor, k: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """Row log-sum-exp of logit_scale * q k^T, differentiable (dense flash-style backward)."""
-    return _OPS.spatial_attention_lse(q, k, logit_scale)

@@ -9,7 +9,8 @@ Backward for per-row upstream gradients gamma:
     dq^m_t = s sum_u a_tu E k^m_u,  dk^m_t = s sum_u a_ut E q^m_u,  dlse^m_t = -sum_u a_tu E
     dalpha_m, dbeta: per-token halves of sum_u D_tu S^m_tu and sum_u D_tu (reduced in PyTorch)
     dp_t = -g_b sum_u M_tu W_tu (gamma_t + gamma_u) p_u
-dlse completes dq, dk through the backward of whatever produced the LSE.
+dlse completes dq, dk through the backward of whatever produced the LSE; the fused op (no LSE handed
+over) runs the dense LSE sweep itself, adding into the window terms' dq, dk buffers.
 
 Layout: q, k (B, heads, n, D), lse (B, heads, n) fp32, probs (B, C, n); every tensor contiguous.
 Decomposition: one program per (block of BLOCK_T consecutive tokens, sample); a program loops
@@ -27,8 +28,9 @@ import triton.language as tl
 
 from .. import backends
 from ..native.attentive_similarity import fused_loss
+from .spatial_attention import _backward as _attention_backward
+from .spatial_attention import _forward as _attention_forward
 from .spatial_attention import check as _attention_check
-from .spatial_attention import spatial_attention_lse_triton
 
 
 @triton.jit
@@ -178,6 +180,24 @@ def attentive_similarity_forward_triton(q: torch.Tensor, k: torch.Tensor, lse: t
     return rows
 
 
+def _window_backward(grad_rows, p: _Prepared):
+    """Window-kernel gradients in fp32: dq, dk, dlse, dprobs, dalpha and dbeta partials."""
+    f32 = dict(device=p.q.device, dtype=torch.float32)
+    dq, dk = torch.empty(p.q.shape, **f32), torch.empty(p.k.shape, **f32)
+    dlse, dalpha = torch.empty(p.lse.shape, **f32), torch.empty(p.lse.shape, **f32)
+    dprobs = torch.empty(p.probs.shape, **f32)
+    dbeta = torch.empty((p.batch, p.n), **f32)
+    _attentive_similarity_bwd_kernel[p.grid](*p.inputs(), grad_rows.float().contiguous(), dq, dk, dlse, dprobs,
+                                             dalpha, dbeta, *p.scalars, **p.meta)
+    return dq, dk, dlse, dprobs, dalpha, dbeta
+
+
+def _finish(q, k, probs, head_weight, head_bias, dq, dk, dprobs, dalpha, dbeta):
+    return (dq.to(q.dtype), dk.to(k.dtype), dprobs.to(probs.dtype),
+            dalpha.sum((0, 2)).to(head_weight.dtype).reshape(head_weight.shape),
+            dbeta.sum().to(head_bias.dtype).reshape(head_bias.shape))
+
+
 @torch.library.custom_op("attenscribble_ops::attentive_similarity_backward_triton", mutates_args=())
 def attentive_similarity_backward_triton(
         grad_rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, probs: torch.Tensor,
@@ -185,16 +205,36 @@ def attentive_similarity_backward_triton(
         sigma: float, logit_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     p = _Prepared(q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale)
-    f32 = dict(device=q.device, dtype=torch.float32)
-    dq, dk = torch.empty(q.shape, **f32), torch.empty(k.shape, **f32)
-    dlse, dalpha = torch.empty(lse.shape, **f32), torch.empty(lse.shape, **f32)
-    dprobs = torch.empty(probs.shape, **f32)
-    dbeta = torch.empty((p.batch, p.n), **f32)
-    _attentive_similarity_bwd_kernel[p.grid](*p.inputs(), grad_rows.float().contiguous(), dq, dk, dlse, dprobs,
-                                             dalpha, dbeta, *p.scalars, **p.meta)
-    return (dq.to(q.dtype), dk.to(k.dtype), dlse.to(lse.dtype), dprobs.to(probs.dtype),
-            dalpha.sum((0, 2)).to(head_weight.dtype).reshape(head_weight.shape),
-            dbeta.sum().to(head_bias.dtype).reshape(head_bias.shape))
+    dq, dk, dlse, dprobs, dalpha, dbeta = _window_backward(grad_rows, p)
+    dq, dk, dprobs, dhw, dhb = _finish(q, k, probs, head_weight, head_bias, dq, dk, dprobs, dalpha, dbeta)
+    return dq, dk, dlse.to(lse.dtype), dprobs, dhw, dhb
+
+
+@torch.library.custom_op("attenscribble_ops::attentive_similarity_fused_forward_triton", mutates_args=())
+def attentive_similarity_fused_forward_triton(q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor,
+                                              head_weight: torch.Tensor, head_bias: torch.Tensor,
+                                              sample_weight: Optional[torch.Tensor], radius: int, sigma: float,
+                                              logit_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    lse = _attention_forward(q, k, None, logit_scale)[2].view(q.shape[:3])
+    p = _Prepared(q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale)
+    rows = torch.empty((p.batch, p.n), device=q.device, dtype=torch.float32)
+    _attentive_similarity_fwd_kernel[p.grid](*p.inputs(), rows, *p.scalars, **p.meta)
+    return rows, lse
+
+
+@torch.library.custom_op("attenscribble_ops::attentive_similarity_fused_backward_triton", mutates_args=())
+def attentive_similarity_fused_backward_triton(
+        grad_rows: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+        lse: torch.Tensor, probs: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor,
+        sample_weight: Optional[torch.Tensor], radius: int, sigma: float, logit_scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = _Prepared(q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale)
+    dq, dk, dlse, dprobs, dalpha, dbeta = _window_backward(grad_rows, p)
+    if grad_lse is not None:
+        dlse += grad_lse.float()
+    # the dense part, d lse / d q and d lse / d k, added into the window terms' fp32 buffers
+    _attention_backward(None, None, None, dlse, lse, q, k, None, logit_scale, accumulate_into=(dq, dk))
+    return _finish(q, k, probs, head_weight, head_bias, dq, dk, dprobs, dalpha, dbeta)
 
 
 @attentive_similarity_forward_triton.register_fake
@@ -224,8 +264,38 @@ def _grad(ctx, grad_rows):
 attentive_similarity_forward_triton.register_autograd(_grad, setup_context=_setup)
 
 
+@attentive_similarity_fused_forward_triton.register_fake
+def _fused_forward_fake(q, k, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale):
+    return q.new_empty((q.shape[0], q.shape[2]), dtype=torch.float32), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@attentive_similarity_fused_backward_triton.register_fake
+def _fused_backward_fake(grad_rows, grad_lse, q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma,
+                         logit_scale):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), probs.new_empty(probs.shape),
+            head_weight.new_empty(head_weight.shape), head_bias.new_empty(head_bias.shape))
+
+
+def _fused_setup(ctx, inputs, output):
+    q, k, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale = inputs
+    ctx.save_for_backward(q, k, output[1], probs, head_weight, head_bias, sample_weight)
+    ctx.options = (radius, sigma, logit_scale)
+
+
+def _fused_grad(ctx, grad_rows, grad_lse):
+    q, k, lse, probs, head_weight, head_bias, sample_weight = ctx.saved_tensors
+    if grad_rows is None:
+        grad_rows = q.new_zeros((q.shape[0], q.shape[2]), dtype=torch.float32)
+    grads = attentive_similarity_fused_backward_triton(grad_rows, grad_lse, q, k, lse, probs, head_weight, head_bias,
+                                                       sample_weight, *ctx.options)
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])) + (None,) * 4
+
+
+attentive_similarity_fused_forward_triton.register_autograd(_fused_grad, setup_context=_fused_setup)
+
+
 @backends.register("attentive_similarity", "triton", check=_attention_check)
 def attentive_similarity_triton(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, grid, radius, sigma,
                                 logit_scale):
     return fused_loss(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, radius, sigma, logit_scale,
-                      spatial_attention_lse_triton, attentive_similarity_forward_triton)
+                      attentive_similarity_fused_forward_triton, attentive_similarity_forward_triton)

@@ -87,7 +87,8 @@ def _dlogits(logits, p, do_dot_v, delta, lse_s, dls, row_ok, col_ok, c, s, HAS_V
 
 @triton.jit
 def _spatial_attention_bwd_dq_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DLseSim, DQ, n, D, DV, c, s,
-                                     HAS_V: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+                                     HAS_V: tl.constexpr, HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr,
+                                     BLOCK_M: tl.constexpr,
                                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                                      PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -126,13 +127,17 @@ def _spatial_attention_bwd_dq_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DLse
             do_dot_v = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = _dlogits(logits, p, do_dot_v, delta, lse_s, dls, row_ok, col_ok, c, s, HAS_V, HAS_DLSE)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + bh * n * D + rows[:, None] * D + dims[None, :], dq.to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (dims[None, :] < D))
+    dq_ptr = DQ + bh * n * D + rows[:, None] * D + dims[None, :]
+    dmask = row_ok[:, None] & (dims[None, :] < D)
+    if ACCUMULATE:
+        dq += tl.load(dq_ptr, mask=dmask, other=0.0).to(tl.float32)
+    tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=dmask)
 
 
 @triton.jit
 def _spatial_attention_bwd_dkdv_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DLseSim, DK, DV_, n, D, DV, c, s,
-                                       HAS_V: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+                                       HAS_V: tl.constexpr, HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr,
+                                       BLOCK_M: tl.constexpr,
                                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                                        PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -172,8 +177,11 @@ def _spatial_attention_bwd_dkdv_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DL
             do_dot_v = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = _dlogits(logits, p, do_dot_v, delta, lse_s, dls, row_ok, col_ok, c, s, HAS_V, HAS_DLSE)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    tl.store(DK + bh * n * D + cols[:, None] * D + dims[None, :], dk.to(DK.dtype.element_ty),
-             mask=col_ok[:, None] & (dims[None, :] < D))
+    dk_ptr = DK + bh * n * D + cols[:, None] * D + dims[None, :]
+    dmask = col_ok[:, None] & (dims[None, :] < D)
+    if ACCUMULATE:
+        dk += tl.load(dk_ptr, mask=dmask, other=0.0).to(tl.float32)
+    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=dmask)
     if HAS_V:
         tl.store(DV_ + bh * n * DV + cols[:, None] * DV + dvs[None, :], dv.to(DV_.dtype.element_ty),
                  mask=col_ok[:, None] & (dvs[None, :] < DV))
@@ -216,20 +224,25 @@ def _forward(q, k, v, logit_scale):
     return out, lse_attn, lse_sim
 
 
-def _backward(dout, delta, lse_attn, dlse_sim, lse_sim, q, k, v, logit_scale):
+def _backward(dout, delta, lse_attn, dlse_sim, lse_sim, q, k, v, logit_scale, accumulate_into=None):
+    """(dq, dk, dv). ``accumulate_into``: (dq, dk) buffers (B, heads, n, D) the dense terms are added to."""
     bh, n, d = q.shape[0] * q.shape[1], q.shape[2], q.shape[3]
     dv_dim = v.shape[3] if v is not None else d
     qs, ks = _rows(q), _rows(k)
     vs = _rows(v) if v is not None else qs
     dos = _rows(dout) if dout is not None else qs
-    dq, dk = torch.empty_like(qs), torch.empty_like(ks)
+    if accumulate_into is None:
+        dq, dk = torch.empty_like(qs), torch.empty_like(ks)
+    else:
+        dq, dk = (t.view(bh, n, d) for t in accumulate_into)
     dv = torch.empty_like(vs) if v is not None else dk
     lse_s = lse_sim.reshape(bh, n).float().contiguous()
     dls = dlse_sim.reshape(bh, n).float().contiguous() if dlse_sim is not None else lse_s
     lse_a = lse_attn.reshape(bh, n).float().contiguous() if v is not None else lse_s
     dlt = delta.reshape(bh, n).float().contiguous() if v is not None else lse_s
     cfg = _blocks(d, dv_dim, q.device)
-    flags = dict(HAS_V=v is not None, HAS_DLSE=dlse_sim is not None, PRECISION=precision(q), **cfg)
+    flags = dict(HAS_V=v is not None, HAS_DLSE=dlse_sim is not None, ACCUMULATE=accumulate_into is not None,
+                 PRECISION=precision(q), **cfg)
     args = (n, d, dv_dim, d ** -0.5, logit_scale)
     _spatial_attention_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), bh)](qs, ks, vs, dos, dlt, lse_a, lse_s, dls, dq,
                                                                            *args, **flags)

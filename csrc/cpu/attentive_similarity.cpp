@@ -55,55 +55,48 @@ static void backward_range(const window::Args<double>& a, const window::Grads<do
 // Grain: a window costs ~heads * (2r+1)^2 * D multiply-adds; a few hundred tokens per task.
 constexpr int64_t kGrain = 256;
 
+struct CpuWindow {
+  using Sweeps = CpuSweeps;
+
+  static at::Tensor forward(const Prepared& p, int64_t radius, double sigma, double logit_scale) {
+    at::Tensor rows = at::empty({p.batch, p.n}, p.q.options());
+    AT_DISPATCH_FLOATING_TYPES(p.acc, "attentive_similarity_forward_cpu", [&] {
+      const window::Args<scalar_t> a = make_args<scalar_t>(p, radius, sigma, logit_scale);
+      scalar_t* out = rows.data_ptr<scalar_t>();
+      at::parallel_for(0, p.batch * p.n, kGrain,
+                       [&](int64_t begin, int64_t end) { forward_range(a, out, begin, end); });
+    });
+    return rows;
+  }
+
+  static WindowGrads backward(const Prepared& p, const at::Tensor& gamma, int64_t radius, double sigma,
+                              double logit_scale) {
+    WindowGrads r{at::empty_like(p.q), at::empty_like(p.k), at::empty_like(p.lse),
+                  at::empty_like(p.probs), at::empty_like(p.lse), at::empty({p.batch, p.n}, p.q.options())};
+    AT_DISPATCH_FLOATING_TYPES(p.acc, "attentive_similarity_backward_cpu", [&] {
+      const window::Args<scalar_t> a = make_args<scalar_t>(p, radius, sigma, logit_scale);
+      window::Grads<scalar_t> g;
+      g.dq = r.dq.data_ptr<scalar_t>();
+      g.dk = r.dk.data_ptr<scalar_t>();
+      g.dlse = r.dlse.data_ptr<scalar_t>();
+      g.dprobs = r.dprobs.data_ptr<scalar_t>();
+      g.dalpha = r.dalpha.data_ptr<scalar_t>();
+      g.dbeta = r.dbeta.data_ptr<scalar_t>();
+      g.grad_rows = gamma.const_data_ptr<scalar_t>();
+      at::parallel_for(0, p.batch * p.n, kGrain,
+                       [&](int64_t begin, int64_t end) { backward_range(a, g, begin, end); });
+    });
+    return r;
+  }
+};
+
 }  // namespace
 
-at::Tensor attentive_similarity_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
-                                            const at::Tensor& probs, const at::Tensor& head_weight,
-                                            const at::Tensor& head_bias,
-                                            const std::optional<at::Tensor>& sample_weight, int64_t radius,
-                                            double sigma, double logit_scale) {
-  const Prepared p = prepare(q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma);
-  at::Tensor rows = at::empty({p.batch, p.n}, p.q.options());
-  AT_DISPATCH_FLOATING_TYPES(p.acc, "attentive_similarity_forward_cpu", [&] {
-    const window::Args<scalar_t> a = make_args<scalar_t>(p, radius, sigma, logit_scale);
-    scalar_t* out = rows.data_ptr<scalar_t>();
-    at::parallel_for(0, p.batch * p.n, kGrain, [&](int64_t begin, int64_t end) { forward_range(a, out, begin, end); });
-  });
-  return rows;
-}
-
-BackwardResult attentive_similarity_backward_cpu(
-    const at::Tensor& grad_rows, const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
-    const at::Tensor& probs, const at::Tensor& head_weight, const at::Tensor& head_bias,
-    const std::optional<at::Tensor>& sample_weight, int64_t radius, double sigma, double logit_scale) {
-  const Prepared p = prepare(q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma);
-  TORCH_CHECK_VALUE(grad_rows.dim() == 2 && grad_rows.size(0) == p.batch && grad_rows.size(1) == p.n,
-                    "attentive_similarity_backward: grad_rows must be (B, n) = (", p.batch, ", ", p.n, "), got ",
-                    grad_rows.sizes());
-  TORCH_CHECK_VALUE(grad_rows.device() == q.device(), "attentive_similarity_backward: grad_rows is on ",
-                    grad_rows.device(), " but q is on ", q.device());
-  const at::Tensor gamma = grad_rows.to(p.acc).contiguous();
-  at::Tensor dq = at::empty_like(p.q), dk = at::empty_like(p.k), dlse = at::empty_like(p.lse);
-  at::Tensor dprobs = at::empty_like(p.probs), dalpha = at::empty_like(p.lse);
-  at::Tensor dbeta = at::empty({p.batch, p.n}, p.q.options());
-  AT_DISPATCH_FLOATING_TYPES(p.acc, "attentive_similarity_backward_cpu", [&] {
-    const window::Args<scalar_t> a = make_args<scalar_t>(p, radius, sigma, logit_scale);
-    window::Grads<scalar_t> g;
-    g.dq = dq.data_ptr<scalar_t>();
-    g.dk = dk.data_ptr<scalar_t>();
-    g.dlse = dlse.data_ptr<scalar_t>();
-    g.dprobs = dprobs.data_ptr<scalar_t>();
-    g.dalpha = dalpha.data_ptr<scalar_t>();
-    g.dbeta = dbeta.data_ptr<scalar_t>();
-    g.grad_rows = gamma.const_data_ptr<scalar_t>();
-    at::parallel_for(0, p.batch * p.n, kGrain, [&](int64_t begin, int64_t end) { backward_range(a, g, begin, end); });
-  });
-  return finish_backward(p, q, k, lse, probs, head_weight, head_bias, dq, dk, dlse, dprobs, dalpha, dbeta);
-}
-
 TORCH_LIBRARY_IMPL(attenscribble_ops, CPU, m) {
-  m.impl("attentive_similarity_forward", &attentive_similarity_forward_cpu);
-  m.impl("attentive_similarity_backward", &attentive_similarity_backward_cpu);
+  m.impl("attentive_similarity_forward", &window_forward_op<CpuWindow>);
+  m.impl("attentive_similarity_backward", &window_backward_op<CpuWindow>);
+  m.impl("attentive_similarity_fused_forward", &fused_forward_op<CpuWindow>);
+  m.impl("attentive_similarity_fused_backward", &fused_backward_op<CpuWindow>);
 }
 
 }  // namespace attenscribble_ops

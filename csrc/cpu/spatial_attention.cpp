@@ -92,7 +92,8 @@ void forward_sweep(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 template <typename T>
 void backward_sweep(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
                     const at::Tensor& delta, const at::Tensor& lse_attn, const at::Tensor& dlse_sim,
-                    const at::Tensor& lse_sim, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, T c, T s) {
+                    const at::Tensor& lse_sim, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, T c, T s,
+                    bool accumulate) {
   const int64_t n = q.size(1), rows = tile_rows(n);
   const bool values = v.defined(), sim = dlse_sim.defined();
   const T* lse_s = lse_sim.const_data_ptr<T>();
@@ -132,30 +133,30 @@ void backward_sweep(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           });
         }
         at::Tensor dqt = dq[bh].narrow(0, r0, m);
-        at::mm_out(dqt, dl, kb);
+        if (accumulate) dqt.addmm_(dl, kb);
+        else at::mm_out(dqt, dl, kb);
         dkb.addmm_(dl.t(), qt);
       }
     }
   });
 }
 
-// The sweeps above, as the device policy of the shared entry points (spatial_attention_inputs.h).
-struct CpuSweeps {
-  static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                      at::Tensor& lse_attn, at::Tensor& lse_sim, double c, double s) {
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "spatial_attention_forward_cpu", [&] {
-      forward_sweep<scalar_t>(q, k, v, out, lse_attn, lse_sim, c, s);
-    });
-  }
-  static void backward(const AttentionGrads& in, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, double c, double s) {
-    AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "spatial_attention_backward_cpu", [&] {
-      backward_sweep<scalar_t>(in.q, in.k, in.v, in.dout, in.delta, in.lse_attn, in.dlse_sim, in.lse_sim, dq, dk, dv,
-                               c, s);
-    });
-  }
-};
-
 }  // namespace
+
+void attention_forward_sweep_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                                 at::Tensor& lse_attn, at::Tensor& lse_sim, double c, double s) {
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "spatial_attention_forward_cpu", [&] {
+    forward_sweep<scalar_t>(q, k, v, out, lse_attn, lse_sim, c, s);
+  });
+}
+
+void attention_backward_sweep_cpu(const AttentionGrads& in, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, double c,
+                                  double s, bool accumulate) {
+  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "spatial_attention_backward_cpu", [&] {
+    backward_sweep<scalar_t>(in.q, in.k, in.v, in.dout, in.delta, in.lse_attn, in.dlse_sim, in.lse_sim, dq, dk, dv,
+                             c, s, accumulate);
+  });
+}
 
 TORCH_LIBRARY_IMPL(attenscribble_ops, CPU, m) {
   m.impl("spatial_attention_forward", &attention_forward<CpuSweeps>);

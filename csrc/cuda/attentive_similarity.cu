@@ -47,70 +47,61 @@ unsigned blocks_for(int64_t total) {
   return static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535));
 }
 
+struct CudaWindow {
+  using Sweeps = CudaSweeps;
+
+  static at::Tensor forward(const Prepared& p, int64_t radius, double sigma, double logit_scale) {
+    c10::DeviceGuard guard(p.q.device());
+    at::Tensor rows = at::empty({p.batch, p.n}, p.q.options());
+    const int64_t total = p.batch * p.n;
+    const cudaStream_t stream = current_stream(p.q.device());
+    AT_DISPATCH_FLOATING_TYPES(p.acc, "attentive_similarity_forward_cuda", [&] {
+      const window::Args<scalar_t> a = make_args<scalar_t>(p, radius, sigma, logit_scale);
+      attentive_similarity_forward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+          a, rows.data_ptr<scalar_t>(), total);
+    });
+    check_launch("attentive_similarity_forward");
+    return rows;
+  }
+
+  static WindowGrads backward(const Prepared& p, const at::Tensor& gamma, int64_t radius, double sigma,
+                              double logit_scale) {
+    TORCH_CHECK_VALUE(p.dim <= 128, "attentive_similarity (cuda): head dims up to 128 are supported, got ", p.dim);
+    c10::DeviceGuard guard(p.q.device());
+    WindowGrads r{at::empty_like(p.q), at::empty_like(p.k), at::empty_like(p.lse),
+                  at::empty_like(p.probs), at::empty_like(p.lse), at::empty({p.batch, p.n}, p.q.options())};
+    const int64_t total = p.batch * p.n;
+    const cudaStream_t stream = current_stream(p.q.device());
+    AT_DISPATCH_FLOATING_TYPES(p.acc, "attentive_similarity_backward_cuda", [&] {
+      const window::Args<scalar_t> a = make_args<scalar_t>(p, radius, sigma, logit_scale);
+      window::Grads<scalar_t> g;
+      g.dq = r.dq.data_ptr<scalar_t>();
+      g.dk = r.dk.data_ptr<scalar_t>();
+      g.dlse = r.dlse.data_ptr<scalar_t>();
+      g.dprobs = r.dprobs.data_ptr<scalar_t>();
+      g.dalpha = r.dalpha.data_ptr<scalar_t>();
+      g.dbeta = r.dbeta.data_ptr<scalar_t>();
+      g.grad_rows = gamma.const_data_ptr<scalar_t>();
+      const unsigned blocks = blocks_for(total);
+      if (p.dim <= 32)
+        attentive_similarity_backward_kernel<scalar_t, 32><<<blocks, kThreads, 0, stream>>>(a, g, total);
+      else if (p.dim <= 64)
+        attentive_similarity_backward_kernel<scalar_t, 64><<<blocks, kThreads, 0, stream>>>(a, g, total);
+      else
+        attentive_similarity_backward_kernel<scalar_t, 128><<<blocks, kThreads, 0, stream>>>(a, g, total);
+    });
+    check_launch("attentive_similarity_backward");
+    return r;
+  }
+};
+
 }  // namespace
 
-at::Tensor attentive_similarity_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
-                                             const at::Tensor& probs, const at::Tensor& head_weight,
-                                             const at::Tensor& head_bias,
-                                             const std::optional<at::Tensor>& sample_weight, int64_t radius,
-                                             double sigma, double logit_scale) {
-  c10::DeviceGuard guard(q.device());
-  const Prepared p = prepare(q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma);
-  at::Tensor rows = at::empty({p.batch, p.n}, p.q.options());
-  const int64_t total = p.batch * p.n;
-  const cudaStream_t stream = current_stream(q.device());
-  AT_DISPATCH_FLOATING_TYPES(p.acc, "attentive_similarity_forward_cuda", [&] {
-    const window::Args<scalar_t> a = make_args<scalar_t>(p, radius, sigma, logit_scale);
-    attentive_similarity_forward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        a, rows.data_ptr<scalar_t>(), total);
-  });
-  check_launch("attentive_similarity_forward");
-  return rows;
-}
-
-BackwardResult attentive_similarity_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& q,
-                                                  const at::Tensor& k, const at::Tensor& lse, const at::Tensor& probs,
-                                                  const at::Tensor& head_weight, const at::Tensor& head_bias,
-                                                  const std::optional<at::Tensor>& sample_weight, int64_t radius,
-                                                  double sigma, double logit_scale) {
-  c10::DeviceGuard guard(q.device());
-  const Prepared p = prepare(q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma);
-  TORCH_CHECK_VALUE(grad_rows.dim() == 2 && grad_rows.size(0) == p.batch && grad_rows.size(1) == p.n,
-                    "attentive_similarity_backward: grad_rows must be (B, n) = (", p.batch, ", ", p.n, "), got ",
-                    grad_rows.sizes());
-  TORCH_CHECK_VALUE(grad_rows.device() == q.device(), "attentive_similarity_backward: grad_rows is on ",
-                    grad_rows.device(), " but q is on ", q.device());
-  TORCH_CHECK_VALUE(p.dim <= 128, "attentive_similarity (cuda): head dims up to 128 are supported, got ", p.dim);
-  const at::Tensor gamma = grad_rows.to(p.acc).contiguous();
-  at::Tensor dq = at::empty_like(p.q), dk = at::empty_like(p.k), dlse = at::empty_like(p.lse);
-  at::Tensor dprobs = at::empty_like(p.probs), dalpha = at::empty_like(p.lse);
-  at::Tensor dbeta = at::empty({p.batch, p.n}, p.q.options());
-  const int64_t total = p.batch * p.n;
-  const cudaStream_t stream = current_stream(q.device());
-  AT_DISPATCH_FLOATING_TYPES(p.acc, "attentive_similarity_backward_cuda", [&] {
-    const window::Args<scalar_t> a = make_args<scalar_t>(p, radius, sigma, logit_scale);
-    window::Grads<scalar_t> g;
-    g.dq = dq.data_ptr<scalar_t>();
-    g.dk = dk.data_ptr<scalar_t>();
-    g.dlse = dlse.data_ptr<scalar_t>();
-    g.dprobs = dprobs.data_ptr<scalar_t>();
-    g.dalpha = dalpha.data_ptr<scalar_t>();
-    g.dbeta = dbeta.data_ptr<scalar_t>();
-    g.grad_rows = gamma.const_data_ptr<scalar_t>();
-    if (p.dim <= 32)
-      attentive_similarity_backward_kernel<scalar_t, 32><<<blocks_for(total), kThreads, 0, stream>>>(a, g, total);
-    else if (p.dim <= 64)
-      attentive_similarity_backward_kernel<scalar_t, 64><<<blocks_for(total), kThreads, 0, stream>>>(a, g, total);
-    else
-      attentive_similarity_backward_kernel<scalar_t, 128><<<blocks_for(total), kThreads, 0, stream>>>(a, g, total);
-  });
-  check_launch("attentive_similarity_backward");
-  return finish_backward(p, q, k, lse, probs, head_weight, head_bias, dq, dk, dlse, dprobs, dalpha, dbeta);
-}
-
 TORCH_LIBRARY_IMPL(attenscribble_ops, CUDA, m) {
-  m.impl("attentive_similarity_forward", &attentive_similarity_forward_cuda);
-  m.impl("attentive_similarity_backward", &attentive_similarity_backward_cuda);
+  m.impl("attentive_similarity_forward", &window_forward_op<CudaWindow>);
+  m.impl("attentive_similarity_backward", &window_backward_op<CudaWindow>);
+  m.impl("attentive_similarity_fused_forward", &fused_forward_op<CudaWindow>);
+  m.impl("attentive_similarity_fused_backward", &fused_backward_op<CudaWindow>);
 }
 
 }  // namespace attenscribble_ops

@@ -129,7 +129,8 @@ __global__ void __launch_bounds__(kThreads)
                                  const acc_t* __restrict__ v, const acc_t* __restrict__ dout,
                                  const acc_t* __restrict__ delta, const acc_t* __restrict__ lse_attn,
                                  const acc_t* __restrict__ lse_sim, const acc_t* __restrict__ dlse_sim,
-                                 acc_t* __restrict__ dq, int64_t n, int64_t dim, int64_t dv, acc_t c, acc_t s) {
+                                 acc_t* __restrict__ dq, int64_t n, int64_t dim, int64_t dv, acc_t c, acc_t s,
+                                 bool accumulate) {
   constexpr int BN = Tile<acc_t, DMAX>::rows;
   __shared__ acc_t ks[BN][DMAX];
   __shared__ acc_t vs[HAS_V ? BN : 1][DMAX];
@@ -166,7 +167,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (!active) return;
-  for (int d = 0; d < dim; ++d) dq[row * dim + d] = acc[d];
+  for (int d = 0; d < dim; ++d) dq[row * dim + d] = accumulate ? dq[row * dim + d] + acc[d] : acc[d];
 }
 
 // dk (and dv) for one key row per thread.
@@ -177,7 +178,7 @@ __global__ void __launch_bounds__(kThreads)
                                    const acc_t* __restrict__ delta, const acc_t* __restrict__ lse_attn,
                                    const acc_t* __restrict__ lse_sim, const acc_t* __restrict__ dlse_sim,
                                    acc_t* __restrict__ dk, acc_t* __restrict__ dvo, int64_t n, int64_t dim,
-                                   int64_t dv, acc_t c, acc_t s) {
+                                   int64_t dv, acc_t c, acc_t s, bool accumulate) {
   constexpr int BM = Tile<acc_t, DMAX>::rows;
   __shared__ acc_t qs[BM][DMAX];
   __shared__ acc_t dos[HAS_V ? BM : 1][DMAX];
@@ -228,7 +229,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (!active) return;
-  for (int d = 0; d < dim; ++d) dk[col * dim + d] = gk[d];
+  for (int d = 0; d < dim; ++d) dk[col * dim + d] = accumulate ? dk[col * dim + d] + gk[d] : gk[d];
   if constexpr (HAS_V)
     for (int d = 0; d < dv; ++d) dvo[col * dv + d] = gv[d];
 }
@@ -247,70 +248,70 @@ dim3 grid_for(int64_t n, int64_t bh) {
 
 const void* maybe(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
-struct CudaSweeps {
-  static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                      at::Tensor& lse_attn, at::Tensor& lse_sim, double c, double s) {
-    const int64_t n = q.size(1), dim = q.size(2), dv = v.defined() ? v.size(2) : dim;
-    TORCH_CHECK_VALUE(std::max(dim, dv) <= 128, "spatial_attention (cuda): head dims up to 128 are supported, got ",
-                      std::max(dim, dv));
-    c10::DeviceGuard guard(q.device());
-    const cudaStream_t stream = current_stream(q.device());
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "spatial_attention_forward_cuda", [&] {
-      with_dmax(std::max(dim, dv), [&](auto dmax) {
-        constexpr int DMAX = decltype(dmax)::value;
-        const auto* qp = q.const_data_ptr<scalar_t>();
-        const auto* kp = k.const_data_ptr<scalar_t>();
-        if (v.defined())
-          attention_forward_kernel<scalar_t, DMAX, true><<<grid_for(n, q.size(0)), kThreads, 0, stream>>>(
-              qp, kp, v.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse_attn.data_ptr<scalar_t>(),
-              lse_sim.data_ptr<scalar_t>(), n, dim, dv, scalar_t(c), scalar_t(s));
-        else
-          attention_forward_kernel<scalar_t, DMAX, false><<<grid_for(n, q.size(0)), kThreads, 0, stream>>>(
-              qp, kp, nullptr, nullptr, nullptr, lse_sim.data_ptr<scalar_t>(), n, dim, dim, scalar_t(c),
-              scalar_t(s));
-      });
-    });
-    check_launch("spatial_attention_forward");
-  }
-
-  static void backward(const AttentionGrads& in, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, double c,
-                       double s) {
-    const int64_t n = in.q.size(1), dim = in.q.size(2), dvw = in.v.defined() ? in.v.size(2) : dim;
-    TORCH_CHECK_VALUE(std::max(dim, dvw) <= 128, "spatial_attention (cuda): head dims up to 128 are supported");
-    c10::DeviceGuard guard(in.q.device());
-    const cudaStream_t stream = current_stream(in.q.device());
-    const dim3 grid = grid_for(n, in.q.size(0));
-    AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "spatial_attention_backward_cuda", [&] {
-      using T = scalar_t;
-      const T* qp = in.q.const_data_ptr<T>();
-      const T* kp = in.k.const_data_ptr<T>();
-      const T* vp = static_cast<const T*>(maybe(in.v));
-      const T* dop = static_cast<const T*>(maybe(in.dout));
-      const T* dlt = static_cast<const T*>(maybe(in.delta));
-      const T* la = static_cast<const T*>(maybe(in.lse_attn));
-      const T* ls = in.lse_sim.const_data_ptr<T>();
-      const T* dls = static_cast<const T*>(maybe(in.dlse_sim));
-      with_dmax(std::max(dim, dvw), [&](auto dmax) {
-        constexpr int DMAX = decltype(dmax)::value;
-        if (in.v.defined()) {
-          attention_backward_dq_kernel<T, DMAX, true><<<grid, kThreads, 0, stream>>>(
-              qp, kp, vp, dop, dlt, la, ls, dls, dq.data_ptr<T>(), n, dim, dvw, T(c), T(s));
-          attention_backward_dkdv_kernel<T, DMAX, true><<<grid, kThreads, 0, stream>>>(
-              qp, kp, vp, dop, dlt, la, ls, dls, dk.data_ptr<T>(), dv.data_ptr<T>(), n, dim, dvw, T(c), T(s));
-        } else {
-          attention_backward_dq_kernel<T, DMAX, false><<<grid, kThreads, 0, stream>>>(
-              qp, kp, nullptr, nullptr, nullptr, nullptr, ls, dls, dq.data_ptr<T>(), n, dim, dim, T(c), T(s));
-          attention_backward_dkdv_kernel<T, DMAX, false><<<grid, kThreads, 0, stream>>>(
-              qp, kp, nullptr, nullptr, nullptr, nullptr, ls, dls, dk.data_ptr<T>(), nullptr, n, dim, dim, T(c),
-              T(s));
-        }
-      });
-    });
-    check_launch("spatial_attention_backward");
-  }
-};
-
 }  // namespace
+
+void attention_forward_sweep_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                                  at::Tensor& lse_attn, at::Tensor& lse_sim, double c, double s) {
+  const int64_t n = q.size(1), dim = q.size(2), dv = v.defined() ? v.size(2) : dim;
+  TORCH_CHECK_VALUE(std::max(dim, dv) <= 128, "spatial_attention (cuda): head dims up to 128 are supported, got ",
+                    std::max(dim, dv));
+  c10::DeviceGuard guard(q.device());
+  const cudaStream_t stream = current_stream(q.device());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "spatial_attention_forward_cuda", [&] {
+    with_dmax(std::max(dim, dv), [&](auto dmax) {
+      constexpr int DMAX = decltype(dmax)::value;
+      const auto* qp = q.const_data_ptr<scalar_t>();
+      const auto* kp = k.const_data_ptr<scalar_t>();
+      if (v.defined())
+        attention_forward_kernel<scalar_t, DMAX, true><<<grid_for(n, q.size(0)), kThreads, 0, stream>>>(
+            qp, kp, v.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse_attn.data_ptr<scalar_t>(),
+            lse_sim.data_ptr<scalar_t>(), n, dim, dv, scalar_t(c), scalar_t(s));
+      else
+        attention_forward_kernel<scalar_t, DMAX, false><<<grid_for(n, q.size(0)), kThreads, 0, stream>>>(
+            qp, kp, nullptr, nullptr, nullptr, lse_sim.data_ptr<scalar_t>(), n, dim, dim, scalar_t(c),
+            scalar_t(s));
+    });
+  });
+  check_launch("spatial_attention_forward");
+}
+
+void attention_backward_sweep_cuda(const AttentionGrads& in, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                                   double c, double s, bool accumulate) {
+  const int64_t n = in.q.size(1), dim = in.q.size(2), dvw = in.v.defined() ? in.v.size(2) : dim;
+  TORCH_CHECK_VALUE(std::max(dim, dvw) <= 128, "spatial_attention (cuda): head dims up to 128 are supported");
+  c10::DeviceGuard guard(in.q.device());
+  const cudaStream_t stream = current_stream(in.q.device());
+  const dim3 grid = grid_for(n, in.q.size(0));
+  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "spatial_attention_backward_cuda", [&] {
+    using T = scalar_t;
+    const T* qp = in.q.const_data_ptr<T>();
+    const T* kp = in.k.const_data_ptr<T>();
+    const T* vp = static_cast<const T*>(maybe(in.v));
+    const T* dop = static_cast<const T*>(maybe(in.dout));
+    const T* dlt = static_cast<const T*>(maybe(in.delta));
+    const T* la = static_cast<const T*>(maybe(in.lse_attn));
+    const T* ls = in.lse_sim.const_data_ptr<T>();
+    const T* dls = static_cast<const T*>(maybe(in.dlse_sim));
+    with_dmax(std::max(dim, dvw), [&](auto dmax) {
+      constexpr int DMAX = decltype(dmax)::value;
+      if (in.v.defined()) {
+        attention_backward_dq_kernel<T, DMAX, true><<<grid, kThreads, 0, stream>>>(
+            qp, kp, vp, dop, dlt, la, ls, dls, dq.data_ptr<T>(), n, dim, dvw, T(c), T(s), accumulate);
+        attention_backward_dkdv_kernel<T, DMAX, true><<<grid, kThreads, 0, stream>>>(
+            qp, kp, vp, dop, dlt, la, ls, dls, dk.data_ptr<T>(), dv.data_ptr<T>(), n, dim, dvw, T(c), T(s),
+            accumulate);
+      } else {
+        attention_backward_dq_kernel<T, DMAX, false><<<grid, kThreads, 0, stream>>>(
+            qp, kp, nullptr, nullptr, nullptr, nullptr, ls, dls, dq.data_ptr<T>(), n, dim, dim, T(c), T(s),
+            accumulate);
+        attention_backward_dkdv_kernel<T, DMAX, false><<<grid, kThreads, 0, stream>>>(
+            qp, kp, nullptr, nullptr, nullptr, nullptr, ls, dls, dk.data_ptr<T>(), nullptr, n, dim, dim, T(c),
+            T(s), accumulate);
+      }
+    });
+  });
+  check_launch("spatial_attention_backward");
+}
 
 TORCH_LIBRARY_IMPL(attenscribble_ops, CUDA, m) {
   m.impl("spatial_attention_forward", &attention_forward<CudaSweeps>);
