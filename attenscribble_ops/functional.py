@@ -253,6 +253,8 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
         if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (batch, heads, n):
             raise ValueError(f"lse must be a (B, heads, n) = ({batch}, {heads}, {n}) tensor, got "
                              f"{_checks._describe(lse)}")
+        if not lse.is_floating_point():
+            raise TypeError(f"lse must be a floating-point tensor (row log-sum-exps), got {lse.dtype}")
         _checks.same_device("lse", lse, "q", q)
     backend = _checks.choice(backend, "backend", backends.CHOICES)
     probs_grid = _resize_to_grid(probs, (h, w))

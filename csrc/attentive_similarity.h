@@ -120,10 +120,11 @@ ASL_HOST_DEVICE Bounds bounds(const Args<acc_t>& a, int64_t t) {
 }
 
 // For the run u = base + j, j < count: the mixed logit z_j = beta + sum_m alpha_m (a_tu + a_ut),
-// and for head `pick` (>= 0) the entries a_tu, a_ut themselves.
+// and for the heads m0 <= m < m0 + group the entries themselves: atu[(m - m0) * ASL_CHUNK + j]
+// (likewise aut). group = 0 keeps none.
 template <typename acc_t>
-ASL_HOST_DEVICE void run_logits(const Args<acc_t>& a, int64_t b, int64_t t, int64_t base, int count, int64_t pick,
-                                acc_t* z, acc_t* atu, acc_t* aut) {
+ASL_HOST_DEVICE void run_logits(const Args<acc_t>& a, int64_t b, int64_t t, int64_t base, int count, int64_t m0,
+                                int64_t group, acc_t* z, acc_t* atu, acc_t* aut) {
   for (int j = 0; j < ASL_CHUNK; ++j) z[j] = *a.head_bias;
   for (int64_t m = 0; m < a.heads; ++m) {
     const int64_t rt = head_row(a, b, m, t), ru = head_row(a, b, m, base);
@@ -139,12 +140,15 @@ ASL_HOST_DEVICE void run_logits(const Args<acc_t>& a, int64_t b, int64_t t, int6
         x1[j] = x2[j] = 0;
       }
     }
+    const bool keep = m >= m0 && m < m0 + group;
+    acc_t* e1s = keep ? atu + (m - m0) * ASL_CHUNK : nullptr;
+    acc_t* e2s = keep ? aut + (m - m0) * ASL_CHUNK : nullptr;
     for (int j = 0; j < ASL_CHUNK; ++j) {
       const acc_t e1 = exp_acc(x1[j]), e2 = exp_acc(x2[j]);
       z[j] += alpha * (e1 + e2);
-      if (m == pick) {
-        atu[j] = e1;
-        aut[j] = e2;
+      if (keep) {
+        e1s[j] = e1;
+        e2s[j] = e2;
       }
     }
   }
@@ -172,7 +176,7 @@ ASL_HOST_DEVICE acc_t row_loss(const Args<acc_t>& a, int64_t b, int64_t t) {
       const int count = static_cast<int>(w.x1 - x + 1 < ASL_CHUNK ? w.x1 - x + 1 : ASL_CHUNK);
       const int64_t base = t + dy * a.w + x;
       acc_t z[ASL_CHUNK], diss[ASL_CHUNK];
-      run_logits(a, b, t, base, count, int64_t(-1), z, (acc_t*)nullptr, (acc_t*)nullptr);
+      run_logits(a, b, t, base, count, int64_t(0), int64_t(0), z, (acc_t*)nullptr, (acc_t*)nullptr);
       run_dissimilarity(a, b, t, base, count, diss);
       for (int j = 0; j < ASL_CHUNK; ++j) {
         const int64_t dx = x + j;
@@ -199,13 +203,19 @@ struct Grads {
   const acc_t* grad_rows;  // (B, n) upstream gamma
 };
 
-// Backward for token t. dq_acc / dk_acc: scratch of `dim` values (local memory of the thread on
-// the GPU, a per-task buffer on the CPU). The head loop is outermost so one head's dq/dk
-// accumulators suffice; z needs every head, so the window dot products are recomputed per head
-// (heads^2 * window * D work, small next to the dense n * D sweep).
+// Scratch values row_backward needs for a group of `group` heads.
+ASL_HOST_DEVICE int64_t backward_scratch_size(int64_t group, int64_t dim) {
+  return group * (2 * dim + 2 * ASL_CHUNK + 2);
+}
+
+// Backward for token t, heads taken `group` at a time: the mixed logit needs every head, so each
+// group recomputes the window dot products of all heads (heads^2 / group * window * D work) while
+// keeping dq/dk accumulators for its own heads only. The CPU takes all heads in one group (scratch
+// is cheap there); the GPU one head at a time (its accumulators stay in thread-local memory).
+// scratch: backward_scratch_size(group, dim) values.
 template <typename acc_t>
-ASL_HOST_DEVICE void row_backward(const Args<acc_t>& a, const Grads<acc_t>& gr, int64_t b, int64_t t,
-                                  acc_t* dq_acc, acc_t* dk_acc) {
+ASL_HOST_DEVICE void row_backward(const Args<acc_t>& a, const Grads<acc_t>& gr, int64_t b, int64_t t, int64_t group,
+                                  acc_t* scratch) {
   const acc_t g = a.sample_weight ? a.sample_weight[b] : acc_t(1);
   const Bounds w = bounds(a, t);
   const acc_t gamma_t = gr.grad_rows[b * a.n + t];
@@ -214,19 +224,22 @@ ASL_HOST_DEVICE void row_backward(const Args<acc_t>& a, const Grads<acc_t>& gr, 
     for (int64_t c = 0; c < a.classes; ++c) dp[c] = 0;
   acc_t dbeta[ASL_CHUNK];
   for (int j = 0; j < ASL_CHUNK; ++j) dbeta[j] = 0;
-  for (int64_t m = 0; m < a.heads; ++m) {
-    const int64_t rt = head_row(a, b, m, t);
-    for (int64_t d = 0; d < a.dim; ++d) dq_acc[d] = dk_acc[d] = 0;
-    acc_t rho[ASL_CHUNK], dalpha[ASL_CHUNK];
-    for (int j = 0; j < ASL_CHUNK; ++j) rho[j] = dalpha[j] = 0;
-    const acc_t alpha = a.head_weight[m];
+  acc_t* acc_q = scratch;                    // [group][dim]
+  acc_t* acc_k = acc_q + group * a.dim;      // [group][dim]
+  acc_t* atu = acc_k + group * a.dim;        // [group][ASL_CHUNK]
+  acc_t* aut = atu + group * ASL_CHUNK;      // [group][ASL_CHUNK]
+  acc_t* rho = aut + group * ASL_CHUNK;      // [group]
+  acc_t* dalpha = rho + group;               // [group]
+  for (int64_t m0 = 0; m0 < a.heads; m0 += group) {
+    const int64_t size = a.heads - m0 < group ? a.heads - m0 : group;
+    for (int64_t i = 0; i < size * a.dim; ++i) acc_q[i] = acc_k[i] = 0;
+    for (int64_t i = 0; i < size; ++i) rho[i] = dalpha[i] = 0;
     for (int64_t dy = w.y0; g != acc_t(0) && dy <= w.y1; ++dy) {
       for (int64_t x = w.x0; x <= w.x1; x += ASL_CHUNK) {
         const int count = static_cast<int>(w.x1 - x + 1 < ASL_CHUNK ? w.x1 - x + 1 : ASL_CHUNK);
         const int64_t base = t + dy * a.w + x;
-        acc_t z[ASL_CHUNK], atu[ASL_CHUNK], aut[ASL_CHUNK], diss[ASL_CHUNK], ct[ASL_CHUNK], cu[ASL_CHUNK];
-        acc_t fp[ASL_CHUNK], gam[ASL_CHUNK];
-        run_logits(a, b, t, base, count, m, z, atu, aut);
+        acc_t z[ASL_CHUNK], diss[ASL_CHUNK], dz[ASL_CHUNK], fp[ASL_CHUNK], gam[ASL_CHUNK];
+        run_logits(a, b, t, base, count, m0, size, z, atu, aut);
         run_dissimilarity(a, b, t, base, count, diss);
         for (int j = 0; j < ASL_CHUNK; ++j)
           gam[j] = gamma_t + (j < count ? gr.grad_rows[b * a.n + base + j] : acc_t(0));
@@ -235,25 +248,35 @@ ASL_HOST_DEVICE void row_backward(const Args<acc_t>& a, const Grads<acc_t>& gr, 
           const bool valid = j < count && (dy != 0 || dx != 0);
           const acc_t decay = exp_acc(a.neg_half_inv_sigma2 * acc_t(dy * dy + dx * dx));
           const acc_t wgt = sigmoid(z[j]);
-          const acc_t dz = valid ? g * decay * diss[j] * wgt * (acc_t(1) - wgt) * gam[j] : acc_t(0);
-          const acc_t e = alpha * dz;
-          ct[j] = a.scale * atu[j] * e;
-          cu[j] = a.scale * aut[j] * e;
-          rho[j] += atu[j] * e;
-          dalpha[j] += acc_t(0.5) * dz * (atu[j] + aut[j]);
-          dbeta[j] += m == 0 ? acc_t(0.5) * dz : acc_t(0);
+          dz[j] = valid ? g * decay * diss[j] * wgt * (acc_t(1) - wgt) * gam[j] : acc_t(0);
+          dbeta[j] += m0 == 0 ? acc_t(0.5) * dz[j] : acc_t(0);
           fp[j] = valid ? -g * decay * wgt * gam[j] : acc_t(0);
         }
-        const int64_t ru = head_row(a, b, m, base);
-        for (int j = 0; j < count; ++j) {
-          const acc_t* ku = a.k + (ru + j) * a.dim;
-          const acc_t* qu = a.q + (ru + j) * a.dim;
-          for (int64_t d = 0; d < a.dim; ++d) {
-            dq_acc[d] += ct[j] * ku[d];
-            dk_acc[d] += cu[j] * qu[d];
+        for (int64_t i = 0; i < size; ++i) {
+          const acc_t alpha = a.head_weight[m0 + i];
+          const acc_t* e1 = atu + i * ASL_CHUNK;
+          const acc_t* e2 = aut + i * ASL_CHUNK;
+          acc_t ct[ASL_CHUNK], cu[ASL_CHUNK];
+          for (int j = 0; j < ASL_CHUNK; ++j) {
+            const acc_t e = alpha * dz[j];
+            ct[j] = a.scale * e1[j] * e;
+            cu[j] = a.scale * e2[j] * e;
+            rho[i] += e1[j] * e;
+            dalpha[i] += acc_t(0.5) * dz[j] * (e1[j] + e2[j]);
+          }
+          const int64_t ru = head_row(a, b, m0 + i, base);
+          acc_t* aq = acc_q + i * a.dim;
+          acc_t* ak = acc_k + i * a.dim;
+          for (int j = 0; j < count; ++j) {
+            const acc_t* ku = a.k + (ru + j) * a.dim;
+            const acc_t* qu = a.q + (ru + j) * a.dim;
+            for (int64_t d = 0; d < a.dim; ++d) {
+              aq[d] += ct[j] * ku[d];
+              ak[d] += cu[j] * qu[d];
+            }
           }
         }
-        if (m == 0 && dp) {
+        if (m0 == 0 && dp) {
           for (int j = 0; j < count; ++j) {
             const acc_t* pu = a.probs + (b * a.n + base + j) * a.classes;
             for (int64_t c = 0; c < a.classes; ++c) dp[c] += fp[j] * pu[c];
@@ -261,17 +284,15 @@ ASL_HOST_DEVICE void row_backward(const Args<acc_t>& a, const Grads<acc_t>& gr, 
         }
       }
     }
-    acc_t rho_sum = 0, dalpha_sum = 0;
-    for (int j = 0; j < ASL_CHUNK; ++j) {
-      rho_sum += rho[j];
-      dalpha_sum += dalpha[j];
+    for (int64_t i = 0; i < size; ++i) {
+      const int64_t rt = head_row(a, b, m0 + i, t);
+      for (int64_t d = 0; d < a.dim; ++d) {
+        gr.dq[rt * a.dim + d] = acc_q[i * a.dim + d];
+        gr.dk[rt * a.dim + d] = acc_k[i * a.dim + d];
+      }
+      gr.dlse[rt] = -rho[i];
+      gr.dalpha[rt] = dalpha[i];
     }
-    for (int64_t d = 0; d < a.dim; ++d) {
-      gr.dq[rt * a.dim + d] = dq_acc[d];
-      gr.dk[rt * a.dim + d] = dk_acc[d];
-    }
-    gr.dlse[rt] = -rho_sum;
-    gr.dalpha[rt] = dalpha_sum;
   }
   acc_t dbeta_sum = 0;
   for (int j = 0; j < ASL_CHUNK; ++j) dbeta_sum += dbeta[j];

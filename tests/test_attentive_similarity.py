@@ -71,6 +71,15 @@ def test_matches_reference(backend, case):
     _assert_close(got, want, rtol, atol)
 
 
+@pytest.mark.skipif("cpu" not in FUSED, reason="the cpu backend is not built")
+def test_many_heads_in_groups():
+    """More heads than the CPU backward keeps accumulators for at once (groups of 8, then 1)."""
+    x = make_similarity_inputs(2, 9, (4, 5), 4, seed=13)
+    want = _run(x, "reference", torch.float64, radius=2, upstream=1.7)
+    got = _run(x, "cpu", torch.float64, radius=2, upstream=1.7)
+    _assert_close(got, want, *_tolerance(torch.float64))
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_lse_handed_over_by_the_attention(backend):
     """The LSE from spatial_attention carries the dense part of dq, dk through its own backward."""
@@ -243,6 +252,7 @@ def _call(**changes):
     (dict(logit_scale="1"), TypeError, "logit_scale"),
     (dict(sample_weight=torch.ones(3)), ValueError, "sample_weight"),
     (dict(lse=torch.zeros(2, 2, 19)), ValueError, "lse"),
+    (dict(lse=torch.zeros(2, 2, 20, dtype=torch.int64)), TypeError, "lse"),
     (dict(backend="gpu"), ValueError, "backend"),
     (dict(grad_probs=1), TypeError, "grad_probs"),
 ])

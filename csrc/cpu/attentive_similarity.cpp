@@ -23,6 +23,10 @@
 namespace attenscribble_ops {
 namespace {
 
+// Heads whose dq/dk accumulators one pass keeps (all of them up to this many: the window dot
+// products of every head are computed once per pair and group).
+constexpr int64_t kHeadGroup = 8;
+
 // Token ranges. The fp32 versions are cloned per instruction set (see cpu/rowwise.h) with the
 // shared window math inlined into each clone, so its dot products and updates are vectorised.
 template <typename acc_t>
@@ -33,9 +37,9 @@ ASL_INLINE void forward_range_impl(const window::Args<acc_t>& a, acc_t* out, int
 template <typename acc_t>
 ASL_INLINE void backward_range_impl(const window::Args<acc_t>& a, const window::Grads<acc_t>& g, int64_t begin,
                                     int64_t end) {
-  std::vector<acc_t> scratch(2 * a.dim);
-  for (int64_t i = begin; i < end; ++i)
-    window::row_backward(a, g, i / a.n, i % a.n, scratch.data(), scratch.data() + a.dim);
+  const int64_t group = std::min<int64_t>(a.heads, kHeadGroup);
+  std::vector<acc_t> scratch(window::backward_scratch_size(group, a.dim));
+  for (int64_t i = begin; i < end; ++i) window::row_backward(a, g, i / a.n, i % a.n, group, scratch.data());
 }
 
 ASL_CPU_CLONES static void forward_range(const window::Args<float>& a, float* out, int64_t begin, int64_t end) {

@@ -3,8 +3,9 @@
 // file runs verbatim (the CPU tests exercise the same arithmetic).
 // Decomposition: one thread per token (grid-stride over B * n, int64 indices); a thread gathers
 // its (2r+1)^2 window in runs of ASL_CHUNK neighbours and writes only its own token's outputs:
-// no atomics, deterministic. The backward keeps one head's dq/dk accumulators in thread-local
-// arrays of DMAX (32/64/128) values. Per-token partials of dL/dalpha, dL/dbeta are summed by ATen.
+// no atomics, deterministic. The backward takes one head at a time, its dq/dk accumulators in a
+// thread-local array of 2 * DMAX (32/64/128) values. Per-token partials of dL/dalpha, dL/dbeta are
+// summed by ATen.
 //
 // Includes only CUDA and ATen/c10 core headers (compiled by `nvcc -c` in the test suite).
 #include <ATen/core/Tensor.h>
@@ -38,9 +39,10 @@ __global__ void __launch_bounds__(kThreads)
 template <typename acc_t, int DMAX>
 __global__ void __launch_bounds__(kThreads)
     attentive_similarity_backward_kernel(const window::Args<acc_t> a, const window::Grads<acc_t> g, int64_t total) {
-  acc_t dq[DMAX], dk[DMAX];
+  // one head at a time: its accumulators (2 * DMAX values) stay in thread-local memory
+  acc_t scratch[2 * DMAX + 2 * ASL_CHUNK + 2];
   for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < total; i += int64_t(gridDim.x) * kThreads)
-    window::row_backward(a, g, i / a.n, i % a.n, dq, dk);
+    window::row_backward(a, g, i / a.n, i % a.n, int64_t(1), scratch);
 }
 
 unsigned blocks_for(int64_t total) {
