@@ -68,8 +68,10 @@ def environment(device: str) -> dict:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        # results files being appended to do not make the measured code dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
         rev += "+dirty" if dirty else ""
     except (OSError, subprocess.SubprocessError):
         rev = "unknown"
@@ -198,10 +200,17 @@ def skip_reason(workload, provider, shape_name, device) -> str | None:
     return None
 
 
-def table(path: str) -> str:
-    """A markdown table of saved rows (the docs' tables are generated with this, never typed)."""
+def table(path: str, latest: bool = False) -> str:
+    """A markdown table of saved rows (the docs' tables are generated with this, never typed).
+    latest: only the last row of each (workload, shape, dtype, provider, mode)."""
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
+    if latest:
+        last = {}
+        for r in rows:
+            last[(r.get("workload"), r.get("shape"), r.get("dtype"), r.get("provider"), r.get("mode"))] = r
+        rows = [r for r in rows if last[(r.get("workload"), r.get("shape"), r.get("dtype"), r.get("provider"),
+                                        r.get("mode"))] is r]
     lines = ["| workload | shape | provider | mode | median ms | peak extra MiB | device | threads | load | git |",
              "|---|---|---|---|---:|---:|---|---:|---:|---|"]
     for r in rows:
@@ -228,10 +237,11 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--out", default=None, help="append JSON rows to this file")
     parser.add_argument("--table", default=None, help="print a markdown table of a results file and exit")
+    parser.add_argument("--latest", action="store_true", help="with --table: the last row per measurement only")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.table:
-        print(table(args.table))
+        print(table(args.table, args.latest))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
