@@ -159,8 +159,8 @@ def test_head_dims_above_128_skip_the_gpu_kernels():
 @requires_cuda
 @pytest.mark.parametrize("backend, dtype", [("cuda", torch.float32), ("cuda", torch.float64),
                                             ("triton", torch.float32)])  # Triton computes in fp32
-def test_gpu_backends_match_reference(backend, dtype):
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_gpu_backends_match_reference(backend, dtype, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     x = make_similarity_inputs(2, 2, (13, 17), 32, device="cuda", dtype=torch.float64, seed=2)
     v = torch.randn_like(x["q"])
     gate = torch.tensor([1.0, 0.5], device="cuda", dtype=torch.float64)
@@ -177,6 +177,21 @@ def test_gpu_backends_match_reference(backend, dtype):
     rtol, atol = (1e-9, 1e-10) if dtype == torch.float64 else (2e-4, 2e-5)
     for got, want in zip(results[backend], results["reference"]):
         torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * want.abs().max().item())
+
+
+@requires_cuda
+def test_triton_uses_tf32_only_when_torch_allows_it(monkeypatch):
+    from attenscribble_ops.triton.spatial_attention import precision
+
+    q = torch.rand(1, 1, 64, 32, device="cuda")
+    for allowed, expected in ((False, "ieee"), (True, "tf32")):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allowed)
+        assert precision(q) == expected
+        assert precision(q.half()) == "ieee"  # half operands run on tensor cores regardless
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    exact = torch.logsumexp(q.double() @ q.double().transpose(-1, -2), -1)
+    _, lse = A.spatial_attention(q, q, q, backend="triton")
+    torch.testing.assert_close(lse.double(), exact, rtol=1e-6, atol=1e-6)
 
 
 @requires_cuda
