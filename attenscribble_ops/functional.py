@@ -275,16 +275,21 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
 
 
 def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, logit_scale: float = 1.0,
-                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                      backend: str = "auto", tie_qk: bool = False) -> tuple[torch.Tensor, ...]:
     """Attention of the spatial self-attention block, with the similarity normaliser.
 
     Args:
         q, k, v: (B, heads, n, D).
         logit_scale: scale of the similarity logits whose row log-sum-exp is returned.
+        tie_qk: also return q and k as views owned by the attention's autograd node, to hand to
+            :func:`attentive_similarity_loss` with the LSE: the fused backends then add the
+            attention's dq, dk into the loss's window terms in place (one gradient buffer per
+            tensor instead of two). Values and gradients are the same either way.
 
     Returns:
-        ``(out, lse_sim)``: out = softmax(q k^T / sqrt(D)) v, (B, heads, n, D) in the dtype of q;
-        lse_sim = logsumexp_j(logit_scale * q_i . k_j), (B, heads, n) in fp32 (fp64 for fp64).
+        ``(out, lse_sim)``, or ``(out, lse_sim, q, k)`` with ``tie_qk``: out = softmax(q k^T /
+        sqrt(D)) v, (B, heads, n, D) in the dtype of q; lse_sim = logsumexp_j(logit_scale *
+        q_i . k_j), (B, heads, n) in fp32 (fp64 for fp64).
     """
     _check_attention_qk(q, k)
     v = _checks.floating_tensor(v, "v", (4,), "(B, heads, n, D)")
@@ -296,6 +301,7 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, logi
     _checks.same_device("v", v, "q", q)
     logit_scale = _checks.number(logit_scale, "logit_scale")
     backend = _checks.choice(backend, "backend", backends.CHOICES)
+    tie_qk = _checks.flag(tie_qk, "tie_qk")
     _, impl = backends.select("spatial_attention", backend,
                               backends.Meta.of(q, _head_dim_option(q), _head_dim_option(v)))
-    return impl(q, k, v, logit_scale)
+    return impl(q, k, v, logit_scale, tie_qk=tie_qk)

@@ -4,8 +4,8 @@ Providers x shapes x modes, median time and peak extra memory, one JSON row per 
 the machine, library versions and git revision. Workloads:
 
   loss   attentive_similarity_loss from given q, k (the official "ASL from given Q, K")
-  block  spatial_attention(q, k, v) + the loss with the LSE handed over, backward through both
-         (the attention part of the SSA block plus the loss)
+  block  spatial_attention(q, k, v, tie_qk=True) + the loss with q, k and the LSE handed over,
+         backward through both (the attention part of the SSA block plus the loss)
   sdpa   torch's scaled_dot_product_attention alone (the reference point for the GPU target)
 
 Modes: forward (autograd recording), backward (the backward alone, graph retained), full (both;
@@ -104,7 +104,8 @@ def build(workload: str, provider: str, shape: dict, device: str, dtype: torch.d
         return A.attentive_similarity_loss(q, k, probs, hw, hb, grid=grid, backend=backend)
 
     def block_fn(q, k, v, probs, hw, hb):
-        out, lse = A.spatial_attention(q, k, v, backend=backend)
+        # as SpatialSelfAttention does: q, k tied to the attention node, LSE handed over
+        out, lse, q, k = A.spatial_attention(q, k, v, backend=backend, tie_qk=True)
         return out, A.attentive_similarity_loss(q, k, probs, hw, hb, grid=grid, lse=lse, backend=backend)
 
     if provider == "reference-compiled":

@@ -47,6 +47,10 @@ TORCH_LIBRARY(attenscribble_ops, m) {
   m.def("spatial_attention_forward(Tensor q, Tensor k, Tensor v, float logit_scale) -> (Tensor, Tensor, Tensor)");
   m.def("spatial_attention_backward(Tensor dout, Tensor? dlse_attn, Tensor? dlse_sim, Tensor q, Tensor k, "
         "Tensor v, Tensor out, Tensor lse_attn, Tensor lse_sim, float logit_scale) -> (Tensor, Tensor, Tensor)");
+  // The backward adding dq, dk into given buffers (the loss's window terms): returns dv.
+  m.def("spatial_attention_backward_accumulate(Tensor dout, Tensor? dlse_attn, Tensor? dlse_sim, Tensor q, "
+        "Tensor k, Tensor v, Tensor out, Tensor lse_attn, Tensor lse_sim, float logit_scale, Tensor(a!) dq, "
+        "Tensor(b!) dk) -> Tensor");
   m.def("spatial_attention_lse(Tensor q, Tensor k, float logit_scale) -> Tensor");
   m.def("spatial_attention_lse_backward(Tensor dlse, Tensor q, Tensor k, Tensor lse, float logit_scale) "
         "-> (Tensor, Tensor)");

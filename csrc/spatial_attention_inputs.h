@@ -121,12 +121,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const at::Tenso
   return {out.view(v.sizes()).to(q.scalar_type()), lse_attn.view(rows), lse_sim.view(rows)};
 }
 
-template <class Sweeps>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
-    const at::Tensor& dout, const std::optional<at::Tensor>& dlse_attn, const std::optional<at::Tensor>& dlse_sim,
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse_attn,
-    const at::Tensor& lse_sim, double logit_scale) {
-  const char* op = "spatial_attention_backward";
+// Checked inputs of the value-path backward, in the accumulation type.
+inline AttentionGrads backward_inputs(const char* op, const at::Tensor& dout,
+                                      const std::optional<at::Tensor>& dlse_attn,
+                                      const std::optional<at::Tensor>& dlse_sim, const at::Tensor& q,
+                                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                      const at::Tensor& lse_attn, const at::Tensor& lse_sim) {
   check_qk(op, q, k);
   check_v(op, v, q);
   TORCH_CHECK_VALUE(dout.sizes() == v.sizes() && out.sizes() == v.sizes(), op, ": dout and out must be shaped like v ",
@@ -152,9 +152,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   }
   in.lse_attn = rows_acc(lse_attn, acc);
   in.lse_sim = rows_acc(lse_sim, acc);
+  return in;
+}
+
+template <class Sweeps>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse_attn, const std::optional<at::Tensor>& dlse_sim,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse_attn,
+    const at::Tensor& lse_sim, double logit_scale) {
+  const AttentionGrads in = backward_inputs("spatial_attention_backward", dout, dlse_attn, dlse_sim, q, k, v, out,
+                                            lse_attn, lse_sim);
   at::Tensor dq = at::empty_like(in.q), dk = at::zeros_like(in.k), dv = at::zeros_like(in.v);
   Sweeps::backward(in, dq, dk, dv, value_scale(q), logit_scale, false);
   return {back_to(dq, q), back_to(dk, k), back_to(dv, v)};
+}
+
+// The same backward adding dq, dk into caller buffers (contiguous, q's shape, accumulation type):
+// the window terms the attentive similarity loss already put there, so q and k hold one gradient
+// buffer each instead of two. Returns dv.
+template <class Sweeps>
+at::Tensor attention_backward_accumulate(const at::Tensor& dout, const std::optional<at::Tensor>& dlse_attn,
+                                         const std::optional<at::Tensor>& dlse_sim, const at::Tensor& q,
+                                         const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                         const at::Tensor& lse_attn, const at::Tensor& lse_sim, double logit_scale,
+                                         at::Tensor& dq, at::Tensor& dk) {
+  const char* op = "spatial_attention_backward_accumulate";
+  const AttentionGrads in = backward_inputs(op, dout, dlse_attn, dlse_sim, q, k, v, out, lse_attn, lse_sim);
+  for (const at::Tensor* g : {&dq, &dk})
+    TORCH_CHECK_VALUE(g->sizes() == q.sizes() && g->scalar_type() == in.q.scalar_type() && g->is_contiguous() &&
+                          g->device() == q.device(),
+                      op, ": dq and dk must be contiguous ", in.q.scalar_type(), " tensors shaped like q ",
+                      q.sizes(), " on ", q.device(), ", got ", g->sizes(), " ", g->scalar_type());
+  at::Tensor dqs = dq.view(in.q.sizes()), dks = dk.view(in.k.sizes()), dv = at::zeros_like(in.v);
+  Sweeps::backward(in, dqs, dks, dv, value_scale(q), logit_scale, true);
+  return back_to(dv, v);
 }
 
 template <class Sweeps>

@@ -61,6 +61,9 @@ def test_opcheck_compiled_backward_ops():
     torch.library.opcheck(OPS.spatial_attention_backward, (dout, dlse, dlse, q, k, v, out, lse_attn, lse_sim, 1.0))
     torch.library.opcheck(OPS.spatial_attention_backward, (dout, None, None, q, k, v, out, lse_attn, lse_sim, 1.0))
     torch.library.opcheck(OPS.spatial_attention_lse_backward, (dlse, q, k, lse_sim, 1.0))
+    torch.library.opcheck(OPS.spatial_attention_backward_accumulate,
+                          (dout, None, dlse, q, k, v, out, lse_attn, lse_sim, 1.0, torch.rand_like(q),
+                           torch.rand_like(k)))
     args = _window_args(requires_grad=False)
     torch.library.opcheck(OPS.attentive_similarity_backward, (torch.rand(2, 20),) + tuple(args))
     torch.library.opcheck(OPS.attentive_similarity_fused_backward,
@@ -86,6 +89,11 @@ def test_opcheck_triton_ops():
     q, k, v = _attention_args(requires_grad=True)
     torch.library.opcheck(tsa.spatial_attention_forward_triton, (q, k, v, 1.2))
     torch.library.opcheck(tsa.spatial_attention_lse_triton, (q, k, 0.8))
+    plain = [t.detach() for t in (q, k, v)]
+    out, lse_attn, lse_sim = tsa.spatial_attention_forward_triton(*plain, 1.0)
+    torch.library.opcheck(tsa.spatial_attention_backward_accumulate_triton,
+                          (torch.randn_like(out), None, torch.randn_like(lse_sim), *plain, out, lse_attn, lse_sim, 1.0,
+                           torch.rand_like(plain[0]), torch.rand_like(plain[1])))
     args = _window_args(requires_grad=True)
     torch.library.opcheck(tas.attentive_similarity_forward_triton, tuple(args))
     plain = [a.detach() if torch.is_tensor(a) else a for a in args]
@@ -98,7 +106,7 @@ def test_opcheck_triton_ops():
 
 
 def _block_and_loss(q, k, v, probs, hw, hb, backend):
-    out, lse = A.spatial_attention(q, k, v, backend=backend)
+    out, lse, q, k = A.spatial_attention(q, k, v, backend=backend, tie_qk=True)
     loss = A.attentive_similarity_loss(q, k, probs, hw, hb, grid=(5, 6), radius=2, lse=lse, backend=backend)
     return loss + out.square().mean()
 

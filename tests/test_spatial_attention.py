@@ -142,6 +142,28 @@ def test_deterministic(backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_tied_q_k_give_the_same_gradients(backend):
+    """tie_qk: the loss's window terms are added into by the attention backward, in place."""
+    q, k, v = _inputs((2, 2, 30, 16), seed=9)
+    probs = torch.softmax(torch.randn(2, 3, 10, 12, dtype=torch.float64), 1)
+    hw, hb = torch.tensor([0.4, -0.3], dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64)
+    dout = torch.randn_like(q)
+    dtype = _dtype_for(backend)
+    grads = []
+    for tie in (False, True):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        result = A.spatial_attention(*leaves, backend=backend, tie_qk=tie)
+        out, lse = result[:2]
+        qs, ks = result[2:] if tie else leaves[:2]
+        loss = A.attentive_similarity_loss(qs, ks, probs.to(dtype), hw.to(dtype), hb.to(dtype), grid=(5, 6),
+                                           radius=2, lse=lse, backend=backend)
+        (3.0 * loss + (out * dout.to(dtype)).sum()).backward()
+        grads.append([loss.detach()] + [t.grad for t in leaves])
+    for untied, tied in zip(*grads):
+        torch.testing.assert_close(tied, untied, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("heads, depth", [(1, 1), (2, 2)])
 def test_block_and_loss_match_reference(backend, heads, depth):

@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 
 from .. import _extension, backends
-from .spatial_attention import CUDA_MAX_HEAD_DIM, acc_dtype
+from .._composite import acc_dtype, fused_loss
+from .spatial_attention import CUDA_MAX_HEAD_DIM
 
 _OPS = torch.ops.attenscribble_ops
 _WHY = {d: _extension.why_no_kernel("attentive_similarity_forward", d)
@@ -94,19 +95,6 @@ def _check(device_type: str):
         return why
 
     return check
-
-
-def fused_loss(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, radius, sigma, logit_scale,
-               fused_op, window_op) -> torch.Tensor:
-    """The un-normalised loss: ``fused_op(q, k, probs, hw, hb, sw, r, sigma, s) -> (rows, lse)``
-    without an LSE, else ``window_op(q, k, lse, ...) -> rows``. Shared by the compiled and the
-    Triton backends."""
-    if lse is None:
-        rows, _ = fused_op(q, k, probs_grid, head_weight, head_bias, sample_weight, radius, sigma, logit_scale)
-    else:
-        rows = window_op(q, k, lse.to(acc_dtype(q.dtype)), probs_grid, head_weight, head_bias, sample_weight, radius,
-                         sigma, logit_scale)
-    return rows.sum()
 
 
 def _native(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, grid, radius, sigma, logit_scale):

@@ -7,6 +7,8 @@ Two op pairs:
   gradient of ``lse_sim`` is what the attentive similarity loss hands back (dlse = -rho).
 * ``spatial_attention_lse(q, k, logit_scale) -> lse_sim`` and its backward: the same sweep without
   values, used by the loss when no attention block handed it the LSE.
+* ``spatial_attention_backward_accumulate``: the backward adding dq, dk into given buffers, for
+  ``tie_qk=True`` (see attenscribble_ops/_composite.py).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Optional
 import torch
 
 from .. import _extension, backends
+from .._composite import acc_dtype, attention
 
 _OPS = torch.ops.attenscribble_ops
 # Why each device has no kernel (None: it has one), computed once at import so that the registry
@@ -22,10 +25,6 @@ _OPS = torch.ops.attenscribble_ops
 _WHY = {d: _extension.why_no_kernel("spatial_attention_forward", d) for d in ("cpu", "cuda")}
 # The CUDA kernels keep a query row's accumulators in registers sized for D <= 128.
 CUDA_MAX_HEAD_DIM = 128
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.register_fake("attenscribble_ops::spatial_attention_forward")
@@ -40,6 +39,11 @@ def _backward_fake(dout, dlse_attn, dlse_sim, q, k, v, out, lse_attn, lse_sim, l
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), \
         torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("attenscribble_ops::spatial_attention_backward_accumulate")
+def _backward_accumulate_fake(dout, dlse_attn, dlse_sim, q, k, v, out, lse_attn, lse_sim, logit_scale, dq, dk):
+    return torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("attenscribble_ops::spatial_attention_lse")
@@ -98,12 +102,12 @@ def _check(device_type: str):
 
 
 @backends.register("spatial_attention", "cpu", check=_check("cpu"))
-def spatial_attention_cpu(q, k, v, logit_scale):
-    out, _, lse_sim = _OPS.spatial_attention_forward(q, k, v, logit_scale)
-    return out, lse_sim
+def spatial_attention_cpu(q, k, v, logit_scale, tie_qk=False):
+    return attention(q, k, v, logit_scale, tie_qk, _OPS.spatial_attention_forward,
+                     _OPS.spatial_attention_backward_accumulate)
 
 
 @backends.register("spatial_attention", "cuda", check=_check("cuda"))
-def spatial_attention_cuda(q, k, v, logit_scale):
-    out, _, lse_sim = _OPS.spatial_attention_forward(q, k, v, logit_scale)
-    return out, lse_sim
+def spatial_attention_cuda(q, k, v, logit_scale, tie_qk=False):
+    return attention(q, k, v, logit_scale, tie_qk, _OPS.spatial_attention_forward,
+                     _OPS.spatial_attention_backward_accumulate)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
-from ..native.attentive_similarity import fused_loss
+from .._composite import fused_loss
 from .spatial_attention import _backward as _attention_backward
 from .spatial_attention import _forward as _attention_forward
 from .spatial_attention import check as _attention_check

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
+from .._composite import attention
 
 
 @triton.jit
@@ -271,6 +272,19 @@ def spatial_attention_backward_triton(dout: torch.Tensor, dlse_attn: Optional[to
     return _backward(dout, delta, lse_attn, dlse_sim, lse_sim, q, k, v, logit_scale)
 
 
+@torch.library.custom_op("attenscribble_ops::spatial_attention_backward_accumulate_triton", mutates_args=("dq", "dk"))
+def spatial_attention_backward_accumulate_triton(dout: torch.Tensor, dlse_attn: Optional[torch.Tensor],
+                                                 dlse_sim: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                                                 v: torch.Tensor, out: torch.Tensor, lse_attn: torch.Tensor,
+                                                 lse_sim: torch.Tensor, logit_scale: float, dq: torch.Tensor,
+                                                 dk: torch.Tensor) -> torch.Tensor:
+    """The backward adding dq, dk into the given fp32 buffers (shaped like q); returns dv."""
+    delta = (dout.float() * out.float()).sum(-1)
+    if dlse_attn is not None:
+        delta = delta - dlse_attn.float()
+    return _backward(dout, delta, lse_attn, dlse_sim, lse_sim, q, k, v, logit_scale, accumulate_into=(dq, dk))[2]
+
+
 @torch.library.custom_op("attenscribble_ops::spatial_attention_lse_triton", mutates_args=())
 def spatial_attention_lse_triton(q: torch.Tensor, k: torch.Tensor, logit_scale: float) -> torch.Tensor:
     return _forward(q, k, None, logit_scale)[2].view(q.shape[:3])
@@ -292,6 +306,11 @@ def _forward_fake(q, k, v, logit_scale):
 @spatial_attention_backward_triton.register_fake
 def _backward_fake(dout, dlse_attn, dlse_sim, q, k, v, out, lse_attn, lse_sim, logit_scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@spatial_attention_backward_accumulate_triton.register_fake
+def _backward_accumulate_fake(dout, dlse_attn, dlse_sim, q, k, v, out, lse_attn, lse_sim, logit_scale, dq, dk):
+    return v.new_empty(v.shape)
 
 
 @spatial_attention_lse_triton.register_fake
@@ -350,6 +369,6 @@ def check(meta: backends.Meta) -> Optional[str]:
 
 
 @backends.register("spatial_attention", "triton", check=check)
-def spatial_attention_triton(q, k, v, logit_scale):
-    out, _, lse_sim = spatial_attention_forward_triton(q, k, v, logit_scale)
-    return out, lse_sim
+def spatial_attention_triton(q, k, v, logit_scale, tie_qk=False):
+    return attention(q, k, v, logit_scale, tie_qk, spatial_attention_forward_triton,
+                     spatial_attention_backward_accumulate_triton)

@@ -161,6 +161,7 @@ void attention_backward_sweep_cpu(const AttentionGrads& in, at::Tensor& dq, at::
 TORCH_LIBRARY_IMPL(attenscribble_ops, CPU, m) {
   m.impl("spatial_attention_forward", &attention_forward<CpuSweeps>);
   m.impl("spatial_attention_backward", &attention_backward<CpuSweeps>);
+  m.impl("spatial_attention_backward_accumulate", &attention_backward_accumulate<CpuSweeps>);
   m.impl("spatial_attention_lse", &attention_lse<CpuSweeps>);
   m.impl("spatial_attention_lse_backward", &attention_lse_backward<CpuSweeps>);
 }

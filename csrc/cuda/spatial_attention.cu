@@ -316,6 +316,7 @@ void attention_backward_sweep_cuda(const AttentionGrads& in, at::Tensor& dq, at:
 TORCH_LIBRARY_IMPL(attenscribble_ops, CUDA, m) {
   m.impl("spatial_attention_forward", &attention_forward<CudaSweeps>);
   m.impl("spatial_attention_backward", &attention_backward<CudaSweeps>);
+  m.impl("spatial_attention_backward_accumulate", &attention_backward_accumulate<CudaSweeps>);
   m.impl("spatial_attention_lse", &attention_lse<CudaSweeps>);
   m.impl("spatial_attention_lse_backward", &attention_lse_backward<CudaSweeps>);
 }
