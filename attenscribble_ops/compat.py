@@ -5,8 +5,9 @@ changes only its import.
   and AttenScribble. ``sample`` may be the original dict of modalities or the image tensor itself;
   the compatibility-matrix branch works as intended (the original raises AttributeError); the
   caller's tensors are never mutated (the original zeroes NaNs of a full-resolution mask in place).
-* :class:`AttnGatedCRF`: AttenScribble's attentive-similarity loss on a dense kernel, without the
-  per-call identity matrix and float64 mask upload.
+* :class:`AttnGatedCRF`: AttenScribble's attentive-similarity loss on a dense kernel, reading only
+  the window entries of the mask (no per-call identity matrix, float64 mask upload or n x n
+  temporaries).
 * :func:`pre_compute_xy_mask`: the same float64 array as the original, vectorised.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks, _crf_params, functional
+from ._window_pairs import WindowStructure, window_pairs_loss
 from .reference.attentive_similarity import window_decay_numpy
 from .reference.masked_crf import dense_kernels
 
@@ -132,20 +134,24 @@ class AttnGatedCRF(torch.nn.Module):
     """AttenScribble's loss on a dense similarity kernel, with the original interface.
 
     ``forward`` returns ``{"loss": (sum L - sum_i p_i . (L p)_i) / (B n)}`` with
-    L = kernel * kernel_xy_mask, diagonal zero, exactly as the original, but the mask is converted
-    and uploaded once per (array, device) and the diagonal is zeroed without an n x n identity.
-    The mask array must not be modified in place between calls (it is cached by identity).
+    L = kernel * kernel_xy_mask, diagonal zero, as the original. The mask's non-zero structure is
+    turned once per (array, device, dtype) into neighbour lists; when it is sparse (the official
+    (2r+1)^2 window: 121 of 4096 entries per row) the loss reads only those kernel entries and
+    allocates no n x n temporary beyond the input's own gradient (see ``_window_pairs``).
+    A mask with more than a quarter of its entries non-zero takes the dense path. The mask array
+    must not be modified in place between calls (it is cached by identity).
     """
 
     def __init__(self):
         super().__init__()
         self._masks: dict = {}
 
-    def _decay(self, mask, n: int, device, dtype) -> torch.Tensor:
+    def _structure(self, mask, n: int, device, dtype):
+        """(WindowStructure on device, or None for the dense path, dense mask or None)."""
         key = (id(mask), str(device), dtype)
         hit = self._masks.get(key)
         if hit is not None and hit[0] is mask:
-            return hit[1]
+            return hit[1], hit[2]
         if isinstance(mask, np.ndarray):
             tensor = torch.from_numpy(mask)
         elif isinstance(mask, torch.Tensor):
@@ -154,12 +160,19 @@ class AttnGatedCRF(torch.nn.Module):
             raise TypeError(f"kernel_xy_mask must be an (n, n) numpy array or tensor, got {type(mask).__name__}")
         if tuple(tensor.shape) != (n, n):
             raise ValueError(f"kernel_xy_mask must have shape (n, n) = ({n}, {n}), got {tuple(tensor.shape)}")
-        tensor = tensor.to(device=device, dtype=dtype, copy=True)
-        tensor.diagonal().zero_()
+        if tensor.is_complex() or tensor.dtype == torch.bool:
+            raise TypeError(f"kernel_xy_mask must be a real floating or integer array, got {tensor.dtype}")
+        structure = WindowStructure(tensor)
+        if 4 * structure.width <= n:
+            lean, dense = structure.to(device, dtype), None
+        else:
+            lean = None
+            dense = tensor.to(device=device, dtype=dtype, copy=True)
+            dense.diagonal().zero_()
         if len(self._masks) >= 4:
             self._masks.pop(next(iter(self._masks)))
-        self._masks[key] = (mask, tensor)
-        return tensor
+        self._masks[key] = (mask, lean, dense)
+        return lean, dense
 
     def forward(self, y_hat_softmax, kernel, kernel_xy_mask, kernel_h, kernel_w, is_y_grad=True, is_k_grad=True,
                 is_exclude_sc=False, batch_is_sc=None):
@@ -180,13 +193,19 @@ class AttnGatedCRF(torch.nn.Module):
             probs = probs.detach()
         if not is_k_grad:
             kernel = kernel.detach()
+        gate = None
         if is_k_grad and is_exclude_sc and batch_is_sc is not None:
             single = torch.as_tensor(batch_is_sc, dtype=torch.bool, device=kernel.device)
             if tuple(single.shape) != (b,):
                 raise ValueError(f"batch_is_sc must give one flag per sample ({b}), got shape {tuple(single.shape)}")
-            kernel = kernel * (~single).view(b, 1, 1)
+            gate = (~single).to(torch.promote_types(kernel.dtype, torch.float32))
         probs = functional._resize_to_grid(probs, (kernel_h, kernel_w))
         dtype = torch.promote_types(kernel.dtype, torch.float32)
-        pairs = kernel * self._decay(kernel_xy_mask, n, kernel.device, dtype)
-        p = probs.flatten(2).transpose(1, 2).to(pairs.dtype)
+        p = probs.flatten(2).transpose(1, 2).to(dtype)
+        lean, dense = self._structure(kernel_xy_mask, n, kernel.device, dtype)
+        if lean is not None:
+            return {"loss": window_pairs_loss(kernel, p, gate, lean) / (b * n)}
+        if gate is not None:
+            kernel = kernel * gate.view(b, 1, 1)
+        pairs = kernel * dense
         return {"loss": (pairs.sum() - (torch.bmm(pairs, p) * p).sum()) / (b * n)}

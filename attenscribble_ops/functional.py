@@ -185,6 +185,11 @@ def _check_grid(grid, n: int) -> tuple[int, int]:
     return h, w
 
 
+def _head_dim_option(x: torch.Tensor) -> str:
+    """Backend-selection option for head dims above what the GPU kernels keep in registers."""
+    return "head_dim>128" if x.shape[-1] > 128 else ""
+
+
 def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor, head_weight: torch.Tensor,
                               head_bias: torch.Tensor, *, grid, radius: int = 5, sigma: float = 6.0,
                               logit_scale: float = 1.0, sample_weight: Optional[torch.Tensor] = None,
@@ -213,8 +218,11 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
         sample_weight: (B,) per-sample gate g_b (official: 0 for single-class slices); not learnable.
         grad_probs, grad_kernel: let gradients flow into the probabilities / into the kernel
             (q, k, head_weight, head_bias); both False is an error.
-        lse: optional (B, heads, n) row log-sum-exps of the similarity logits from a fused attention
-            (backends that can use it skip recomputing them).
+        lse: optional (B, heads, n) row log-sum-exps of the similarity logits, as returned by
+            :func:`spatial_attention` (fused backends then skip their own sweep, and the LSE gradient
+            flows back through the attention's backward, completing dq, dk). An LSE without autograd
+            history while q or k require grad is ignored (recomputed), since the gradient through it
+            is part of dq, dk.
         backend: "auto", "reference", "cpu", "cuda" or "triton".
 
     Returns:
@@ -253,6 +261,8 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
         if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (batch, heads, n):
             raise ValueError(f"lse must be a (B, heads, n) = ({batch}, {heads}, {n}) tensor, got "
                              f"{_checks._describe(lse)}")
+        if not lse.is_floating_point():
+            raise TypeError(f"lse must be a floating-point tensor (row log-sum-exps), got {lse.dtype}")
         _checks.same_device("lse", lse, "q", q)
     backend = _checks.choice(backend, "backend", backends.CHOICES)
     probs_grid = _resize_to_grid(probs, (h, w))
@@ -263,22 +273,31 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
     if not grad_kernel:
         q, k, head_weight, head_bias = q.detach(), k.detach(), head_weight.detach(), head_bias.detach()
         lse = None if lse is None else lse.detach()
-    _, impl = backends.select("attentive_similarity", backend, backends.Meta.of(q))
+    elif lse is not None and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) \
+            and not lse.requires_grad:
+        # A detached LSE would drop the dense part of dq, dk (through d lse / d q, d k): recompute it.
+        lse = None
+    _, impl = backends.select("attentive_similarity", backend, backends.Meta.of(q, _head_dim_option(q)))
     raw = impl(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, (h, w), radius, sigma, logit_scale)
     return raw / (batch * n)
 
 
 def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, logit_scale: float = 1.0,
-                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                      backend: str = "auto", tie_qk: bool = False) -> tuple[torch.Tensor, ...]:
     """Attention of the spatial self-attention block, with the similarity normaliser.
 
     Args:
         q, k, v: (B, heads, n, D).
         logit_scale: scale of the similarity logits whose row log-sum-exp is returned.
+        tie_qk: also return q and k as views owned by the attention's autograd node, to hand to
+            :func:`attentive_similarity_loss` with the LSE: the fused backends then add the
+            attention's dq, dk into the loss's window terms in place (one gradient buffer per
+            tensor instead of two). Values and gradients are the same either way.
 
     Returns:
-        ``(out, lse_sim)``: out = softmax(q k^T / sqrt(D)) v, (B, heads, n, D) in the dtype of q;
-        lse_sim = logsumexp_j(logit_scale * q_i . k_j), (B, heads, n) in fp32 (fp64 for fp64).
+        ``(out, lse_sim)``, or ``(out, lse_sim, q, k)`` with ``tie_qk``: out = softmax(q k^T /
+        sqrt(D)) v, (B, heads, n, D) in the dtype of q; lse_sim = logsumexp_j(logit_scale *
+        q_i . k_j), (B, heads, n) in fp32 (fp64 for fp64).
     """
     _check_attention_qk(q, k)
     v = _checks.floating_tensor(v, "v", (4,), "(B, heads, n, D)")
@@ -290,5 +309,7 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, logi
     _checks.same_device("v", v, "q", q)
     logit_scale = _checks.number(logit_scale, "logit_scale")
     backend = _checks.choice(backend, "backend", backends.CHOICES)
-    _, impl = backends.select("spatial_attention", backend, backends.Meta.of(q))
-    return impl(q, k, v, logit_scale)
+    tie_qk = _checks.flag(tie_qk, "tie_qk")
+    _, impl = backends.select("spatial_attention", backend,
+                              backends.Meta.of(q, _head_dim_option(q), _head_dim_option(v)))
+    return impl(q, k, v, logit_scale, tie_qk=tie_qk)

@@ -110,7 +110,9 @@ class _Block(nn.Module):
         u = self.norm1(x)
         q = self.q(u).reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
         k, v = self.kv(u).reshape(b, n, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out, lse = functional.spatial_attention(q, k, v, logit_scale=self.logit_scale, backend=self.backend)
+        # q, k tied to the attention node: the loss's dq, dk window terms join the attention's in place
+        out, lse, q, k = functional.spatial_attention(q, k, v, logit_scale=self.logit_scale, backend=self.backend,
+                                                      tie_qk=True)
         x = x + self.drop_path(self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c))))
         x = x + self.drop_path(self.mlp(self.norm2(x), h, w))
         return x, q, k, lse

@@ -46,4 +46,40 @@ TORCH_LIBRARY(attenscribble_ops, m) {
   // radius and spacing have one value per spatial axis.
   m.def("masked_crf_forward(Tensor probs, Tensor? image, Tensor? mask_dst, Tensor? mask_src, Tensor? compat, "
         "float[] table, int[] radius, float[] spacing, bool zero_padding, bool with_grad) -> (Tensor, Tensor)");
+
+  // Attention of the spatial self-attention block (B, heads, n, D): out = softmax(q k^T / sqrt(D)) v
+  // with the row log-sum-exps of the scaled logits (lse_attn, for the backward) and of the
+  // similarity logits logit_scale * q k^T (lse_sim). The backward takes the gradients of all three
+  // outputs (the LSE gradients optional) and returns (dq, dk, dv). The "lse" pair is the same
+  // sweep without values. LSEs are fp32 (fp64 for fp64 inputs).
+  m.def("spatial_attention_forward(Tensor q, Tensor k, Tensor v, float logit_scale) -> (Tensor, Tensor, Tensor)");
+  m.def("spatial_attention_backward(Tensor dout, Tensor? dlse_attn, Tensor? dlse_sim, Tensor q, Tensor k, "
+        "Tensor v, Tensor out, Tensor lse_attn, Tensor lse_sim, float logit_scale) -> (Tensor, Tensor, Tensor)");
+  // The backward adding dq, dk into given buffers (the loss's window terms): returns dv.
+  m.def("spatial_attention_backward_accumulate(Tensor dout, Tensor? dlse_attn, Tensor? dlse_sim, Tensor q, "
+        "Tensor k, Tensor v, Tensor out, Tensor lse_attn, Tensor lse_sim, float logit_scale, Tensor(a!) dq, "
+        "Tensor(b!) dk) -> Tensor");
+  m.def("spatial_attention_lse(Tensor q, Tensor k, float logit_scale) -> Tensor");
+  m.def("spatial_attention_lse_backward(Tensor dlse, Tensor q, Tensor k, Tensor lse, float logit_scale) "
+        "-> (Tensor, Tensor)");
+
+  // Local-window part of the attentive similarity loss: per-token sums (B, n) over each token's
+  // (2r+1)^2 window, from q, k (B, heads, n, D), the similarity LSEs (B, heads, n), probs on the
+  // grid (B, C, h, w), the head mixing (heads,) + (), an optional per-sample gate (B,). The backward
+  // takes the per-token upstream gradient (B, n) and returns (dq, dk, dlse, dprobs, dhead_weight,
+  // dhead_bias); dq, dk hold the window terms with lse fixed, dlse completes them through the
+  // attention backward.
+  m.def("attentive_similarity_forward(Tensor q, Tensor k, Tensor lse, Tensor probs, Tensor head_weight, "
+        "Tensor head_bias, Tensor? sample_weight, int radius, float sigma, float logit_scale) -> Tensor");
+  m.def("attentive_similarity_backward(Tensor grad_rows, Tensor q, Tensor k, Tensor lse, Tensor probs, "
+        "Tensor head_weight, Tensor head_bias, Tensor? sample_weight, int radius, float sigma, float logit_scale) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same loss computing its own LSE (the attention's similarity sweep) when none is handed
+  // over: returns (rows, lse); the backward runs the window kernel and then the dense LSE sweep
+  // into the same gradient buffers, returning (dq, dk, dprobs, dhead_weight, dhead_bias).
+  m.def("attentive_similarity_fused_forward(Tensor q, Tensor k, Tensor probs, Tensor head_weight, "
+        "Tensor head_bias, Tensor? sample_weight, int radius, float sigma, float logit_scale) -> (Tensor, Tensor)");
+  m.def("attentive_similarity_fused_backward(Tensor grad_rows, Tensor? grad_lse, Tensor q, Tensor k, Tensor lse, "
+        "Tensor probs, Tensor head_weight, Tensor head_bias, Tensor? sample_weight, int radius, float sigma, "
+        "float logit_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

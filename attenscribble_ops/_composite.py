@@ -1,0 +1,74 @@
+"""Compositions of the fused ops shared by the compiled ("cpu", "cuda") and Triton backends. Plain
+PyTorch: importing it registers nothing, so either backend family loads without the other.
+
+* :func:`fused_loss`: the attentive similarity loss from a fused op (no LSE handed over) or the
+  window op (an LSE from the attention).
+* :func:`attention` / :class:`TiedAttention`: the spatial attention; with ``tie_qk=True`` it also
+  returns q and k as views owned by its autograd node, for the similarity loss. The loss's window
+  terms of dq, dk then arrive in the attention's backward as the gradients of those views, and an
+  accumulate op adds the attention's own dq, dk into them in place: q and k hold one gradient
+  buffer each instead of two (the window terms alive while a second dq, dk pair is produced).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fused_loss(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, radius, sigma, logit_scale,
+               fused_op, window_op) -> torch.Tensor:
+    """The un-normalised loss: ``fused_op(q, k, probs, hw, hb, sw, r, sigma, s) -> (rows, lse)``
+    without an LSE, else ``window_op(q, k, lse, ...) -> rows``. Shared by the compiled and the
+    Triton backends."""
+    if lse is None:
+        rows, _ = fused_op(q, k, probs_grid, head_weight, head_bias, sample_weight, radius, sigma, logit_scale)
+    else:
+        rows = window_op(q, k, lse.to(acc_dtype(q.dtype)), probs_grid, head_weight, head_bias, sample_weight, radius,
+                         sigma, logit_scale)
+    return rows.sum()
+
+
+def _accumulator(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """A buffer the accumulate op may add into: the incoming gradient itself when it is already a
+    contiguous accumulation-type tensor (the window op's output), else a converted copy."""
+    acc = acc_dtype(like.dtype)
+    if grad is None:
+        return torch.zeros(like.shape, dtype=acc, device=like.device)
+    if grad.dtype == acc and grad.is_contiguous() and grad.shape == like.shape:
+        return grad
+    return grad.to(acc).contiguous()
+
+
+class TiedAttention(torch.autograd.Function):
+    """(out, lse_sim, q_view, k_view) from a forward op; the backward adds the attention's dq, dk
+    into the gradients of q_view, k_view with an accumulate op (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, logit_scale, forward_op, accumulate_op):
+        out, lse_attn, lse_sim = forward_op(q, k, v, logit_scale)
+        ctx.save_for_backward(q, k, v, out, lse_attn, lse_sim)
+        ctx.logit_scale, ctx.accumulate_op = logit_scale, accumulate_op
+        return out, lse_sim, q.view_as(q), k.view_as(k)
+
+    @staticmethod
+    def backward(ctx, dout, dlse_sim, dq, dk):
+        q, k, v, out, lse_attn, lse_sim = ctx.saved_tensors
+        dq, dk = _accumulator(dq, q), _accumulator(dk, k)
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dv = ctx.accumulate_op(dout, None, dlse_sim, q, k, v, out, lse_attn, lse_sim, ctx.logit_scale, dq, dk)
+        return dq.to(q.dtype), dk.to(k.dtype), dv, None, None, None
+
+
+def attention(q, k, v, logit_scale, tie_qk, forward_op, accumulate_op):
+    """``forward_op(q, k, v, s) -> (out, lse_attn, lse_sim)`` (an op with registered autograd);
+    ``accumulate_op``: its backward adding dq, dk into given buffers, returning dv."""
+    if tie_qk:
+        return TiedAttention.apply(q, k, v, logit_scale, forward_op, accumulate_op)
+    out, _, lse_sim = forward_op(q, k, v, logit_scale)
+    return out, lse_sim

@@ -1,0 +1,305 @@
+"""The operators behind attentive_similarity_loss and spatial_attention: torch.library.opcheck of
+the compiled and Triton ops, torch.compile(fullgraph=True), the CUDA sources through nvcc, the
+backends on a GPU when one is present, "auto" under deterministic mode, and the lean windowed path
+of compat.AttnGatedCRF."""
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.cpp_extension import include_paths
+
+import attenscribble_ops as A
+from attenscribble_ops.compat import AttnGatedCRF, pre_compute_xy_mask
+from attenscribble_ops.testing import make_similarity_inputs, runnable_backends
+
+from conftest import requires_cuda
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPS = torch.ops.attenscribble_ops
+COMPILED = "cpu" in runnable_backends("attentive_similarity", "cpu")
+TRITON = "triton" in runnable_backends("attentive_similarity", "cpu")
+requires_compiled = pytest.mark.skipif(not COMPILED, reason="attenscribble_ops._C is not built")
+requires_triton = pytest.mark.skipif(not TRITON, reason="triton (or its interpreter) is unavailable")
+
+
+def _window_args(device="cpu", dtype=torch.float32, requires_grad=True, gate=True):
+    x = make_similarity_inputs(2, 2, (4, 5), 16, probs_factor=1, dtype=dtype, device=device)
+    lse = torch.logsumexp(x["q"] @ x["k"].transpose(-1, -2), -1).float()
+    tensors = [x["q"], x["k"], lse, x["probs"], x["head_weight"], x["head_bias"]]
+    tensors = [t.clone().requires_grad_(requires_grad) for t in tensors]
+    sample_weight = torch.tensor([1.0, 0.5], device=device) if gate else None
+    return tensors + [sample_weight, 2, 1.5, 0.9]
+
+
+def _attention_args(device="cpu", dtype=torch.float32, requires_grad=True):
+    q, k, v = (torch.randn(1, 2, 19, 16, device=device, dtype=dtype, requires_grad=requires_grad) for _ in range(3))
+    return q, k, v
+
+
+@requires_compiled
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_compiled_ops(requires_grad):
+    q, k, v = _attention_args(requires_grad=requires_grad)
+    torch.library.opcheck(OPS.spatial_attention_forward, (q, k, v, 1.2))
+    torch.library.opcheck(OPS.spatial_attention_lse, (q, k, 0.8))
+    torch.library.opcheck(OPS.attentive_similarity_forward, tuple(_window_args(requires_grad=requires_grad)))
+    torch.library.opcheck(OPS.attentive_similarity_forward, tuple(_window_args(requires_grad=requires_grad,
+                                                                               gate=False)))
+    fused = _window_args(requires_grad=requires_grad)
+    del fused[2]  # the fused op computes its own LSE
+    torch.library.opcheck(OPS.attentive_similarity_fused_forward, tuple(fused))
+
+
+@requires_compiled
+def test_opcheck_compiled_backward_ops():
+    q, k, v = _attention_args(requires_grad=False)
+    out, lse_attn, lse_sim = OPS.spatial_attention_forward(q, k, v, 1.0)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse_sim)
+    torch.library.opcheck(OPS.spatial_attention_backward, (dout, dlse, dlse, q, k, v, out, lse_attn, lse_sim, 1.0))
+    torch.library.opcheck(OPS.spatial_attention_backward, (dout, None, None, q, k, v, out, lse_attn, lse_sim, 1.0))
+    torch.library.opcheck(OPS.spatial_attention_lse_backward, (dlse, q, k, lse_sim, 1.0))
+    torch.library.opcheck(OPS.spatial_attention_backward_accumulate,
+                          (dout, None, dlse, q, k, v, out, lse_attn, lse_sim, 1.0, torch.rand_like(q),
+                           torch.rand_like(k)))
+    args = _window_args(requires_grad=False)
+    torch.library.opcheck(OPS.attentive_similarity_backward, (torch.rand(2, 20),) + tuple(args))
+    torch.library.opcheck(OPS.attentive_similarity_fused_backward,
+                          (torch.rand(2, 20), torch.rand(2, 2, 20)) + tuple(args))
+    torch.library.opcheck(OPS.attentive_similarity_fused_backward, (torch.rand(2, 20), None) + tuple(args))
+
+
+@requires_compiled
+def test_gradcheck_fused_op_both_outputs():
+    """The fused op's rows and its LSE output (whose gradient joins the window's dlse)."""
+    args = _window_args(dtype=torch.float64)
+    q, k, _, probs, hw, hb = args[:6]
+    rest = args[6:]
+    assert torch.autograd.gradcheck(lambda q, k, p, w, b: OPS.attentive_similarity_fused_forward(q, k, p, w, b, *rest),
+                                    (q, k, probs, hw, hb), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@requires_triton
+def test_opcheck_triton_ops():
+    from attenscribble_ops.triton import attentive_similarity as tas
+    from attenscribble_ops.triton import spatial_attention as tsa
+
+    q, k, v = _attention_args(requires_grad=True)
+    torch.library.opcheck(tsa.spatial_attention_forward_triton, (q, k, v, 1.2))
+    torch.library.opcheck(tsa.spatial_attention_lse_triton, (q, k, 0.8))
+    plain = [t.detach() for t in (q, k, v)]
+    out, lse_attn, lse_sim = tsa.spatial_attention_forward_triton(*plain, 1.0)
+    torch.library.opcheck(tsa.spatial_attention_backward_accumulate_triton,
+                          (torch.randn_like(out), None, torch.randn_like(lse_sim), *plain, out, lse_attn, lse_sim, 1.0,
+                           torch.rand_like(plain[0]), torch.rand_like(plain[1])))
+    args = _window_args(requires_grad=True)
+    torch.library.opcheck(tas.attentive_similarity_forward_triton, tuple(args))
+    plain = [a.detach() if torch.is_tensor(a) else a for a in args]
+    torch.library.opcheck(tas.attentive_similarity_backward_triton, (torch.rand(2, 20),) + tuple(plain))
+    fused = list(args)
+    del fused[2]
+    torch.library.opcheck(tas.attentive_similarity_fused_forward_triton, tuple(fused))
+    torch.library.opcheck(tas.attentive_similarity_fused_backward_triton,
+                          (torch.rand(2, 20), torch.rand(2, 2, 20)) + tuple(plain))
+
+
+def _block_and_loss(q, k, v, probs, hw, hb, backend):
+    out, lse, q, k = A.spatial_attention(q, k, v, backend=backend, tie_qk=True)
+    loss = A.attentive_similarity_loss(q, k, probs, hw, hb, grid=(5, 6), radius=2, lse=lse, backend=backend)
+    return loss + out.square().mean()
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if (COMPILED, TRITON)[b == "triton"]])
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    x = make_similarity_inputs(2, 1, (5, 6), 16, seed=1)
+    v = torch.randn_like(x["q"])
+    results = []
+    for fn in (_block_and_loss, torch.compile(_block_and_loss, fullgraph=True)):
+        leaves = [t.detach().clone().requires_grad_() for t in (x["q"], x["k"], v, x["probs"], x["head_weight"],
+                                                               x["head_bias"])]
+        loss = fn(*leaves, backend)
+        loss.backward()
+        results.append([loss.detach()] + [t.grad for t in leaves])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_cuda_sources_compile_with_nvcc(tmp_path):
+    """The device code compiles for sm_90 against torch's headers (no GPU or CUDA torch needed)."""
+    flags = ["-std=c++20", "-arch=sm_90", "-c", "--expt-relaxed-constexpr", f"-I{os.path.join(ROOT, 'csrc')}"]
+    flags += [f"-I{p}" for p in include_paths()]
+    procs = {}
+    for stem in ("attentive_similarity", "spatial_attention"):
+        src = os.path.join(ROOT, "csrc", "cuda", f"{stem}.cu")
+        procs[stem] = subprocess.Popen(["nvcc", *flags, src, "-o", str(tmp_path / f"{stem}.o")],
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for stem, proc in procs.items():
+        output, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"nvcc failed on {stem}.cu:\n{output[-4000:]}"
+        assert (tmp_path / f"{stem}.o").stat().st_size > 0
+
+
+@requires_compiled
+def test_auto_is_deterministic_and_picks_the_fused_kernel():
+    meta = A.backends.Meta("cpu", torch.float32, 4)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert A.backends.select("attentive_similarity", "auto", meta)[0] == "cpu"
+        assert A.backends.select("spatial_attention", "auto", meta)[0] == "cpu"
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def test_head_dims_above_128_skip_the_gpu_kernels():
+    meta = A.backends.Meta("cuda", torch.float32, 4, frozenset({"head_dim>128"}))
+    assert "head dims" in (A.backends.why_not("spatial_attention", "triton", meta) or "")
+    if COMPILED:
+        assert A.backends.why_not("spatial_attention", "cuda", meta) is not None
+
+
+# ---- on a GPU -----------------------------------------------------------------------------------
+
+@requires_cuda
+@pytest.mark.parametrize("backend, dtype", [("cuda", torch.float32), ("cuda", torch.float64),
+                                            ("triton", torch.float32)])  # Triton computes in fp32
+def test_gpu_backends_match_reference(backend, dtype, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    x = make_similarity_inputs(2, 2, (13, 17), 32, device="cuda", dtype=torch.float64, seed=2)
+    v = torch.randn_like(x["q"])
+    gate = torch.tensor([1.0, 0.5], device="cuda", dtype=torch.float64)
+    results = {}
+    for be, dt in (("reference", torch.float64), (backend, dtype)):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (x["q"], x["k"], v, x["probs"], x["head_weight"],
+                                                                x["head_bias"])]
+        q, k, vv, probs, hw, hb = leaves
+        out, lse = A.spatial_attention(q, k, vv, logit_scale=1.1, backend=be)
+        loss = A.attentive_similarity_loss(q, k, probs, hw, hb, grid=(13, 17), radius=5, logit_scale=1.1, lse=lse,
+                                           sample_weight=gate.to(dt), backend=be)
+        (2.5 * loss + (out * 0.01).sum()).backward()
+        results[be] = [loss.detach(), out.detach(), lse.detach()] + [t.grad for t in leaves]
+    rtol, atol = (1e-9, 1e-10) if dtype == torch.float64 else (2e-4, 2e-5)
+    for got, want in zip(results[backend], results["reference"]):
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * want.abs().max().item())
+
+
+@requires_cuda
+def test_triton_uses_tf32_only_when_torch_allows_it(monkeypatch):
+    from attenscribble_ops.triton.spatial_attention import precision
+
+    q = torch.rand(1, 1, 64, 32, device="cuda")
+    for allowed, expected in ((False, "ieee"), (True, "tf32")):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allowed)
+        assert precision(q) == expected
+        assert precision(q.half()) == "ieee"  # half operands run on tensor cores regardless
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    exact = torch.logsumexp(q.double() @ q.double().transpose(-1, -2), -1)
+    _, lse = A.spatial_attention(q, q, q, backend="triton")
+    torch.testing.assert_close(lse.double(), exact, rtol=1e-6, atol=1e-6)
+
+
+@requires_cuda
+def test_gpu_gradcheck_float64():
+    x = make_similarity_inputs(1, 2, (3, 4), 4, probs_factor=1, device="cuda", dtype=torch.float64, seed=3)
+    v = torch.randn_like(x["q"])
+
+    def fn(q, k, v, probs, hw, hb):
+        out, lse = A.spatial_attention(q, k, v, backend="cuda")
+        return out, A.attentive_similarity_loss(q, k, probs, hw, hb, grid=(3, 4), radius=2, lse=lse, backend="cuda")
+
+    args = tuple(t.clone().requires_grad_() for t in (x["q"], x["k"], v, x["probs"], x["head_weight"],
+                                                      x["head_bias"]))
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_low_precision(backend, dtype):
+    x = make_similarity_inputs(2, 1, (16, 16), 64, device="cuda", dtype=torch.float64, seed=4)
+    rounded = [x[name].to(dtype).double() for name in ("q", "k", "probs", "head_weight", "head_bias")]
+    errors = {}
+    for be, dt in (("exact", torch.float64), ("reference", dtype), (backend, dtype)):
+        leaves = [t.detach().to(dt).requires_grad_() for t in rounded]
+        loss = A.attentive_similarity_loss(*leaves, grid=(16, 16), backend="reference" if be == "exact" else be)
+        loss.backward()
+        errors[be] = [loss.detach().double()] + [t.grad.double() for t in leaves]
+    for e, r, g in zip(errors["exact"], errors["reference"], errors[backend]):
+        assert (g - e).abs().max() <= 2 * (r - e).abs().max() + 1e-3 * e.abs().max()
+
+
+# ---- compat.AttnGatedCRF ------------------------------------------------------------------------
+
+def _official_attn_gated_crf(y, kernel, mask, kh, kw, y_grad, k_grad, exclude, single):
+    """The original's computation (dense identity, dense mask), transcribed from spec section 4."""
+    y = y if y_grad else y.detach()
+    kernel = kernel if k_grad else kernel.detach()
+    if k_grad and exclude and single is not None:
+        kernel = kernel * (~torch.as_tensor(single)).view(-1, 1, 1)
+    y = F.interpolate(y, size=(kh, kw), mode="bilinear", align_corners=False)
+    n = kh * kw
+    pairs = (1 - torch.eye(n, dtype=kernel.dtype)) * kernel * torch.from_numpy(mask).to(kernel.dtype)
+    p = y.flatten(2).transpose(1, 2)
+    return (pairs.sum() - (torch.bmm(pairs, p) * p).sum()) / (kernel.shape[0] * n)
+
+
+@pytest.mark.parametrize("flags", [(True, True, False, None), (True, True, True, [True, False, False]),
+                                   (False, True, False, None), (True, False, False, None)])
+@pytest.mark.parametrize("grid, radius", [((16, 17), 2), ((6, 7), 3)])
+def test_attn_gated_crf_matches_the_original(flags, grid, radius):
+    h, w = grid
+    n = h * w
+    mask = pre_compute_xy_mask(h, w, radius, 6.0)
+    g = torch.Generator().manual_seed(5)
+    y = torch.softmax(torch.randn(3, 4, 4 * h, 4 * w, generator=g, dtype=torch.float64), 1)
+    kernel = torch.rand(3, n, n, generator=g, dtype=torch.float64).transpose(1, 2)  # strided, as a user may pass
+    module = AttnGatedCRF()
+    results = []
+    for fn in (_official_attn_gated_crf, lambda *a: module(*a)["loss"]):
+        yy, kk = y.clone().requires_grad_(), kernel.clone().requires_grad_()
+        loss = fn(yy, kk, mask, h, w, *flags)
+        (1.7 * loss).backward()
+        results.append((loss.detach(), yy.grad, kk.grad))
+    for got, want in zip(results[1], results[0]):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+    lean = next(iter(module._masks.values()))[1] is not None
+    assert lean == (grid == (16, 17)), "the sparse official mask takes the lean path, a dense one does not"
+
+
+def test_attn_gated_crf_saves_no_n_by_n_tensor_but_its_input():
+    h = w = 16
+    n = h * w
+    mask = pre_compute_xy_mask(h, w, 2, 6.0)
+    kernel = torch.rand(2, n, n, requires_grad=True)
+    y = torch.softmax(torch.randn(2, 4, 64, 64), 1).requires_grad_()
+    big = []
+
+    def pack(t):
+        if t.numel() >= n * n:
+            big.append(t.data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = AttnGatedCRF()(y, kernel, mask, h, w)["loss"]
+    loss.backward()
+    assert big == [kernel.data_ptr()]
+    assert kernel.grad.shape == kernel.shape and y.grad is not None
+
+
+def test_attn_gated_crf_bad_inputs():
+    module = AttnGatedCRF()
+    y = torch.rand(2, 4, 8, 8)
+    with pytest.raises(ValueError, match="kernel_xy_mask must have shape"):
+        module(y, torch.rand(2, 16, 16), pre_compute_xy_mask(3, 3, 1, 6.0), 4, 4)
+    with pytest.raises(TypeError, match="kernel_xy_mask"):
+        module(y, torch.rand(2, 16, 16), [[0.0]], 4, 4)
+    with pytest.raises(ValueError, match="kernel must have shape"):
+        module(y, torch.rand(2, 16, 15), pre_compute_xy_mask(4, 4, 1, 6.0), 4, 4)
+    with pytest.raises(ValueError, match="both False"):
+        module(y, torch.rand(2, 16, 16), pre_compute_xy_mask(4, 4, 1, 6.0), 4, 4, False, False)

@@ -1,0 +1,246 @@
+"""spatial_attention (out and the similarity LSE) and the SpatialSelfAttention block: every backend
+against the dense reference with random upstream gradients for both outputs, odd lengths, head
+dims 8-128, extreme logits, float64 gradcheck of every op output, the low-precision rule, the
+block end to end with the loss (no n x n tensor saved), and bad inputs."""
+import pytest
+import torch
+
+import attenscribble_ops as A
+from attenscribble_ops.nn import AttentiveSimilarityLoss, SpatialSelfAttention
+from attenscribble_ops.testing import runnable_backends
+
+FUSED = [b for b in runnable_backends("spatial_attention", "cpu", torch.float32) if b != "reference"]
+OPS = torch.ops.attenscribble_ops
+
+
+def _dtype_for(backend):
+    return torch.float32 if backend == "triton" else torch.float64
+
+
+def _inputs(shape, dv=None, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(shape, generator=g, dtype=torch.float64) * scale
+    k = torch.randn(shape, generator=g, dtype=torch.float64) * scale
+    v = torch.randn(shape[:3] + (dv or shape[3],), generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def _run(backend, dtype, q, k, v, logit_scale, dout=None, dlse=None):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = A.spatial_attention(*leaves, logit_scale=logit_scale, backend=backend)
+    total = 0
+    if dout is not None:
+        total = total + (out.double() * dout).sum()
+    if dlse is not None:
+        total = total + (lse.double() * dlse).sum()
+    total.backward()
+    return [out.detach(), lse.detach()] + [t.grad for t in leaves]
+
+
+def _compare(got, want, dtype):
+    rtol, atol = (1e-9, 1e-10) if dtype == torch.float64 else (2e-4, 2e-5)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        if w is None:  # the reference's lse does not depend on v; a fused op may return zeros for it
+            assert g is None or torch.count_nonzero(g) == 0, name
+            continue
+        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol * w.abs().max().item(), msg=name)
+
+
+SHAPES = [((2, 3, 37, 16), None), ((1, 2, 50, 24), 8), ((1, 1, 300, 64), None), ((1, 1, 65, 128), None)]
+
+
+# the Triton interpreter runs the long sequence once, with both gradients
+MATCH_CASES = [(b, c, g) for b in FUSED for c in range(len(SHAPES)) for g in ("both", "out", "lse")
+               if not (b == "triton" and SHAPES[c][0][2] > 100 and g != "both")]
+
+
+@pytest.mark.parametrize("backend, case, grads", MATCH_CASES)
+def test_matches_reference(backend, case, grads):
+    shape, dv = SHAPES[case]
+    q, k, v = _inputs(shape, dv, seed=case)
+    dout = torch.randn(shape[:3] + (dv or shape[3],), dtype=torch.float64) if grads != "lse" else None
+    dlse = torch.randn(shape[:3], dtype=torch.float64) if grads != "out" else None
+    want = _run("reference", torch.float64, q, k, v, 1.3, dout, dlse)
+    got = _run(backend, _dtype_for(backend), q, k, v, 1.3, dout, dlse)
+    _compare(got, want, _dtype_for(backend))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("logit_scale", [0.0, -0.6])
+def test_zero_and_negative_logit_scale(backend, logit_scale):
+    q, k, v = _inputs((1, 2, 19, 16), seed=3)
+    dlse = torch.randn(1, 2, 19, dtype=torch.float64)
+    dout = torch.randn(1, 2, 19, 16, dtype=torch.float64)
+    want = _run("reference", torch.float64, q, k, v, logit_scale, dout, dlse)
+    got = _run(backend, _dtype_for(backend), q, k, v, logit_scale, dout, dlse)
+    _compare(got, want, _dtype_for(backend))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_extreme_logits_do_not_overflow(backend):
+    """Logits near +-1e4: the LSEs equal the row maximum (plus log of its multiplicity), finite."""
+    q, k, v = _inputs((1, 1, 40, 16), seed=4)
+    scale = (1e4 / (q @ k.transpose(-1, -2)).abs().max()) ** 0.5
+    q, k = q * scale, k * scale
+    dtype = _dtype_for(backend)
+    for sign in (1.0, -1.0):
+        out, lse = A.spatial_attention((sign * q).to(dtype), k.to(dtype), v.to(dtype), backend=backend)
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+        exact = torch.logsumexp(sign * q @ k.transpose(-1, -2), -1)
+        torch.testing.assert_close(lse.double(), exact, rtol=1e-3 if dtype == torch.float32 else 1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("backend", [b for b in ["reference"] + FUSED if b != "triton"])
+def test_gradcheck_float64_all_outputs(backend):
+    q, k, v = (t.requires_grad_() for t in _inputs((1, 2, 9, 4), dv=3, seed=5))
+
+    def fn(q, k, v):
+        out, lse = A.spatial_attention(q, k, v, logit_scale=0.8, backend=backend)
+        return out, lse
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.skipif("cpu" not in FUSED, reason="the cpu backend is not built")
+def test_gradcheck_compiled_ops_including_lse_attn():
+    """The op's three outputs, lse_attn included (its gradient enters through delta)."""
+    q, k, v = (t.requires_grad_() for t in _inputs((2, 1, 7, 4), dv=5, seed=6))
+    assert torch.autograd.gradcheck(lambda q, k, v: OPS.spatial_attention_forward(q, k, v, 1.1), (q, k, v),
+                                    eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert torch.autograd.gradcheck(lambda q, k: OPS.spatial_attention_lse(q, k, -0.7), (q, k),
+                                    eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+# the Triton interpreter has no bfloat16 (numpy lacks it)
+LOW_PRECISION_CASES = [(b, d) for b in FUSED for d in (torch.float16, torch.bfloat16)
+                       if not (b == "triton" and d == torch.bfloat16)]
+
+
+@pytest.mark.parametrize("backend, dtype", LOW_PRECISION_CASES)
+def test_low_precision_error_within_twice_the_reference(backend, dtype):
+    q, k, v = _inputs((1, 2, 45, 32), seed=7, scale=0.5)
+    dout = torch.randn(1, 2, 45, 32, dtype=torch.float64)
+    dlse = torch.randn(1, 2, 45, dtype=torch.float64)
+    rq, rk, rv = (t.to(dtype).double() for t in (q, k, v))
+    exact = _run("reference", torch.float64, rq, rk, rv, 1.0, dout, dlse)
+    ref = _run("reference", dtype, rq, rk, rv, 1.0, dout, dlse)
+    got = _run(backend, dtype, rq, rk, rv, 1.0, dout, dlse)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    for name, e, r, g in zip(("out", "lse", "dq", "dk", "dv"), exact, ref, got):
+        ref_err = (r.double() - e).abs().max().item()
+        err = (g.double() - e).abs().max().item()
+        assert err <= 2 * ref_err + 1e-6 * e.abs().max().item(), f"{name}: {err:.3g} vs reference {ref_err:.3g}"
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_deterministic(backend):
+    q, k, v = _inputs((2, 1, 33, 16), seed=8)
+    dout, dlse = torch.randn(2, 1, 33, 16, dtype=torch.float64), torch.randn(2, 1, 33, dtype=torch.float64)
+    first = _run(backend, torch.float32, q, k, v, 1.0, dout, dlse)
+    second = _run(backend, torch.float32, q, k, v, 1.0, dout, dlse)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_tied_q_k_give_the_same_gradients(backend):
+    """tie_qk: the loss's window terms are added into by the attention backward, in place."""
+    q, k, v = _inputs((2, 2, 30, 16), seed=9)
+    probs = torch.softmax(torch.randn(2, 3, 10, 12, dtype=torch.float64), 1)
+    hw, hb = torch.tensor([0.4, -0.3], dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64)
+    dout = torch.randn_like(q)
+    dtype = _dtype_for(backend)
+    grads = []
+    for tie in (False, True):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        result = A.spatial_attention(*leaves, backend=backend, tie_qk=tie)
+        out, lse = result[:2]
+        qs, ks = result[2:] if tie else leaves[:2]
+        loss = A.attentive_similarity_loss(qs, ks, probs.to(dtype), hw.to(dtype), hb.to(dtype), grid=(5, 6),
+                                           radius=2, lse=lse, backend=backend)
+        (3.0 * loss + (out * dout.to(dtype)).sum()).backward()
+        grads.append([loss.detach()] + [t.grad for t in leaves])
+    for untied, tied in zip(*grads):
+        torch.testing.assert_close(tied, untied, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("heads, depth", [(1, 1), (2, 2)])
+def test_block_and_loss_match_reference(backend, heads, depth):
+    """SpatialSelfAttention + AttentiveSimilarityLoss end to end: every parameter's gradient."""
+    dtype = _dtype_for(backend)
+    grads = {}
+    for be, dt in (("reference", torch.float64), (backend, dtype)):
+        torch.manual_seed(0)
+        block = SpatialSelfAttention(16, heads=heads, depth=depth, backend=be).to(dt)
+        loss_fn = AttentiveSimilarityLoss(heads=block.similarity_heads, radius=2, backend=be).to(dt)
+        x = torch.randn(2, 16, 5, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dt)
+        probs = torch.softmax(torch.randn(2, 3, 10, 12, generator=torch.Generator().manual_seed(2)), 1).to(dt)
+        feats, sim = block(x)
+        loss = loss_fn(sim, probs, torch.tensor([1.0, 0.5], dtype=dt)) + feats.square().mean()
+        loss.backward()
+        params = list(block.named_parameters()) + list(loss_fn.named_parameters())
+        grads[be] = {name: p.grad.double() for name, p in params} | {"loss": loss.detach().double()}
+    rtol, atol = (1e-8, 1e-10) if dtype == torch.float64 else (1e-3, 1e-5)
+    for name, want in grads["reference"].items():
+        torch.testing.assert_close(grads[backend][name], want, rtol=rtol, atol=atol * max(want.abs().max(), 1e-3),
+                                   msg=name)
+
+
+@pytest.mark.skipif("cpu" not in FUSED, reason="the cpu backend is not built")
+def test_block_and_loss_never_save_an_n_by_n_tensor():
+    n = 16 * 16
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    block = SpatialSelfAttention(16, heads=2, backend="cpu")
+    loss_fn = AttentiveSimilarityLoss(heads=2, backend="cpu")
+    x = torch.randn(2, 16, 16, 16)
+    probs = torch.softmax(torch.randn(2, 4, 64, 64), 1).requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        feats, sim = block(x)
+        loss = loss_fn(sim, probs) + feats.mean()
+    loss.backward()
+    assert saved and max(saved) < n * n, f"a saved tensor has {max(saved)} elements (n^2 = {n * n})"
+    assert block.blocks[0].q.weight.grad is not None and loss_fn.weight.grad is not None
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    (dict(v=torch.rand(2, 2, 11, 8)), ValueError, "v must have shape"),
+    (dict(v=torch.rand(2, 2, 10, 8, dtype=torch.float64)), TypeError, "v must have the dtype"),
+    (dict(k=torch.rand(2, 2, 10, 4)), ValueError, "k must have the shape"),
+    (dict(q=torch.rand(2, 10, 8)), ValueError, "q must have shape"),
+    (dict(logit_scale=float("inf")), ValueError, "logit_scale"),
+    (dict(backend="fast"), ValueError, "backend"),
+])
+def test_bad_inputs(changes, error, match):
+    args = dict(q=torch.rand(2, 2, 10, 8), k=torch.rand(2, 2, 10, 8), v=torch.rand(2, 2, 10, 8))
+    kwargs = {}
+    for key, value in changes.items():
+        (args if key in args else kwargs)[key] = value
+    with pytest.raises(error, match=match):
+        A.spatial_attention(*args.values(), **kwargs)
+
+
+@pytest.mark.skipif("cpu" not in FUSED, reason="the cpu backend is not built")
+def test_compiled_ops_reject_bad_arguments():
+    q = torch.rand(1, 1, 6, 4)
+    with pytest.raises(ValueError, match="v must be"):
+        OPS.spatial_attention_forward(q, q, torch.rand(1, 2, 6, 4), 1.0)
+    with pytest.raises(TypeError, match="share one floating dtype"):
+        OPS.spatial_attention_lse(q, q.double(), 1.0)
+    with pytest.raises(ValueError, match="dlse must be"):
+        OPS.spatial_attention_lse_backward(torch.rand(1, 1, 5), q, q, torch.rand(1, 1, 6), 1.0)
+    with pytest.raises(ValueError, match="dout and out"):
+        OPS.spatial_attention_backward(torch.rand(1, 1, 6, 3), None, None, q, q, q, q, torch.rand(1, 1, 6),
+                                       torch.rand(1, 1, 6), 1.0)
+
+
+def test_block_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="divisible"):
+        SpatialSelfAttention(10, heads=3)
+    with pytest.raises(ValueError, match="x must be"):
+        SpatialSelfAttention(8)(torch.rand(1, 4, 3, 3))
