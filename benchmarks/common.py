@@ -24,6 +24,13 @@ import torch
 from attenscribble_ops.testing import peak_memory
 
 MODES = ("forward", "backward", "full")
+
+# The "backward" mode replays one graph's backward (retain_graph=True); compiled backwards that
+# donate their buffers refuse that. Donation saves memory in the compiled reference, so the "full"
+# mode (what the tables compare) is measured with it on, the other modes without.
+import torch._functorch.config  # noqa: E402
+
+_DONATED_BUFFER = getattr(torch._functorch.config, "donated_buffer", None)
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -34,11 +41,26 @@ class Unavailable(Exception):
 @dataclasses.dataclass
 class Workload:
     """``forward()`` returns a scalar loss (or a tensor; its sum is differentiated) built from
-    ``leaves``, the tensors whose gradients the backward computes."""
+    ``leaves``, the tensors whose gradients the backward computes. With ``grad_outputs``,
+    ``forward()`` returns a tuple of outputs and the backward seeds them with these gradients
+    (None: a scalar output seeded with 1). ``after_backward`` runs after each backward of the
+    "full" mode (e.g. an optimizer step); ``modes`` limits the modes the workload has."""
 
-    forward: Callable[[], torch.Tensor]
+    forward: Callable[[], object]
     leaves: Sequence[torch.Tensor]
     info: dict = dataclasses.field(default_factory=dict)  # recorded in the row (e.g. input sizes)
+    grad_outputs: Optional[Sequence[Optional[torch.Tensor]]] = None
+    after_backward: Optional[Callable[[], None]] = None
+    modes: Sequence[str] = MODES
+
+    def backward(self, result, retain_graph: bool = False) -> None:
+        if self.grad_outputs is None:
+            result.sum().backward(retain_graph=retain_graph)
+            return
+        pairs = [(o, g) for o, g in zip(result, self.grad_outputs)]
+        outputs = [o if g is not None else o.sum() for o, g in pairs]
+        grads = [g for _, g in pairs]
+        torch.autograd.backward(outputs, [g if g is not None else None for g in grads], retain_graph=retain_graph)
 
 
 @dataclasses.dataclass
@@ -48,6 +70,7 @@ class Suite:
     providers: Callable[[str], list[str]]             # device_type -> provider names
     build: Callable[[str, dict, torch.device], Workload]
     reference: str = "reference"
+    modes: Sequence[str] = MODES                      # the modes this suite has
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,27 +163,35 @@ def measure(work: Workload, mode: str, device: torch.device, *, warmup: int, rep
         state["loss"] = work.forward()
 
     def backward():
-        state["loss"].sum().backward(retain_graph=True)
+        work.backward(state["loss"], retain_graph=True)
 
     def full():
         _clear_grads(leaves)
-        work.forward().sum().backward()
+        work.backward(work.forward())
+        if work.after_backward is not None:
+            work.after_backward()
 
-    if mode == "forward":
-        seconds = _median_time(forward, device, warmup, repeat)
-        peak = peak_memory(forward, device)
-    elif mode == "backward":
-        forward()
-        seconds = _median_time(backward, device, warmup, repeat, setup=lambda: _clear_grads(leaves))
-        _clear_grads(leaves)
-        peak = peak_memory(backward, device)
-    elif mode == "full":
-        seconds = _median_time(full, device, warmup, repeat)
-        _clear_grads(leaves)
-        peak = peak_memory(full, device)
-    else:
+    if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    state.clear()
+    if mode != "full" and _DONATED_BUFFER is not None:
+        torch._functorch.config.donated_buffer = False
+    try:
+        if mode == "forward":
+            seconds = _median_time(forward, device, warmup, repeat)
+            peak = peak_memory(forward, device)
+        elif mode == "backward":
+            forward()
+            seconds = _median_time(backward, device, warmup, repeat, setup=lambda: _clear_grads(leaves))
+            _clear_grads(leaves)
+            peak = peak_memory(backward, device)
+        else:
+            seconds = _median_time(full, device, warmup, repeat)
+            _clear_grads(leaves)
+            peak = peak_memory(full, device)
+    finally:
+        state.clear()
+        if _DONATED_BUFFER is not None:
+            torch._functorch.config.donated_buffer = _DONATED_BUFFER
     return {"median_ms": seconds * 1e3, "peak_mib": None if peak is None else peak / 2**20}
 
 
@@ -170,12 +201,15 @@ def run_suite(suite: Suite, device: torch.device, *, quick: bool, modes: Iterabl
     env = environment(device)
     rows = []
     names = [p for p in suite.providers(device.type) if providers is None or p in providers]
+    modes = [m for m in modes if m in suite.modes]
     for case in suite.cases(quick, device.type):
         for provider in names:
             for mode in modes:
                 row = {"suite": suite.name, "provider": provider, "mode": mode, **case, **env}
                 try:
                     work = suite.build(provider, case, device)
+                    if mode not in work.modes:
+                        raise Unavailable(f"this workload is timed in the modes {tuple(work.modes)} only")
                     row.update(work.info)
                     row.update(measure(work, mode, device, warmup=warmup, repeat=repeat))
                     grads = sum(t.numel() * t.element_size() for t in work.leaves) if mode != "forward" else 0

@@ -36,9 +36,9 @@ def plot_results(path: str) -> list[str]:
     rows = [r for r in _load(path) if r.get("median_ms") is not None and r.get("series")]
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["series"], r["mode"])].append(r)
+        groups[(r["series"], r["mode"], r.get("workload") or "")].append(r)
     written = []
-    for (series, mode), items in sorted(groups.items()):
+    for (series, mode, workload), items in sorted(groups.items()):
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
         by_provider = defaultdict(list)
         for r in items:
@@ -57,34 +57,49 @@ def plot_results(path: str) -> list[str]:
             ax.grid(True, which="both", alpha=0.3)
         ax_t.legend(fontsize=8)
         suite = items[0]["suite"]
-        fig.suptitle(f"{suite}, {mode}, vs {series} — {items[0]['device']}", fontsize=9)
+        title = f"{suite} {workload}".strip()
+        fig.suptitle(f"{title}, {mode}, vs {series} — {items[0]['device']}", fontsize=9)
         fig.tight_layout()
-        out = os.path.splitext(path)[0] + f"-{series}-{mode}.png"
+        tag = f"-{common.slug(workload)}" if workload else ""
+        out = os.path.splitext(path)[0] + f"{tag}-{series}-{mode}.png"
         fig.savefig(out, dpi=90)
         plt.close(fig)
         written.append(out)
     return written
 
 
-def markdown_table(rows: list[dict], mode: str = "full") -> str:
-    rows = common.add_ratios([dict(r) for r in rows])
+def markdown_table(rows: list[dict], mode: str = "full", reference: str = "reference") -> str:
+    """The rows of one mode as a markdown table; providers that did not run are listed below it
+    with their reason (once per reason)."""
+    rows = common.add_ratios([dict(r) for r in rows], reference)
     rows = [r for r in rows if r["mode"] == mode]
     if not rows:
         return ""
     device = rows[0]["device"]
+    what = "forward + backward" if mode == "full" else mode
     lines = [f"Measured on {device}, torch {rows[0]['torch']}, git {rows[0]['git']} ({rows[0]['date'][:10]}); "
-             f"{mode} = forward + backward, median.", "",
-             "| case | provider | time (ms) | peak extra memory (MiB) | speed-up vs reference | memory vs reference |",
+             f"{mode} = {what}, median.", "",
+             f"| case | provider | time (ms) | peak extra memory (MiB) | speed-up vs {reference} | "
+             f"memory vs {reference} |",
              "|---|---|---:|---:|---:|---:|"]
+    skipped = {}
     for r in rows:
         if r.get("median_ms") is None:
-            lines.append(f"| {common.case_label(r)} | {r['provider']} | — | — | skipped: {r.get('skipped', '')[:60]} | |")
+            skipped.setdefault(r.get("skipped", ""), set()).add(r["provider"])
             continue
         mem = "n/a" if r.get("peak_mib") is None else f"{r['peak_mib']:.1f}"
         speed = f"{r['speedup']:.1f}×" if "speedup" in r else ""
         ratio = f"{r['memory_ratio']:.3f}" if "memory_ratio" in r else ""
         lines.append(f"| {common.case_label(r)} | {r['provider']} | {r['median_ms']:.3f} | {mem} | {speed} | {ratio} |")
+    if skipped:
+        lines.append("")
+        for reason, names in skipped.items():
+            lines.append(f"Not run: {', '.join(sorted(names))} ({reason}).")
     return "\n".join(lines)
+
+
+# The provider the ratios are taken against, where it is not "reference".
+_SUITE_REFERENCE = {"train_step": "unet+pce"}
 
 
 def update_readme(readme: str, results_dir: str = common.RESULTS_DIR) -> list[str]:
@@ -97,7 +112,8 @@ def update_readme(readme: str, results_dir: str = common.RESULTS_DIR) -> list[st
         path = os.path.join(results_dir, name + ".json")
         if not os.path.exists(path):
             continue
-        body = markdown_table(_load(path))
+        rows = _load(path)
+        body = markdown_table(rows, reference=_SUITE_REFERENCE.get(rows[0]["suite"] if rows else "", "reference"))
         pattern = re.compile(rf"(<!-- bench:{re.escape(name)}:begin -->\n).*?(<!-- bench:{re.escape(name)}:end -->)",
                              re.S)
         text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)

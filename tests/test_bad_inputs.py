@@ -1,6 +1,8 @@
 """Every bad input gets a ValueError or TypeError that names the argument (the README's table is
 this list). Meta tensors stand in for "another device"."""
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -60,13 +62,17 @@ CRF_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case,kwargs,error,match", CRF_CASES, ids=[c[0] for c in CRF_CASES])
-def test_masked_crf_bad_inputs(case, kwargs, error, match):
+def call_crf(kwargs):
     kwargs = dict(kwargs)
     probs = kwargs.pop("probs", P)
     image = kwargs.pop("image", IMG)
+    return masked_crf_loss(probs, image, **kwargs)
+
+
+@pytest.mark.parametrize("case,kwargs,error,match", CRF_CASES, ids=[c[0] for c in CRF_CASES])
+def test_masked_crf_bad_inputs(case, kwargs, error, match):
     with pytest.raises(error, match=match):
-        masked_crf_loss(probs, image, **kwargs)
+        call_crf(kwargs)
 
 
 Q = torch.randn(2, 1, 16, 8)
@@ -97,27 +103,66 @@ SIM_CASES = [
     ("grad flag not a bool", dict(grad_probs=1), TypeError, "grad_probs"),
     ("both gradients off", dict(grad_probs=False, grad_kernel=False), ValueError, "grad_probs and grad_kernel"),
     ("lse of wrong shape", dict(lse=torch.zeros(2, 16)), ValueError, "lse"),
+    ("integer lse", dict(lse=torch.zeros(2, 1, 16, dtype=torch.long)), TypeError, "lse"),
+    ("lse on another device", dict(lse=torch.empty(2, 1, 16, device="meta")), ValueError, "lse"),
+    ("batch of size 0", dict(q=torch.randn(0, 1, 16, 8), k=torch.randn(0, 1, 16, 8),
+                             probs=torch.rand(0, 3, 16, 16)), ValueError, "q"),
     ("unknown backend", dict(backend="fast"), ValueError, "backend"),
 ]
 
 
-@pytest.mark.parametrize("case,kwargs,error,match", SIM_CASES, ids=[c[0] for c in SIM_CASES])
-def test_attentive_similarity_bad_inputs(case, kwargs, error, match):
+def call_similarity(kwargs):
     args = dict(SIM, grid=(4, 4))
     args.update(kwargs)
+    return attentive_similarity_loss(args.pop("q"), args.pop("k"), args.pop("probs"), args.pop("head_weight"),
+                                     args.pop("head_bias"), **args)
+
+
+@pytest.mark.parametrize("case,kwargs,error,match", SIM_CASES, ids=[c[0] for c in SIM_CASES])
+def test_attentive_similarity_bad_inputs(case, kwargs, error, match):
     with pytest.raises(error, match=match):
-        attentive_similarity_loss(args.pop("q"), args.pop("k"), args.pop("probs"), args.pop("head_weight"),
-                                  args.pop("head_bias"), **args)
+        call_similarity(kwargs)
 
 
-def test_spatial_attention_bad_inputs():
-    q = torch.randn(1, 2, 5, 4)
-    with pytest.raises(ValueError, match="v must have shape"):
-        spatial_attention(q, q, torch.randn(1, 2, 6, 4))
-    with pytest.raises(TypeError, match="v must have the dtype"):
-        spatial_attention(q, q, q.double())
-    with pytest.raises(TypeError, match="v must be a torch.Tensor"):
-        spatial_attention(q, q, None)
+QA = torch.randn(1, 2, 5, 4)
+ATTENTION_CASES = [
+    ("v of another length", dict(v=torch.randn(1, 2, 6, 4)), ValueError, "v must have shape"),
+    ("v of another dtype", dict(v=QA.double()), TypeError, "v must have the dtype"),
+    ("v missing", dict(v=None), TypeError, "v must be a torch.Tensor"),
+    ("3-D q", dict(q=torch.randn(2, 5, 4)), ValueError, "q"),
+    ("k head dim differs", dict(k=torch.randn(1, 2, 5, 8)), ValueError, "k"),
+    ("integer q", dict(q=torch.ones(1, 2, 5, 4, dtype=torch.long)), TypeError, "q"),
+    ("v on another device", dict(v=torch.empty(1, 2, 5, 4, device="meta")), ValueError, "v"),
+    ("infinite logit_scale", dict(logit_scale=math.inf), ValueError, "logit_scale"),
+    ("tie_qk not a bool", dict(tie_qk="yes"), TypeError, "tie_qk"),
+    ("unknown backend", dict(backend="flash"), ValueError, "backend"),
+]
+
+
+def call_attention(kwargs):
+    args = dict(q=QA, k=QA, v=QA)
+    args.update(kwargs)
+    return spatial_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+@pytest.mark.parametrize("case,kwargs,error,match", ATTENTION_CASES, ids=[c[0] for c in ATTENTION_CASES])
+def test_spatial_attention_bad_inputs(case, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        call_attention(kwargs)
+
+
+# The README's table (scripts/bad_inputs_table.py runs these and writes the errors they get).
+TABLES = [("masked_crf_loss", CRF_CASES, call_crf), ("attentive_similarity_loss", SIM_CASES, call_similarity),
+          ("spatial_attention", ATTENTION_CASES, call_attention)]
+
+
+def test_readme_table_is_current():
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                          "bad_inputs_table.py")
+    spec = importlib.util.spec_from_file_location("bad_inputs_table", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--check"]) == 0, "run python scripts/bad_inputs_table.py"
 
 
 def test_nan_inputs_propagate():

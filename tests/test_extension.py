@@ -46,14 +46,34 @@ def test_clean_mask_opcheck():
 CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 
 
+@pytest.fixture(scope="module")
+def nvcc_results(tmp_path_factory):
+    """Every CUDA source compiled for sm_90 against torch's headers (no GPU or CUDA torch needed),
+    two at a time: {source: (returncode, stderr, object size)}."""
+    import concurrent.futures
+
+    out_dir = tmp_path_factory.mktemp("nvcc")
+
+    def compile_one(source):
+        obj = out_dir / (os.path.basename(source) + ".o")
+        cmd = ["nvcc", "-std=c++20", "-arch=sm_90", "-c", "--expt-relaxed-constexpr", source, "-o", str(obj),
+               "-I", os.path.join(ROOT, "csrc"), "-I", sysconfig.get_paths()["include"]]
+        for path in include_paths():
+            cmd += ["-I", path]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+        return result.returncode, result.stderr, obj.stat().st_size if obj.exists() else 0
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(CUDA_SOURCES, pool.map(compile_one, CUDA_SOURCES)))
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=[os.path.basename(s) for s in CUDA_SOURCES])
-def test_cuda_source_compiles_with_nvcc(source, tmp_path):
-    cmd = ["nvcc", "-std=c++20", "-arch=sm_90", "-c", "--expt-relaxed-constexpr", source,
-           "-o", str(tmp_path / "out.o"), "-I", os.path.join(ROOT, "csrc"),
-           "-I", sysconfig.get_paths()["include"]]
-    for path in include_paths():
-        cmd += ["-I", path]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert (tmp_path / "out.o").stat().st_size > 0
+def test_cuda_source_compiles_with_nvcc(source, nvcc_results):
+    """The device code compiles with nvcc, without warnings from our files, so CI catches a broken
+    kernel without a GPU."""
+    returncode, stderr, size = nvcc_results[source]
+    assert returncode == 0, stderr[-4000:]
+    assert size > 0
+    ours = [line for line in stderr.splitlines() if "warning" in line.lower() and "/csrc/" in line]
+    assert not ours, "\n".join(ours)

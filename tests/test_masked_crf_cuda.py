@@ -22,16 +22,6 @@ def _torch_includes():
     return [f"-I{p}" for p in cpp_extension.include_paths()]
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-def test_nvcc_compiles_masked_crf_cu(tmp_path):
-    cmd = ["nvcc", "-std=c++20", "-arch=sm_90", "-c", "--expt-relaxed-constexpr", *_torch_includes(),
-           f"-I{ROOT / 'csrc'}", str(ROOT / "csrc" / "cuda" / "masked_crf.cu"), "-o", str(tmp_path / "masked_crf.o")]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-4000:]
-    ours = [line for line in result.stderr.splitlines() if "warning" in line.lower() and "masked_crf" in line]
-    assert not ours, "\n".join(ours)
-
-
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     compiler = shutil.which("c++") or shutil.which("g++")

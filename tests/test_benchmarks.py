@@ -1,0 +1,86 @@
+"""The benchmark machinery (suites, measurement, result files, tables, plots, README sections) on
+the quick shapes. Timing values are not asserted (targets are shown by committed results)."""
+import json
+import os
+
+import pytest
+import torch
+
+from benchmarks import common, report
+from benchmarks.__main__ import SUITES, main
+from benchmarks.bench_attentive_similarity import SUITE as ASL
+from benchmarks.bench_masked_crf import SUITE as CRF
+from benchmarks.bench_spatial_attention import SUITE as ATTENTION
+from benchmarks.bench_train_step import SUITE as TRAIN
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("suite,providers", [
+    (CRF, ["reference", "cpu"]),
+    (ASL, ["reference", "cpu"]),
+    (ATTENTION, ["reference", "cpu", "sdpa"]),
+    (TRAIN, ["unet+pce", "method-fused"]),
+], ids=lambda x: getattr(x, "name", None) or "-".join(x))
+def test_suite_rows(suite, providers):
+    rows = common.run_suite(suite, CPU, quick=True, modes=common.MODES, providers=providers, warmup=0, repeat=1,
+                            log=lambda line: None)
+    assert {r["provider"] for r in rows} == set(providers)
+    ran = [r for r in rows if r.get("median_ms") is not None]
+    assert ran, rows
+    for r in ran:
+        assert r["median_ms"] > 0
+        assert r["device"].startswith(common.device_name(CPU).split("(")[0].strip())
+        for key in common.environment_keys():
+            assert key in r
+    for r in rows:
+        if r.get("median_ms") is None:
+            assert r["skipped"]  # every skipped row says why
+    common.add_ratios(rows, suite.reference)
+    assert any(r.get("speedup") == pytest.approx(1.0) for r in rows if r["provider"] == suite.reference)
+    assert suite.reference in common.table(rows)
+
+
+def test_unavailable_providers_are_recorded_with_the_reason():
+    rows = common.run_suite(CRF, CPU, quick=True, modes=["full"], providers=["cuda", "triton"], warmup=0, repeat=1,
+                            log=lambda line: None)
+    assert rows and all(r["median_ms"] is None and r["skipped"] for r in rows)
+    assert any("CUDA" in r["skipped"] or "cuda" in r["skipped"] for r in rows if r["provider"] == "cuda")
+
+
+def test_train_step_runs_the_optimizer_and_full_mode_only():
+    work = TRAIN.build("unet+pce", TRAIN.cases(True, "cpu")[0], CPU)
+    assert tuple(work.modes) == ("full",)
+    before = [p.detach().clone() for p in work.leaves]
+    work.backward(work.forward())
+    work.after_backward()
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, work.leaves))
+    rows = common.run_suite(TRAIN, CPU, quick=True, modes=common.MODES, providers=["unet+pce"], warmup=0, repeat=1,
+                            log=lambda line: None)
+    assert [r["mode"] for r in rows] == ["full"]
+
+
+def test_runner_writes_results_plots_and_readme_sections(tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["--suite", "masked_crf", "--quick", "--providers", "reference", "cpu", "--warmup", "0",
+                 "--repeat", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "speed-up" in printed
+    files = sorted(os.listdir(out))
+    json_files = [f for f in files if f.endswith(".json")]
+    assert len(json_files) == 1 and any(f.endswith(".csv") for f in files) and any(f.endswith(".png") for f in files)
+    rows = json.loads((out / json_files[0]).read_text())
+    assert all(r["suite"] == "masked_crf" for r in rows)
+    readme = tmp_path / "README.md"
+    name = json_files[0][:-5]
+    readme.write_text(f"intro\n<!-- bench:{name}:begin -->\nold\n<!-- bench:{name}:end -->\nend\n")
+    assert report.update_readme(str(readme), str(out)) == [name]
+    text = readme.read_text()
+    assert "old" not in text and "| cpu |" in text and text.startswith("intro") and text.endswith("end\n")
+
+
+def test_every_suite_is_registered():
+    import importlib
+
+    for name, module in SUITES.items():
+        assert importlib.import_module(module).SUITE.name == name

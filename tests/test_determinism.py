@@ -1,0 +1,68 @@
+"""Determinism: the fused CPU kernels give bit-identical values and gradients across repeated runs
+and across CPU thread counts (1 and 2): every reduction runs in a fixed order that does not depend
+on how the work is split between threads. GPU kernels are checked on the GPU machine
+(tests/test_*_ops.py, ``requires_cuda``)."""
+import pytest
+import torch
+
+import attenscribble_ops as ao
+from attenscribble_ops.testing import make_crf_inputs, make_similarity_inputs, runnable_backends
+
+CPU_FUSED = [b for b in ("cpu",) if b in runnable_backends("masked_crf")]
+
+
+def _with_threads(threads, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _crf(backend, shape, radius):
+    d = make_crf_inputs(2, 3, shape, seed=3)
+    probs = d["probs"].requires_grad_()
+    loss = ao.masked_crf_loss(probs, d["image"], radius=radius, mask_dst=d["mask_dst"], backend=backend)
+    loss.backward()
+    return [loss.detach(), probs.grad]
+
+
+def _similarity(backend, heads):
+    x = make_similarity_inputs(2, heads, (13, 11), 16, seed=4)
+    leaves = [x[n].requires_grad_() for n in ("q", "k", "probs", "head_weight", "head_bias")]
+    loss = ao.attentive_similarity_loss(*leaves, grid=x["grid"], sample_weight=torch.tensor([1.0, 0.5]),
+                                        backend=backend)
+    return [loss.detach(), *torch.autograd.grad(loss, leaves)]
+
+
+def _attention(backend):
+    x = make_similarity_inputs(2, 2, (9, 14), 16, seed=5)
+    q, k = x["q"].requires_grad_(), x["k"].requires_grad_()
+    v = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).requires_grad_()
+    out, lse, qt, kt = ao.spatial_attention(q, k, v, backend=backend, tie_qk=True)
+    loss = ao.attentive_similarity_loss(qt, kt, x["probs"], x["head_weight"], x["head_bias"], grid=x["grid"],
+                                        lse=lse, backend=backend)
+    total = loss + (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+    return [out.detach(), lse.detach(), loss.detach(), *torch.autograd.grad(total, [q, k, v])]
+
+
+CASES = {
+    "crf-2d": lambda b: _crf(b, (37, 29), 5),
+    "crf-3d": lambda b: _crf(b, (6, 17, 15), (1, 3, 3)),
+    "similarity-1-head": lambda b: _similarity(b, 1),
+    "similarity-3-heads": lambda b: _similarity(b, 3),
+    "attention-and-loss": _attention,
+}
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("case", list(CASES))
+def test_bit_identical_across_runs_and_thread_counts(case, backend):
+    run = CASES[case]
+    one = _with_threads(1, lambda: run(backend))
+    two = _with_threads(2, lambda: run(backend))
+    again = _with_threads(2, lambda: run(backend))
+    for a, b, c in zip(one, two, again):
+        assert torch.equal(b, c), "repeated runs differ"
+        assert torch.equal(a, b), "1 and 2 threads differ"

@@ -1,0 +1,112 @@
+"""Numerical edge cases on every runnable backend (the reference is the oracle): one-hot and
+uniform probabilities, a single pixel, a window larger than the image, fp16 value ranges, and the
+NaN policy (propagated, never rejected, identically on every backend)."""
+import pytest
+import torch
+
+import attenscribble_ops as ao
+from attenscribble_ops.testing import TOLERANCES, make_similarity_inputs, runnable_backends
+
+CRF = runnable_backends("masked_crf")
+SIM = runnable_backends("attentive_similarity")
+
+
+def _crf_case(kind, shape=(7, 9), classes=3, batch=2):
+    g = torch.Generator().manual_seed(1)
+    if kind == "one-hot":
+        probs = torch.nn.functional.one_hot(torch.randint(0, classes, (batch,) + shape, generator=g), classes)
+        probs = probs.movedim(-1, 1).double()
+    elif kind == "uniform":
+        probs = torch.full((batch, classes) + shape, 1.0 / classes, dtype=torch.float64)
+    else:
+        probs = torch.randn((batch, classes) + shape, generator=g, dtype=torch.float64).softmax(1)
+    image = torch.rand((batch, 2) + shape, generator=g, dtype=torch.float64)
+    return probs, image
+
+
+def _crf_run(probs, image, backend, **kw):
+    p = probs.clone().requires_grad_()
+    loss = ao.masked_crf_loss(p, image, backend=backend, **kw)
+    loss.backward()
+    return loss.detach(), p.grad
+
+
+@pytest.mark.parametrize("backend", CRF)
+@pytest.mark.parametrize("kind,shape,radius", [
+    ("one-hot", (7, 9), 2), ("uniform", (7, 9), 2), ("random", (1, 1), 1), ("random", (1, 1), 5),
+    ("random", (3, 4), 9), ("random", (2, 3, 2), (4, 4, 4)), ("one-hot", (1, 6), 3)])
+def test_masked_crf_edge_cases(backend, kind, shape, radius):
+    probs, image = _crf_case(kind, shape)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    atol, rtol = TOLERANCES[dtype]
+    for padding in ("zeros", "valid"):
+        want, want_grad = _crf_run(probs, image, "reference", radius=radius, padding=padding)
+        got, got_grad = _crf_run(probs.to(dtype), image.to(dtype), backend, radius=radius, padding=padding)
+        torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
+        torch.testing.assert_close(got_grad.double(), want_grad, atol=atol, rtol=rtol)
+        assert torch.isfinite(got) and torch.isfinite(got_grad).all()
+
+
+def test_masked_crf_uniform_probabilities_value():
+    """With uniform probabilities every pair costs 1 - 1/C: the loss is that times the kernel mass."""
+    probs, image = _crf_case("uniform", (5, 6), classes=4)
+    values = {b: ao.masked_crf_loss(probs.float() if b == "triton" else probs, image.float() if b == "triton"
+                                    else image, radius=1, sigma_image=None, backend=b) for b in CRF}
+    for value in values.values():
+        torch.testing.assert_close(value.double(), values["reference"], atol=1e-6, rtol=1e-5)
+        assert value > 0
+
+
+def test_masked_crf_fp16_range():
+    """fp16 probabilities and an image with large values (60000, near fp16's max) accumulate in fp32."""
+    probs, image = _crf_case("random", (8, 8))
+    image = image * 60000
+    want = ao.masked_crf_loss(probs, image, radius=2, sigma_image=6000.0, backend="reference")
+    for backend in (b for b in CRF if b != "reference"):
+        got = ao.masked_crf_loss(probs.half(), image.half(), radius=2, sigma_image=6000.0, backend=backend)
+        assert got.dtype == torch.float32 and torch.isfinite(got)
+        torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend", SIM)
+@pytest.mark.parametrize("grid,radius", [((1, 1), 1), ((1, 1), 5), ((2, 3), 9), ((1, 7), 2)])
+def test_attentive_similarity_tiny_grids_and_large_windows(backend, grid, radius):
+    x = make_similarity_inputs(2, 2, grid, 16, seed=7)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    atol, rtol = TOLERANCES[dtype]
+    names = ("q", "k", "probs", "head_weight", "head_bias")
+
+    def run(name, dt):
+        leaves = [x[n].to(torch.float64 if name == "reference" else dt).requires_grad_() for n in names]
+        loss = ao.attentive_similarity_loss(*leaves, grid=grid, radius=radius, backend=name)
+        return [loss.detach(), *torch.autograd.grad(loss, leaves)]
+
+    for got, want in zip(run(backend, dtype), run("reference", dtype)):
+        torch.testing.assert_close(got.double(), want.double(), atol=atol * max(1.0, want.abs().max().item()),
+                                   rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", SIM)
+def test_attentive_similarity_one_hot_probabilities(backend):
+    x = make_similarity_inputs(2, 1, (6, 6), 16, seed=8)
+    labels = torch.randint(0, 3, (2, 24, 24))
+    probs = torch.nn.functional.one_hot(labels, 3).movedim(-1, 1).float()
+    want = ao.attentive_similarity_loss(x["q"], x["k"], probs, x["head_weight"], x["head_bias"], grid=(6, 6),
+                                        backend="reference")
+    got = ao.attentive_similarity_loss(x["q"], x["k"], probs, x["head_weight"], x["head_bias"], grid=(6, 6),
+                                       backend=backend)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_nan_propagates_identically_on_every_backend():
+    probs, image = _crf_case("random", (6, 6))
+    probs, image = probs.float(), image.float()
+    probs[0, 1, 2, 2] = float("nan")
+    for backend in CRF:
+        assert torch.isnan(ao.masked_crf_loss(probs, image, radius=2, backend=backend)), backend
+    x = make_similarity_inputs(1, 1, (5, 5), 16, seed=9)
+    x["k"][0, 0, 3, 0] = float("nan")
+    for backend in SIM:
+        loss = ao.attentive_similarity_loss(x["q"], x["k"], x["probs"], x["head_weight"], x["head_bias"],
+                                            grid=(5, 5), backend=backend)
+        assert torch.isnan(loss), backend
