@@ -12,8 +12,9 @@ EXAMPLES_STAMP:= $(VENV)/.examples-stamp
 SOURCES       := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
 PYTEST_ARGS   ?=
 DEMO_ARGS     ?=
+BENCH_ARGS    ?=
 
-.PHONY: all install examples demo quick-demo test test-extended clean
+.PHONY: all install examples demo quick-demo test test-extended bench clean
 
 all: install
 
@@ -56,6 +57,11 @@ test: install $(EXAMPLES_STAMP)
 # tensors past 2**31 elements, about 13 GiB of memory).
 test-extended: install $(EXAMPLES_STAMP)
 	ATTENSCRIBBLE_HYPOTHESIS_EXAMPLES=3000 $(PY) -m pytest $(PYTEST_ARGS)
+
+# Speed and memory of every op and backend against the reference and the peers (all suites; pick
+# with BENCH_ARGS="--suite masked_crf --quick"); results and plots under benchmarks/results/.
+bench: examples
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info attenscribble_ops/*.so $(BUILD_STAMP)

@@ -68,33 +68,47 @@ def plot_results(path: str) -> list[str]:
     return written
 
 
-def markdown_table(rows: list[dict], mode: str = "full", reference: str = "reference") -> str:
+def markdown_table(rows: list[dict], mode: str = "full", reference: str = "reference",
+                   relative_time: bool = False) -> str:
     """The rows of one mode as a markdown table; providers that did not run are listed below it
-    with their reason (once per reason)."""
+    with their reason (and the cases it applies to, when not all). ``relative_time``: a "time vs
+    reference" column (a cost factor, e.g. of a training step) instead of the speed-up."""
     rows = common.add_ratios([dict(r) for r in rows], reference)
     rows = [r for r in rows if r["mode"] == mode]
     if not rows:
         return ""
     device = rows[0]["device"]
-    what = "forward + backward" if mode == "full" else mode
+    what = {"full": "forward + backward" + (" + optimizer step" if rows[0]["suite"] == "train_step" else ""),
+            "forward": "forward (autograd recording)", "backward": "backward alone"}[mode]
+    first = "time vs" if relative_time else "speed-up vs"
     lines = [f"Measured on {device}, torch {rows[0]['torch']}, git {rows[0]['git']} ({rows[0]['date'][:10]}); "
              f"{mode} = {what}, median.", "",
-             f"| case | provider | time (ms) | peak extra memory (MiB) | speed-up vs {reference} | "
-             f"memory vs {reference} |",
+             f"| case | provider | time (ms) | peak extra memory (MiB) | {first} {reference} | memory vs {reference} |",
              "|---|---|---:|---:|---:|---:|"]
     skipped = {}
+    cases = []
     for r in rows:
+        label = common.case_label(r)
+        if label not in cases:
+            cases.append(label)
         if r.get("median_ms") is None:
-            skipped.setdefault(r.get("skipped", ""), set()).add(r["provider"])
+            skipped.setdefault(r.get("skipped", ""), {}).setdefault(label, set()).add(r["provider"])
             continue
         mem = "n/a" if r.get("peak_mib") is None else f"{r['peak_mib']:.1f}"
-        speed = f"{r['speedup']:.1f}×" if "speedup" in r else ""
+        if "speedup" not in r:
+            speed = ""
+        elif relative_time:
+            speed = f"{1.0 / r['speedup']:.2f}×"
+        else:
+            speed = f"{r['speedup']:.1f}×"
         ratio = f"{r['memory_ratio']:.3f}" if "memory_ratio" in r else ""
-        lines.append(f"| {common.case_label(r)} | {r['provider']} | {r['median_ms']:.3f} | {mem} | {speed} | {ratio} |")
+        lines.append(f"| {label} | {r['provider']} | {r['median_ms']:.3f} | {mem} | {speed} | {ratio} |")
     if skipped:
         lines.append("")
-        for reason, names in skipped.items():
-            lines.append(f"Not run: {', '.join(sorted(names))} ({reason}).")
+        for reason, by_case in skipped.items():
+            names = sorted(set().union(*by_case.values()))
+            where = "" if len(by_case) == len(cases) else " at " + "; ".join(by_case)
+            lines.append(f"Not run{where}: {', '.join(names)} — {reason.rstrip('.')}.")
     return "\n".join(lines)
 
 
@@ -113,7 +127,9 @@ def update_readme(readme: str, results_dir: str = common.RESULTS_DIR) -> list[st
         if not os.path.exists(path):
             continue
         rows = _load(path)
-        body = markdown_table(rows, reference=_SUITE_REFERENCE.get(rows[0]["suite"] if rows else "", "reference"))
+        suite = rows[0]["suite"] if rows else ""
+        body = markdown_table(rows, reference=_SUITE_REFERENCE.get(suite, "reference"),
+                              relative_time=suite in _SUITE_REFERENCE)
         pattern = re.compile(rf"(<!-- bench:{re.escape(name)}:begin -->\n).*?(<!-- bench:{re.escape(name)}:end -->)",
                              re.S)
         text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)

@@ -39,7 +39,7 @@ done
 rm -f "$OUT"/.sanitizer-*.txt
 
 step "benchmarks"
-for suite in ${SUITES:-masked_crf attentive_similarity attention}; do
+for suite in ${SUITES:-masked_crf attentive_similarity attention train_step}; do
     timeout 200 python -m benchmarks --suite "$suite" --device cuda --no-plots --json-only --out "$OUT" \
         ${QUICK:+--quick}
     echo "$suite exit: $?"

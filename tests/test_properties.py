@@ -120,7 +120,10 @@ def similarity_case(draw):
 @settings(max_examples=EXAMPLES, **COMMON)
 @given(case=similarity_case())
 def test_attentive_similarity_backends_match_reference(backend, case):
-    tensors, kw = case
+    _assert_similarity_matches(*case, backend)
+
+
+def _assert_similarity_matches(tensors, kw, backend):
     atol, rtol = TOLERANCES[tensors[0].dtype]
 
     def run(ts, name):
@@ -136,3 +139,60 @@ def test_attentive_similarity_backends_match_reference(backend, case):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol * max(1.0, b.abs().max().item()))
+
+
+ATT_BACKENDS = [b for b in runnable_backends("spatial_attention") if b not in ("reference", "triton")]
+
+
+@st.composite
+def attention_case(draw, small=False):
+    batch, heads = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    n = draw(st.integers(1, 40 if small else 150))
+    dim = draw(st.sampled_from([16, 32] if small else [1, 4, 16, 24, 64]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    std = draw(st.sampled_from([0.3, 1.0, 4.0]))
+    q, k, v = (torch.randn(batch, heads, n, dim, generator=g, dtype=torch.float64) * s for s in (std, std, 1.0))
+    scale = draw(st.sampled_from([1.0, 0.5, 2.0]))
+    dtype = torch.float32 if small else draw(st.sampled_from([torch.float64, torch.float32]))
+    return [t.to(dtype) for t in (q, k, v)], scale
+
+
+def _assert_attention_matches(tensors, scale, backend):
+    atol, rtol = TOLERANCES[tensors[0].dtype]
+
+    def run(ts, name):
+        leaves = [t.clone().requires_grad_() for t in ts]
+        out, lse = ao.spatial_attention(*leaves, logit_scale=scale, backend=name)
+        g = torch.Generator().manual_seed(1)
+        weight_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+        weight_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse.dtype)
+        total = (out * weight_out).sum() + (lse * weight_lse).sum()
+        return [out.detach(), lse.detach(), *torch.autograd.grad(total, leaves)]
+
+    want = run([t.double() for t in tensors], "reference")
+    got = run(tensors, backend)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("backend", ATT_BACKENDS)
+@settings(max_examples=EXAMPLES, **COMMON)
+@given(case=attention_case())
+def test_spatial_attention_backends_match_reference(backend, case):
+    _assert_attention_matches(*case, backend)
+
+
+@pytest.mark.skipif("triton" not in runnable_backends("spatial_attention"), reason="no Triton attention here")
+@settings(max_examples=TRITON_EXAMPLES, **COMMON)
+@given(case=attention_case(small=True))
+def test_spatial_attention_triton_matches_reference(case):
+    _assert_attention_matches(*case, "triton")
+
+
+@pytest.mark.skipif("triton" not in runnable_backends("attentive_similarity"), reason="no Triton similarity here")
+@settings(max_examples=TRITON_EXAMPLES, **COMMON)
+@given(case=similarity_case())
+def test_attentive_similarity_triton_matches_reference(case):
+    tensors, kw = case
+    _assert_similarity_matches([t.float() for t in tensors], kw, "triton")
