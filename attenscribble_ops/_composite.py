@@ -16,6 +16,38 @@ from typing import Optional
 import torch
 
 
+def attention_autograd(backward_op, lse_backward_op):
+    """Autograd of the attention ops, shared by the compiled and Triton backends: returns
+    ``((forward_backward, forward_setup), (lse_backward, lse_setup))`` for
+    ``register_autograd(backward, setup_context=setup)`` of the ``(q, k, v, s) -> (out, lse_attn,
+    lse_sim)`` and ``(q, k, s) -> lse`` ops, given their backward ops."""
+
+    def forward_setup(ctx, inputs, output):
+        q, k, v, logit_scale = inputs
+        out, lse_attn, lse_sim = output
+        ctx.save_for_backward(q, k, v, out, lse_attn, lse_sim)
+        ctx.logit_scale = logit_scale
+
+    def forward_backward(ctx, dout, dlse_attn, dlse_sim):
+        q, k, v, out, lse_attn, lse_sim = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = backward_op(dout, dlse_attn, dlse_sim, q, k, v, out, lse_attn, lse_sim, ctx.logit_scale)
+        return dq, dk, dv, None
+
+    def lse_setup(ctx, inputs, output):
+        q, k, logit_scale = inputs
+        ctx.save_for_backward(q, k, output)
+        ctx.logit_scale = logit_scale
+
+    def lse_backward(ctx, dlse):
+        q, k, lse = ctx.saved_tensors
+        dq, dk = lse_backward_op(dlse, q, k, lse, ctx.logit_scale)
+        return dq, dk, None
+
+    return (forward_backward, forward_setup), (lse_backward, lse_setup)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

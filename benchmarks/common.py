@@ -280,13 +280,18 @@ def slug(text: str) -> str:
     return "-".join(part for part in keep.split("-") if part)[:60]
 
 
+def dumps_rows(rows: list[dict]) -> str:
+    """A JSON array with one row per line (diffs of committed results stay readable)."""
+    return "[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n"
+
+
 def write_results(rows: list[dict], suite: str, device: torch.device, out_dir: str = RESULTS_DIR,
                   csv: bool = True) -> str:
     """Write rows to ``<out_dir>/<suite>-<device slug>.json`` (and .csv); returns the JSON path."""
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{suite}-{slug(device_name(device).split('(')[0])}")
     with open(stem + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
+        f.write(dumps_rows(rows))
     if not csv:
         return stem + ".json"
     keys = []

@@ -84,3 +84,13 @@ def test_every_suite_is_registered():
 
     for name, module in SUITES.items():
         assert importlib.import_module(module).SUITE.name == name
+
+
+def test_readme_tables_are_generated_from_the_committed_results(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = os.path.join(root, "README.md")
+    copy = tmp_path / "README.md"
+    copy.write_text(open(readme).read())
+    updated = report.update_readme(str(copy), common.RESULTS_DIR)
+    assert updated, "README.md has no bench sections"
+    assert copy.read_text() == open(readme).read(), "run python -m benchmarks.report --readme README.md"

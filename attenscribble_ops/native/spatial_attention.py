@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from .. import _extension, backends
-from .._composite import acc_dtype, attention
+from .._composite import acc_dtype, attention, attention_autograd
 
 _OPS = torch.ops.attenscribble_ops
 # Why each device has no kernel (None: it has one), computed once at import so that the registry
@@ -57,37 +57,10 @@ def _lse_backward_fake(dlse, q, k, lse, logit_scale):
         torch.empty_like(k, memory_format=torch.contiguous_format)
 
 
-def _forward_setup(ctx, inputs, output):
-    q, k, v, logit_scale = inputs
-    out, lse_attn, lse_sim = output
-    ctx.save_for_backward(q, k, v, out, lse_attn, lse_sim)
-    ctx.logit_scale = logit_scale
-
-
-def _forward_backward(ctx, dout, dlse_attn, dlse_sim):
-    q, k, v, out, lse_attn, lse_sim = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv = _OPS.spatial_attention_backward(dout, dlse_attn, dlse_sim, q, k, v, out, lse_attn, lse_sim,
-                                                 ctx.logit_scale)
-    return dq, dk, dv, None
-
-
-def _lse_setup(ctx, inputs, output):
-    q, k, logit_scale = inputs
-    ctx.save_for_backward(q, k, output)
-    ctx.logit_scale = logit_scale
-
-
-def _lse_backward(ctx, dlse):
-    q, k, lse = ctx.saved_tensors
-    dq, dk = _OPS.spatial_attention_lse_backward(dlse, q, k, lse, ctx.logit_scale)
-    return dq, dk, None
-
-
-torch.library.register_autograd("attenscribble_ops::spatial_attention_forward", _forward_backward,
-                                setup_context=_forward_setup)
-torch.library.register_autograd("attenscribble_ops::spatial_attention_lse", _lse_backward, setup_context=_lse_setup)
+(_fwd_bwd, _fwd_setup), (_lse_bwd, _lse_setup) = attention_autograd(
+    _OPS.spatial_attention_backward, _OPS.spatial_attention_lse_backward)
+torch.library.register_autograd("attenscribble_ops::spatial_attention_forward", _fwd_bwd, setup_context=_fwd_setup)
+torch.library.register_autograd("attenscribble_ops::spatial_attention_lse", _lse_bwd, setup_context=_lse_setup)
 
 
 def _check(device_type: str):

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
-from .._composite import attention
+from .._composite import attention, attention_autograd
 
 
 @triton.jit
@@ -323,36 +323,10 @@ def _lse_backward_fake(dlse, q, k, lse, logit_scale):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
-def _forward_setup(ctx, inputs, output):
-    q, k, v, logit_scale = inputs
-    out, lse_attn, lse_sim = output
-    ctx.save_for_backward(q, k, v, out, lse_attn, lse_sim)
-    ctx.logit_scale = logit_scale
-
-
-def _forward_grad(ctx, dout, dlse_attn, dlse_sim):
-    q, k, v, out, lse_attn, lse_sim = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv = spatial_attention_backward_triton(dout, dlse_attn, dlse_sim, q, k, v, out, lse_attn, lse_sim,
-                                                   ctx.logit_scale)
-    return dq, dk, dv, None
-
-
-def _lse_setup(ctx, inputs, output):
-    q, k, logit_scale = inputs
-    ctx.save_for_backward(q, k, output)
-    ctx.logit_scale = logit_scale
-
-
-def _lse_grad(ctx, dlse):
-    q, k, lse = ctx.saved_tensors
-    dq, dk = spatial_attention_lse_backward_triton(dlse, q, k, lse, ctx.logit_scale)
-    return dq, dk, None
-
-
-spatial_attention_forward_triton.register_autograd(_forward_grad, setup_context=_forward_setup)
-spatial_attention_lse_triton.register_autograd(_lse_grad, setup_context=_lse_setup)
+(_fwd_bwd, _fwd_setup), (_lse_bwd, _lse_setup) = attention_autograd(
+    spatial_attention_backward_triton, spatial_attention_lse_backward_triton)
+spatial_attention_forward_triton.register_autograd(_fwd_bwd, setup_context=_fwd_setup)
+spatial_attention_lse_triton.register_autograd(_lse_bwd, setup_context=_lse_setup)
 
 MAX_HEAD_DIM = 128  # one register tile per head dimension
 
