@@ -154,9 +154,9 @@ def _median_time(step: Callable[[], None], device: torch.device, warmup: int, re
     return statistics.median(times)
 
 
-def measure(work: Workload, mode: str, device: torch.device, *, warmup: int, repeat: int) -> dict:
-    """Median time (ms) and peak extra memory (MiB) of one mode of a workload."""
-    leaves = work.leaves
+def steps(work: Workload):
+    """``(forward, backward, full, state)``: the callables each mode times (shared by the runner
+    and pytest-benchmark). ``backward`` replays the graph of the last ``forward``."""
     state = {}
 
     def forward():
@@ -166,10 +166,18 @@ def measure(work: Workload, mode: str, device: torch.device, *, warmup: int, rep
         work.backward(state["loss"], retain_graph=True)
 
     def full():
-        _clear_grads(leaves)
+        _clear_grads(work.leaves)
         work.backward(work.forward())
         if work.after_backward is not None:
             work.after_backward()
+
+    return forward, backward, full, state
+
+
+def measure(work: Workload, mode: str, device: torch.device, *, warmup: int, repeat: int) -> dict:
+    """Median time (ms) and peak extra memory (MiB) of one mode of a workload."""
+    leaves = work.leaves
+    forward, backward, full, state = steps(work)
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+import torch._functorch.config
 
 from benchmarks import common
 from benchmarks.__main__ import SUITES
@@ -43,20 +44,7 @@ def test_benchmark(benchmark, suite, case, provider, mode):
         pytest.skip(str(exc))
     if mode not in work.modes:
         pytest.skip(f"this workload is timed in the modes {tuple(work.modes)} only")
-    state = {}
-
-    def forward():
-        state["out"] = work.forward()
-
-    def backward():
-        work.backward(state["out"], retain_graph=True)
-
-    def full():
-        for t in work.leaves:
-            t.grad = None
-        work.backward(work.forward())
-        if work.after_backward is not None:
-            work.after_backward()
+    forward, backward, full, _ = common.steps(work)
 
     def synced(fn):
         def run():
@@ -68,8 +56,10 @@ def test_benchmark(benchmark, suite, case, provider, mode):
     benchmark.extra_info.update(common.environment(DEVICE), provider=provider, mode=mode, **{
         k: v for k, v in case.items() if isinstance(v, (int, float, str))})
     if mode == "backward":
-        forward()
-        benchmark.pedantic(synced(backward), rounds=3 if QUICK else 10, warmup_rounds=1)
+        # replaying one graph's backward: compiled backwards must not donate their buffers
+        with torch._functorch.config.patch(donated_buffer=False):
+            forward()
+            benchmark.pedantic(synced(backward), rounds=3 if QUICK else 10, warmup_rounds=1)
     else:
         benchmark.pedantic(synced(forward if mode == "forward" else full), rounds=3 if QUICK else 10, warmup_rounds=1)
     assert benchmark.stats.stats.median > 0
