@@ -48,6 +48,26 @@ def attention_autograd(backward_op, lse_backward_op):
     return (forward_backward, forward_setup), (lse_backward, lse_setup)
 
 
+def fused_similarity_autograd(backward_op):
+    """Autograd of the fused similarity op ``(q, k, probs, hw, hb, sw, r, sigma, s) -> (rows, lse)``,
+    shared by the compiled and Triton backends: ``(backward, setup)`` for ``register_autograd``."""
+
+    def setup(ctx, inputs, output):
+        q, k, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale = inputs
+        ctx.save_for_backward(q, k, output[1], probs, head_weight, head_bias, sample_weight)
+        ctx.options = (radius, sigma, logit_scale)
+
+    def backward(ctx, grad_rows, grad_lse):
+        q, k, lse, probs, head_weight, head_bias, sample_weight = ctx.saved_tensors
+        if grad_rows is None:
+            grad_rows = q.new_zeros((q.shape[0], q.shape[2]), dtype=lse.dtype)
+        grads = backward_op(grad_rows, grad_lse, q, k, lse, probs, head_weight, head_bias, sample_weight,
+                            *ctx.options)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])) + (None,) * 4
+
+    return backward, setup
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

@@ -4,6 +4,7 @@ process's peak resident set on Linux CPUs)."""
 from __future__ import annotations
 
 import ctypes
+import platform
 import statistics
 import time
 from typing import Callable, Optional, Sequence
@@ -71,6 +72,22 @@ def make_similarity_inputs(batch: int = 2, heads: int = 1, grid: Sequence[int] =
                                                                                           dtype=dtype),
         "grid": (h, w),
     }
+
+
+def device_name(device="cpu") -> str:
+    """The card's name, or the CPU model from /proc/cpuinfo with the torch thread count: what every
+    benchmark figure is labelled with."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def _sync(device: torch.device) -> None:

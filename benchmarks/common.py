@@ -13,7 +13,6 @@ import datetime
 import functools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -21,7 +20,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from attenscribble_ops.testing import peak_memory
+from attenscribble_ops.testing import device_name, peak_memory
 
 MODES = ("forward", "backward", "full")
 
@@ -84,19 +83,6 @@ def _git_revision() -> str:
         return (rev or "unknown") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def environment(device: torch.device) -> dict:

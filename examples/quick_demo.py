@@ -7,25 +7,12 @@ that runs here, against the pure-PyTorch reference (the official semantics).
 that the reference finishes in seconds on a laptop CPU.
 """
 import argparse
-import platform
 
 import torch
 
 import attenscribble_ops as ao
-from attenscribble_ops.testing import make_crf_inputs, make_similarity_inputs, peak_memory, runnable_backends, time_it
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
+from attenscribble_ops.testing import (device_name, make_crf_inputs, make_similarity_inputs, peak_memory,
+                                       runnable_backends, time_it)
 
 
 def _run(name, fn, inputs, device):
@@ -67,7 +54,7 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     print(ao.explain())
-    print(f"\nMeasured on: {_device_name(device)}, torch {torch.__version__}")
+    print(f"\nMeasured on: {device_name(device)}, torch {torch.__version__}")
 
     batch, side, grid = (12, 256, 64) if args.full else (4, 128, 32)
     crf = make_crf_inputs(batch, 4, (side, side), device=device)

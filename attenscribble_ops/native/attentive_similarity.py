@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .. import _extension, backends
-from .._composite import acc_dtype, fused_loss
+from .._composite import acc_dtype, fused_loss, fused_similarity_autograd
 from .spatial_attention import CUDA_MAX_HEAD_DIM
 
 _OPS = torch.ops.attenscribble_ops
@@ -68,21 +68,7 @@ def _fused_backward_fake(grad_rows, grad_lse, q, k, lse, probs, head_weight, hea
             torch.empty_like(head_weight, **contiguous), torch.empty_like(head_bias, **contiguous))
 
 
-def _fused_setup(ctx, inputs, output):
-    q, k, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale = inputs
-    ctx.save_for_backward(q, k, output[1], probs, head_weight, head_bias, sample_weight)
-    ctx.options = (radius, sigma, logit_scale)
-
-
-def _fused_backward(ctx, grad_rows, grad_lse):
-    q, k, lse, probs, head_weight, head_bias, sample_weight = ctx.saved_tensors
-    if grad_rows is None:
-        grad_rows = q.new_zeros((q.shape[0], q.shape[2]), dtype=lse.dtype)
-    grads = _OPS.attentive_similarity_fused_backward(grad_rows, grad_lse, q, k, lse, probs, head_weight, head_bias,
-                                                     sample_weight, *ctx.options)
-    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])) + (None,) * 4
-
-
+_fused_backward, _fused_setup = fused_similarity_autograd(_OPS.attentive_similarity_fused_backward)
 torch.library.register_autograd("attenscribble_ops::attentive_similarity_fused_forward", _fused_backward,
                                 setup_context=_fused_setup)
 

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
-from .._composite import fused_loss
+from .._composite import fused_loss, fused_similarity_autograd
 from .spatial_attention import _backward as _attention_backward
 from .spatial_attention import _forward as _attention_forward
 from .spatial_attention import check as _attention_check
@@ -276,21 +276,7 @@ def _fused_backward_fake(grad_rows, grad_lse, q, k, lse, probs, head_weight, hea
             head_weight.new_empty(head_weight.shape), head_bias.new_empty(head_bias.shape))
 
 
-def _fused_setup(ctx, inputs, output):
-    q, k, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale = inputs
-    ctx.save_for_backward(q, k, output[1], probs, head_weight, head_bias, sample_weight)
-    ctx.options = (radius, sigma, logit_scale)
-
-
-def _fused_grad(ctx, grad_rows, grad_lse):
-    q, k, lse, probs, head_weight, head_bias, sample_weight = ctx.saved_tensors
-    if grad_rows is None:
-        grad_rows = q.new_zeros((q.shape[0], q.shape[2]), dtype=torch.float32)
-    grads = attentive_similarity_fused_backward_triton(grad_rows, grad_lse, q, k, lse, probs, head_weight, head_bias,
-                                                       sample_weight, *ctx.options)
-    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])) + (None,) * 4
-
-
+_fused_grad, _fused_setup = fused_similarity_autograd(attentive_similarity_fused_backward_triton)
 attentive_similarity_fused_forward_triton.register_autograd(_fused_grad, setup_context=_fused_setup)
 
 
