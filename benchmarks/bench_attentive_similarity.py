@@ -28,8 +28,8 @@ REFERENCE_MAPS = 6.5
 def cases(quick: bool, device_type: str) -> list[dict]:
     if quick:
         return [dict(B=2, grid=16, heads=1, D=16, series="grid"), dict(B=2, grid=16, heads=2, D=16, series="heads")]
-    return [dict(B=12, grid=64, heads=1, D=64, series="grid"), dict(B=12, grid=128, heads=1, D=64, series="grid"),
-            dict(B=12, grid=64, heads=4, D=64, series="heads")]
+    return [dict(B=12, grid=64, heads=1, D=64, series=["grid", "heads"]),
+            dict(B=12, grid=128, heads=1, D=64, series="grid"), dict(B=12, grid=64, heads=4, D=64, series="heads")]
 
 
 def providers(device_type: str) -> list[str]:

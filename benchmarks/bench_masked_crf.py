@@ -29,9 +29,11 @@ def cases(quick: bool, device_type: str) -> list[dict]:
     if quick:
         return [dict(base, B=2, size=64, series="size"), dict(base, B=2, size=64, radius=2, series="radius")]
     if device_type == "cpu":
-        return [dict(base, size=256, series="size"), dict(base, size=256, radius=10, series="radius"),
-                dict(base, B=1, size=128, depth=32, radius=(2, 5, 5), series=None)]
-    return ([dict(base, size=s, series="size") for s in (128, 256, 512)]
+        return [dict(base, size=256, series=["size", "radius"]), dict(base, size=512, series="size"),
+                dict(base, size=256, radius=10, series="radius"),
+                dict(base, B=1, size=128, depth=32, radius=(2, 5, 5), series=None),
+                dict(base, B=1, size=128, depth=128, radius=(2, 5, 5), series=None)]
+    return ([dict(base, size=s, series=["size", "radius"] if s == 256 else "size") for s in (128, 256, 512)]
             + [dict(base, size=256, radius=r, series="radius") for r in (2, 10)]
             + [dict(base, B=2, size=128, depth=128, radius=(2, 5, 5), series=None)])
 

@@ -4,7 +4,8 @@
     python -m benchmarks.report --readme README.md   # rewrite the tables between the markers
 
 A case dict may carry ``series``: the name of the case key that varies along that series (e.g.
-"size" or "radius"); its rows are plotted against that key, one line per provider, log scale.
+"size" or "radius"), or a list of names for a case on several series; its rows are plotted against
+that key, one line per provider, log scale.
 README sections live between ``<!-- bench:<suite>:begin -->`` and ``<!-- bench:<suite>:end -->``.
 """
 from __future__ import annotations
@@ -24,6 +25,15 @@ def _load(path: str) -> list[dict]:
         return json.load(f)
 
 
+def series_of(row: dict) -> list[str]:
+    """The series a row belongs to: ``series`` is one case key or a list of them (a case at the
+    crossing of two series, e.g. the official size on both the size and the radius axes)."""
+    series = row.get("series")
+    if not series:
+        return []
+    return [series] if isinstance(series, str) else list(series)
+
+
 def plot_results(path: str) -> list[str]:
     """One PNG per (series, mode): time and peak memory against the varying key, per provider."""
     try:
@@ -36,7 +46,8 @@ def plot_results(path: str) -> list[str]:
     rows = [r for r in _load(path) if r.get("median_ms") is not None and r.get("series")]
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["series"], r["mode"], r.get("workload") or "")].append(r)
+        for series in series_of(r):
+            groups[(series, r["mode"], r.get("workload") or "")].append(r)
     written = []
     for (series, mode, workload), items in sorted(groups.items()):
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))

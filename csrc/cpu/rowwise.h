@@ -79,20 +79,57 @@ ASL_INLINE T exp_sum_impl(T* out, const T* x, int64_t n, T scale, T shift) {
   return total;
 }
 
+// Both sums of the attention forward in one read of x: out[j] = exp(c x[j] - shift_c);
+// *sum_c = sum_j out[j], *sum_s = sum_j exp(s x[j] - shift_s).
+template <typename T>
+ASL_INLINE void exp_sum2_impl(T* out, const T* x, int64_t n, T c, T shift_c, T s, T shift_s, T* sum_c, T* sum_s) {
+  T acc_c[kLanes] = {}, acc_s[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const T e = exp_of(c * x[i + j] - shift_c);
+      out[i + j] = e;
+      acc_c[j] += e;
+      acc_s[j] += exp_of(s * x[i + j] - shift_s);
+    }
+  for (; i < n; ++i) {
+    const T e = exp_of(c * x[i] - shift_c);
+    out[i] = e;
+    acc_c[0] += e;
+    acc_s[0] += exp_of(s * x[i] - shift_s);
+  }
+  T tc = 0, ts = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    tc += acc_c[j];
+    ts += acc_s[j];
+  }
+  *sum_c = tc;
+  *sum_s = ts;
+}
+
 // out[j] = mult * exp(scale * x[j] - shift)
 template <typename T>
 ASL_INLINE void exp_store_impl(T* out, const T* x, int64_t n, T scale, T shift, T mult) {
   for (int64_t i = 0; i < n; ++i) out[i] = mult * exp_of(scale * x[i] - shift);
 }
 
-// dl[j] = c p[j] (dl[j] - delta) + sd exp(s x[j] - lse_s)   (sd = s * dlse_sim; 0 skips the term)
+// The attention backward's row pass in one read: p[j] = exp(c x[j] - lse_a) (stored for dv), then
+// dl[j] = c p[j] (dl[j] - delta) + sd exp(s x[j] - lse_s)   (dl holds dout . v_j on entry)
 template <typename T>
-ASL_INLINE void dlogits_impl(T* dl, const T* p, const T* x, int64_t n, T c, T delta, T sd, T s, T lse_s) {
+ASL_INLINE void exp_dlogits_impl(T* dl, T* p, const T* x, int64_t n, T c, T lse_a, T delta, T sd, T s, T lse_s) {
   if (sd == T(0)) {
-    for (int64_t i = 0; i < n; ++i) dl[i] = c * p[i] * (dl[i] - delta);
+    for (int64_t i = 0; i < n; ++i) {
+      const T e = exp_of(c * x[i] - lse_a);
+      p[i] = e;
+      dl[i] = c * e * (dl[i] - delta);
+    }
     return;
   }
-  for (int64_t i = 0; i < n; ++i) dl[i] = c * p[i] * (dl[i] - delta) + sd * exp_of(s * x[i] - lse_s);
+  for (int64_t i = 0; i < n; ++i) {
+    const T e = exp_of(c * x[i] - lse_a);
+    p[i] = e;
+    dl[i] = c * e * (dl[i] - delta) + sd * exp_of(s * x[i] - lse_s);
+  }
 }
 
 ASL_CPU_CLONES static void max_min(const float* x, int64_t n, float* mx, float* mn) { max_min_impl(x, n, mx, mn); }
@@ -105,6 +142,15 @@ inline double exp_sum(double* out, const double* x, int64_t n, double scale, dou
   return exp_sum_impl(out, x, n, scale, shift);
 }
 
+ASL_CPU_CLONES static void exp_sum2(float* out, const float* x, int64_t n, float c, float shift_c, float s,
+                                    float shift_s, float* sum_c, float* sum_s) {
+  exp_sum2_impl(out, x, n, c, shift_c, s, shift_s, sum_c, sum_s);
+}
+inline void exp_sum2(double* out, const double* x, int64_t n, double c, double shift_c, double s, double shift_s,
+                     double* sum_c, double* sum_s) {
+  exp_sum2_impl(out, x, n, c, shift_c, s, shift_s, sum_c, sum_s);
+}
+
 ASL_CPU_CLONES static void exp_store(float* out, const float* x, int64_t n, float scale, float shift, float mult) {
   exp_store_impl(out, x, n, scale, shift, mult);
 }
@@ -112,13 +158,13 @@ inline void exp_store(double* out, const double* x, int64_t n, double scale, dou
   exp_store_impl(out, x, n, scale, shift, mult);
 }
 
-ASL_CPU_CLONES static void dlogits(float* dl, const float* p, const float* x, int64_t n, float c, float delta,
-                                   float sd, float s, float lse_s) {
-  dlogits_impl(dl, p, x, n, c, delta, sd, s, lse_s);
+ASL_CPU_CLONES static void exp_dlogits(float* dl, float* p, const float* x, int64_t n, float c, float lse_a,
+                                       float delta, float sd, float s, float lse_s) {
+  exp_dlogits_impl(dl, p, x, n, c, lse_a, delta, sd, s, lse_s);
 }
-inline void dlogits(double* dl, const double* p, const double* x, int64_t n, double c, double delta, double sd,
-                    double s, double lse_s) {
-  dlogits_impl(dl, p, x, n, c, delta, sd, s, lse_s);
+inline void exp_dlogits(double* dl, double* p, const double* x, int64_t n, double c, double lse_a, double delta,
+                        double sd, double s, double lse_s) {
+  exp_dlogits_impl(dl, p, x, n, c, lse_a, delta, sd, s, lse_s);
 }
 
 }  // namespace rowwise

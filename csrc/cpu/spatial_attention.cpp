@@ -12,14 +12,19 @@
 // The "lse" variant is the same sweep without values: lse_sim and its backward only.
 //
 // Layout: (B, heads, n, D) made contiguous in the accumulation type (fp32; fp64 for fp64) once.
-// Decomposition: one at::parallel_for over the B * heads slices (one parallel region per call: many
-// short regions stall whenever another process holds a core); each task walks its slice's
-// queries in row tiles of ~2^18 logits (1 MiB in fp32, so the element-wise passes run from L2).
-// A tile's logits exist only inside the tile loop: memory O(threads * tile + B heads n D), never
-// O(n^2). Per tile, the matrix products go to BLAS (ATen's mm; single-threaded inside the
-// region) and the element-wise work is one or two fused passes per row (csrc/cpu/rowwise.h).
-// With a single slice the region is skipped and the products and row passes parallelise instead.
-// dk and dv accumulate over a slice's tiles in a fixed order: deterministic.
+// Tiles: kTileRows queries x up to 2^18 / kTileRows keys (~2^18 logits, 1 MiB in fp32, so the
+// element-wise passes run from L2, and each query tile streams k and v once from the cache however
+// large n is). A tile's logits exist only inside the tile loop: memory O(threads * tile + B heads
+// n D), never O(n^2). The forward walks a query tile's key blocks with running row maxima and sums
+// (online softmax: the partial output is rescaled when the maximum grows) and is one parallel
+// region over every (slice, query tile) pair. The backward needs no running state (the forward's
+// LSEs normalise every block) and is one region over the B * heads slices, because dk and dv
+// accumulate over a slice's query tiles; with a single slice the region is skipped and the
+// products and row passes parallelise instead. One parallel region per call: many short regions
+// stall whenever another process holds a core. Per tile, the matrix products go to BLAS (ATen's
+// mm; single-threaded inside the region) and the element-wise work is one or two fused passes per
+// row (csrc/cpu/rowwise.h). Every sum runs in a fixed order whatever the thread count:
+// deterministic.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -33,6 +38,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "cpu/rowwise.h"
 #include "spatial_attention_inputs.h"
@@ -40,102 +46,139 @@
 namespace attenscribble_ops {
 namespace {
 
-// ~2^18 logits per tile (1 MiB in fp32): the tile's element-wise passes run from the L2 cache.
-int64_t tile_rows(int64_t n) { return std::min<int64_t>(n, std::clamp<int64_t>((int64_t(1) << 18) / n, 16, 1024)); }
+constexpr int64_t kTileLogits = int64_t(1) << 18;
+constexpr int64_t kTileRows = 128;
 constexpr int64_t kRowGrain = 8;
+int64_t tile_rows(int64_t n) { return std::min(n, kTileRows); }
+int64_t tile_cols(int64_t n) { return std::min(n, kTileLogits / kTileRows); }
 
-// One sweep over the keys for every query tile. v undefined: similarity LSE only.
+// One sweep over the keys for every query tile, in key blocks with running (online) maxima and
+// sums. v undefined: similarity LSE only.
 template <typename T>
 void forward_sweep(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                    at::Tensor& lse_attn, at::Tensor& lse_sim, T c, T s) {
-  const int64_t n = q.size(1), rows = tile_rows(n);
+  const int64_t n = q.size(1), rows = tile_rows(n), cols = tile_cols(n);
   const bool values = v.defined();
-  at::parallel_for(0, q.size(0), 1, [&](int64_t bh_begin, int64_t bh_end) {
-    at::Tensor logits = at::empty({rows, n}, q.options());
-    at::Tensor prob = values ? at::empty({rows, n}, q.options()) : at::Tensor();
-    at::Tensor totals = at::empty({rows, 1}, q.options());
-    for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
-      const at::Tensor kt = k[bh].t();
-      for (int64_t r0 = 0; r0 < n; r0 += rows) {
-        const int64_t m = std::min(rows, n - r0);
-        at::Tensor lg = logits.narrow(0, 0, m);
-        at::mm_out(lg, q[bh].narrow(0, r0, m), kt);
+  const int64_t tiles = (n + rows - 1) / rows;
+  // query tiles are independent: one region over every (slice, tile) pair
+  at::parallel_for(0, q.size(0) * tiles, 1, [&](int64_t task_begin, int64_t task_end) {
+    at::Tensor logits = at::empty({rows, cols}, q.options());
+    at::Tensor prob = values ? at::empty({rows, cols}, q.options()) : at::Tensor();
+    // per query row: running max and min of the raw logits, sum of exp(s x - shift_s), sum of
+    // exp(c x - c max)
+    std::vector<T> hi(rows), lo(rows), sum_s(rows), sum_c(rows);
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t bh = task / tiles, r0 = (task % tiles) * rows, m = std::min(rows, n - r0);
+      const at::Tensor qt = q[bh].narrow(0, r0, m);
+      at::Tensor o = values ? out[bh].narrow(0, r0, m) : at::Tensor();
+      for (int64_t j0 = 0; j0 < n; j0 += cols) {
+        const int64_t w = std::min(cols, n - j0);
+        const bool first = j0 == 0;
+        at::Tensor lg = logits.narrow(0, 0, m).narrow(1, 0, w);
+        at::mm_out(lg, qt, k[bh].narrow(0, j0, w).t());
         const T* x = lg.const_data_ptr<T>();
-        T* ls = lse_sim.data_ptr<T>() + bh * n + r0;
-        T* la = values ? lse_attn.data_ptr<T>() + bh * n + r0 : nullptr;
+        const int64_t ld = lg.stride(0);
         T* p = values ? prob.data_ptr<T>() : nullptr;
-        T* tot = totals.data_ptr<T>();
+        T* orows = values ? o.data_ptr<T>() : nullptr;
+        const int64_t dv = values ? o.size(1) : 0;
         at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
           for (int64_t i = begin; i < end; ++i) {
-            const T* row = x + i * n;
-            T mx, mn;
-            rowwise::max_min(row, n, &mx, &mn);
-            // shifting by the row maximum of the scaled logits keeps every exponent <= 0
+            const T* row = x + i * ld;
+            T bmx, bmn;
+            rowwise::max_min(row, w, &bmx, &bmn);
+            const T mx = first ? bmx : std::max(hi[i], bmx), mn = first ? bmn : std::min(lo[i], bmn);
+            // shifting by the running maximum of the scaled logits keeps every exponent <= 0
             const T shift_s = s >= T(0) ? s * mx : s * mn;
-            ls[i] = shift_s + std::log(rowwise::exp_sum(static_cast<T*>(nullptr), row, n, s, shift_s));
+            const T prev_s = s >= T(0) ? s * hi[i] : s * lo[i];
+            T tail_s, tail_c = T(0);
+            if (p) rowwise::exp_sum2(p + i * cols, row, w, c, c * mx, s, shift_s, &tail_c, &tail_s);
+            else tail_s = rowwise::exp_sum(static_cast<T*>(nullptr), row, w, s, shift_s);
+            sum_s[i] = first ? tail_s : sum_s[i] * std::exp(prev_s - shift_s) + tail_s;
             if (p) {
-              tot[i] = rowwise::exp_sum(p + i * n, row, n, c, c * mx);
-              la[i] = c * mx + std::log(tot[i]);
+              if (first) {
+                sum_c[i] = tail_c;
+              } else {
+                const T alpha = std::exp(c * (hi[i] - mx));
+                sum_c[i] = sum_c[i] * alpha + tail_c;
+                if (alpha != T(1))
+                  for (int64_t d = 0; d < dv; ++d) orows[i * dv + d] *= alpha;
+              }
             }
+            hi[i] = mx;
+            lo[i] = mn;
           }
         });
         if (!values) continue;
-        at::Tensor o = out[bh].narrow(0, r0, m);
-        at::mm_out(o, prob.narrow(0, 0, m), v[bh]);
-        o.div_(totals.narrow(0, 0, m));
+        const at::Tensor pr = prob.narrow(0, 0, m).narrow(1, 0, w), vb = v[bh].narrow(0, j0, w);
+        if (first) at::mm_out(o, pr, vb);
+        else o.addmm_(pr, vb);
+      }
+      T* ls = lse_sim.data_ptr<T>() + bh * n + r0;
+      T* la = values ? lse_attn.data_ptr<T>() + bh * n + r0 : nullptr;
+      for (int64_t i = 0; i < m; ++i) {
+        ls[i] = (s >= T(0) ? s * hi[i] : s * lo[i]) + std::log(sum_s[i]);
+        if (la) la[i] = c * hi[i] + std::log(sum_c[i]);
+      }
+      if (values) {
+        T* orows = o.data_ptr<T>();
+        const int64_t dv = o.size(1);
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t d = 0; d < dv; ++d) orows[i * dv + d] /= sum_c[i];
       }
     }
   });
 }
 
-// The backward sweep. v undefined: the LSE-only backward (dq, dk from dlse_sim).
+// The backward sweep, in the same tiles (no running state: the forward's LSEs normalise each
+// block). v undefined: the LSE-only backward (dq, dk from dlse_sim).
 template <typename T>
 void backward_sweep(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
                     const at::Tensor& delta, const at::Tensor& lse_attn, const at::Tensor& dlse_sim,
                     const at::Tensor& lse_sim, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, T c, T s,
                     bool accumulate) {
-  const int64_t n = q.size(1), rows = tile_rows(n);
+  const int64_t n = q.size(1), rows = tile_rows(n), cols = tile_cols(n);
   const bool values = v.defined(), sim = dlse_sim.defined();
   const T* lse_s = lse_sim.const_data_ptr<T>();
   const T* dlse_s = sim ? dlse_sim.const_data_ptr<T>() : nullptr;
   const T* lse_a = values ? lse_attn.const_data_ptr<T>() : nullptr;
   const T* dlt = values ? delta.const_data_ptr<T>() : nullptr;
   at::parallel_for(0, q.size(0), 1, [&](int64_t bh_begin, int64_t bh_end) {
-    at::Tensor logits = at::empty({rows, n}, q.options()), dlogits = at::empty({rows, n}, q.options());
-    at::Tensor prob = values ? at::empty({rows, n}, q.options()) : at::Tensor();
+    at::Tensor logits = at::empty({rows, cols}, q.options()), dlogits = at::empty({rows, cols}, q.options());
+    at::Tensor prob = values ? at::empty({rows, cols}, q.options()) : at::Tensor();
     for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
       const at::Tensor qb = q[bh], kb = k[bh];
       at::Tensor dkb = dk[bh];
       for (int64_t r0 = 0; r0 < n; r0 += rows) {
         const int64_t m = std::min(rows, n - r0), off = bh * n + r0;
-        at::Tensor lg = logits.narrow(0, 0, m), dl = dlogits.narrow(0, 0, m);
         const at::Tensor qt = qb.narrow(0, r0, m);
-        at::mm_out(lg, qt, kb.t());
-        const T* x = lg.const_data_ptr<T>();
-        T* d = dl.data_ptr<T>();
-        if (values) {
-          const at::Tensor dot = dout[bh].narrow(0, r0, m), pr = prob.narrow(0, 0, m);
-          T* p = pr.data_ptr<T>();
-          at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
-            for (int64_t i = begin; i < end; ++i) rowwise::exp_store(p + i * n, x + i * n, n, c, lse_a[off + i], T(1));
-          });
-          dv[bh].addmm_(pr.t(), dot);
-          at::mm_out(dl, dot, v[bh].t());
-          at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
-            for (int64_t i = begin; i < end; ++i)
-              rowwise::dlogits(d + i * n, p + i * n, x + i * n, n, c, dlt[off + i], sim ? s * dlse_s[off + i] : T(0),
-                               s, lse_s[off + i]);
-          });
-        } else {
-          at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
-            for (int64_t i = begin; i < end; ++i)
-              rowwise::exp_store(d + i * n, x + i * n, n, s, lse_s[off + i], s * dlse_s[off + i]);
-          });
-        }
         at::Tensor dqt = dq[bh].narrow(0, r0, m);
-        if (accumulate) dqt.addmm_(dl, kb);
-        else at::mm_out(dqt, dl, kb);
-        dkb.addmm_(dl.t(), qt);
+        for (int64_t j0 = 0; j0 < n; j0 += cols) {
+          const int64_t w = std::min(cols, n - j0);
+          const at::Tensor kt = kb.narrow(0, j0, w);
+          at::Tensor lg = logits.narrow(0, 0, m).narrow(1, 0, w), dl = dlogits.narrow(0, 0, m).narrow(1, 0, w);
+          at::mm_out(lg, qt, kt.t());
+          const T* x = lg.const_data_ptr<T>();
+          T* d = dl.data_ptr<T>();
+          if (values) {
+            const at::Tensor dot = dout[bh].narrow(0, r0, m), pr = prob.narrow(0, 0, m).narrow(1, 0, w);
+            T* p = pr.data_ptr<T>();
+            at::mm_out(dl, dot, v[bh].narrow(0, j0, w).t());
+            at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
+              for (int64_t i = begin; i < end; ++i)
+                rowwise::exp_dlogits(d + i * cols, p + i * cols, x + i * cols, w, c, lse_a[off + i], dlt[off + i],
+                                     sim ? s * dlse_s[off + i] : T(0), s, lse_s[off + i]);
+            });
+            dv[bh].narrow(0, j0, w).addmm_(pr.t(), dot);
+          } else {
+            at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
+              for (int64_t i = begin; i < end; ++i)
+                rowwise::exp_store(d + i * cols, x + i * cols, w, s, lse_s[off + i], s * dlse_s[off + i]);
+            });
+          }
+          if (accumulate || j0 > 0) dqt.addmm_(dl, kt);
+          else at::mm_out(dqt, dl, kt);
+          dkb.narrow(0, j0, w).addmm_(dl.t(), qt);
+        }
       }
     }
   });
