@@ -34,20 +34,28 @@ def series_of(row: dict) -> list[str]:
     return [series] if isinstance(series, str) else list(series)
 
 
+def plot_groups(rows: list[dict]) -> dict:
+    """(series, mode, workload) -> the measured rows drawn in that plot."""
+    groups = defaultdict(list)
+    for r in rows:
+        if r.get("median_ms") is None:
+            continue
+        for series in series_of(r):
+            groups[(series, r["mode"], r.get("workload") or "")].append(r)
+    return groups
+
+
 def plot_results(path: str) -> list[str]:
     """One PNG per (series, mode): time and peak memory against the varying key, per provider."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
+        import matplotlib.ticker
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    rows = [r for r in _load(path) if r.get("median_ms") is not None and r.get("series")]
-    groups = defaultdict(list)
-    for r in rows:
-        for series in series_of(r):
-            groups[(series, r["mode"], r.get("workload") or "")].append(r)
+    groups = plot_groups(_load(path))
     written = []
     for (series, mode, workload), items in sorted(groups.items()):
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
@@ -60,8 +68,11 @@ def plot_results(path: str) -> list[str]:
             ax_t.plot(xs, [r["median_ms"] for r in rs], marker="o", label=provider)
             if all(r.get("peak_mib") for r in rs):
                 ax_m.plot(xs, [r["peak_mib"] for r in rs], marker="o", label=provider)
+        ticks = sorted({r[series] for r in items})
         for ax, label in ((ax_t, "median time (ms)"), (ax_m, "peak extra memory (MiB)")):
             ax.set_xscale("log", base=2)
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.set_yscale("log")
             ax.set_xlabel(series)
             ax.set_ylabel(label)

@@ -94,3 +94,22 @@ def test_readme_tables_are_generated_from_the_committed_results(tmp_path):
     updated = report.update_readme(str(copy), common.RESULTS_DIR)
     assert updated, "README.md has no bench sections"
     assert copy.read_text() == open(readme).read(), "run python -m benchmarks.report --readme README.md"
+
+
+def test_a_case_on_two_series_is_plotted_on_both(tmp_path):
+    pytest.importorskip("matplotlib")
+    base = dict(suite="masked_crf", mode="full", device="this CPU", peak_mib=10.0)
+    rows = [dict(base, provider="cpu", size=256, radius=5, median_ms=80.0, series=["size", "radius"]),
+            dict(base, provider="cpu", size=512, radius=5, median_ms=300.0, series="size"),
+            dict(base, provider="cpu", size=256, radius=10, median_ms=180.0, series="radius"),
+            dict(base, provider="cpu", size=128, radius=5, median_ms=None, series="size")]
+    assert [report.series_of(r) for r in rows[:3]] == [["size", "radius"], ["size"], ["radius"]]
+    assert report.series_of(dict(series=None)) == []
+    groups = report.plot_groups(rows)
+    assert sorted(groups) == [("radius", "full", ""), ("size", "full", "")]
+    assert [r["median_ms"] for r in groups[("size", "full", "")]] == [80.0, 300.0]
+    assert [r["median_ms"] for r in groups[("radius", "full", "")]] == [80.0, 180.0]
+    path = tmp_path / "masked_crf-test.json"
+    path.write_text(json.dumps(rows))
+    written = sorted(os.path.basename(p) for p in report.plot_results(str(path)))
+    assert written == ["masked_crf-test-radius-full.png", "masked_crf-test-size-full.png"]
