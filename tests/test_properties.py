@@ -192,6 +192,29 @@ def test_spatial_attention_backends_match_reference(backend, case):
     _assert_attention_matches(*case, backend)
 
 
+@st.composite
+def long_attention_case(draw):
+    """Sequences past one key block of the CPU tiles (2048 keys): running maxima across blocks."""
+    heads, n = draw(st.integers(1, 2)), draw(st.integers(2049, 2400))
+    dim = draw(st.sampled_from([8, 16, 64]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    std = draw(st.sampled_from([0.3, 1.0, 2.0]))
+    q, k, v = (torch.randn(1, heads, n, dim, generator=g, dtype=torch.float64) * s for s in (std, std, 1.0))
+    # the largest keys somewhere after the first block, or nowhere in particular
+    start = draw(st.integers(0, n - 1))
+    k[:, :, start:start + 64] *= draw(st.sampled_from([1.0, 3.0]))
+    scale = draw(st.sampled_from([1.0, -0.7, 2.0]))
+    dtype = draw(st.sampled_from([torch.float64, torch.float32]))
+    return [t.to(dtype) for t in (q, k, v)], scale
+
+
+@pytest.mark.parametrize("backend", ATT_BACKENDS)
+@settings(max_examples=max(3, EXAMPLES // 20), **COMMON)
+@given(case=long_attention_case())
+def test_spatial_attention_long_sequences_match_reference(backend, case):
+    _assert_attention_matches(*case, backend)
+
+
 @pytest.mark.skipif("triton" not in runnable_backends("spatial_attention"), reason="no Triton attention here")
 @settings(max_examples=TRITON_EXAMPLES, **COMMON)
 @given(case=attention_case(small=True))
