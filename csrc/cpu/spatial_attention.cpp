@@ -71,6 +71,8 @@ void forward_sweep(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       const int64_t bh = task / tiles, r0 = (task % tiles) * rows, m = std::min(rows, n - r0);
       const at::Tensor qt = q[bh].narrow(0, r0, m);
       at::Tensor o = values ? out[bh].narrow(0, r0, m) : at::Tensor();
+      T* orows = values ? o.data_ptr<T>() : nullptr;
+      const int64_t dv = values ? o.size(1) : 0;
       for (int64_t j0 = 0; j0 < n; j0 += cols) {
         const int64_t w = std::min(cols, n - j0);
         const bool first = j0 == 0;
@@ -79,8 +81,6 @@ void forward_sweep(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         const T* x = lg.const_data_ptr<T>();
         const int64_t ld = lg.stride(0);
         T* p = values ? prob.data_ptr<T>() : nullptr;
-        T* orows = values ? o.data_ptr<T>() : nullptr;
-        const int64_t dv = values ? o.size(1) : 0;
         at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
           for (int64_t i = begin; i < end; ++i) {
             const T* row = x + i * ld;
@@ -119,12 +119,8 @@ void forward_sweep(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         ls[i] = (s >= T(0) ? s * hi[i] : s * lo[i]) + std::log(sum_s[i]);
         if (la) la[i] = c * hi[i] + std::log(sum_c[i]);
       }
-      if (values) {
-        T* orows = o.data_ptr<T>();
-        const int64_t dv = o.size(1);
-        for (int64_t i = 0; i < m; ++i)
-          for (int64_t d = 0; d < dv; ++d) orows[i * dv + d] /= sum_c[i];
-      }
+      for (int64_t i = 0; values && i < m; ++i)
+        for (int64_t d = 0; d < dv; ++d) orows[i * dv + d] /= sum_c[i];
     }
   });
 }
