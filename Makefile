@@ -54,7 +54,7 @@ test: install $(EXAMPLES_STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Thousands of property-based cases instead of a few hundred, and the slow tests (int64 offsets:
-# tensors past 2**31 elements, about 13 GiB of memory).
+# tensors past 2**31 elements, about 19 GiB of memory and 17 GiB of free disk).
 test-extended: install $(EXAMPLES_STAMP)
 	ATTENSCRIBBLE_HYPOTHESIS_EXAMPLES=3000 $(PY) -m pytest $(PYTEST_ARGS)
 

@@ -121,6 +121,17 @@ def _read_status_kib(field: str) -> Optional[int]:
     return None
 
 
+def available_memory_gib() -> float:
+    """The memory the kernel can still hand out (MemAvailable of /proc/meminfo), in GiB; 0 where it
+    cannot be read. Tests on tensors past 2**31 elements check it before they run."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) / 2 ** 20
+    except (OSError, KeyError, ValueError):
+        return 0.0
+
+
 _M_MMAP_THRESHOLD = -3
 
 

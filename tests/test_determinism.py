@@ -1,7 +1,7 @@
 """Determinism: the fused CPU kernels give bit-identical values and gradients across repeated runs
 and across CPU thread counts (1 and 2): every reduction runs in a fixed order that does not depend
-on how the work is split between threads. GPU kernels are checked on the GPU machine
-(tests/test_*_ops.py, ``requires_cuda``)."""
+on how the work is split between threads. On a GPU, the CUDA and Triton kernels give bit-identical
+results across repeated runs of the same cases (no atomics: every reduction has a fixed order)."""
 import pytest
 import torch
 
@@ -9,6 +9,9 @@ import attenscribble_ops as ao
 from attenscribble_ops.testing import make_crf_inputs, make_similarity_inputs, runnable_backends
 
 CPU_FUSED = [b for b in ("cpu",) if b in runnable_backends("masked_crf")]
+GPU_FUSED = [b for b in ("cuda", "triton")
+             if torch.cuda.is_available() and b in runnable_backends("attentive_similarity", "cuda")
+             and b in runnable_backends("masked_crf", "cuda")]
 
 
 def _with_threads(threads, fn):
@@ -20,38 +23,38 @@ def _with_threads(threads, fn):
         torch.set_num_threads(before)
 
 
-def _crf(backend, shape, radius):
-    d = make_crf_inputs(2, 3, shape, seed=3)
+def _crf(backend, device, shape, radius):
+    d = make_crf_inputs(2, 3, shape, seed=3, device=device)
     probs = d["probs"].requires_grad_()
     loss = ao.masked_crf_loss(probs, d["image"], radius=radius, mask_dst=d["mask_dst"], backend=backend)
     loss.backward()
     return [loss.detach(), probs.grad]
 
 
-def _similarity(backend, heads):
-    x = make_similarity_inputs(2, heads, (13, 11), 16, seed=4)
+def _similarity(backend, device, heads):
+    x = make_similarity_inputs(2, heads, (13, 11), 16, seed=4, device=device)
     leaves = [x[n].requires_grad_() for n in ("q", "k", "probs", "head_weight", "head_bias")]
-    loss = ao.attentive_similarity_loss(*leaves, grid=x["grid"], sample_weight=torch.tensor([1.0, 0.5]),
+    loss = ao.attentive_similarity_loss(*leaves, grid=x["grid"], sample_weight=torch.tensor([1.0, 0.5], device=device),
                                         backend=backend)
     return [loss.detach(), *torch.autograd.grad(loss, leaves)]
 
 
-def _attention(backend):
-    x = make_similarity_inputs(2, 2, (9, 14), 16, seed=5)
+def _attention(backend, device):
+    x = make_similarity_inputs(2, 2, (9, 14), 16, seed=5, device=device)
     q, k = x["q"].requires_grad_(), x["k"].requires_grad_()
-    v = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).requires_grad_()
+    v = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(device).requires_grad_()
     out, lse, qt, kt = ao.spatial_attention(q, k, v, backend=backend, tie_qk=True)
     loss = ao.attentive_similarity_loss(qt, kt, x["probs"], x["head_weight"], x["head_bias"], grid=x["grid"],
                                         lse=lse, backend=backend)
-    total = loss + (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+    total = loss + (out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum()
     return [out.detach(), lse.detach(), loss.detach(), *torch.autograd.grad(total, [q, k, v])]
 
 
 CASES = {
-    "crf-2d": lambda b: _crf(b, (37, 29), 5),
-    "crf-3d": lambda b: _crf(b, (6, 17, 15), (1, 3, 3)),
-    "similarity-1-head": lambda b: _similarity(b, 1),
-    "similarity-3-heads": lambda b: _similarity(b, 3),
+    "crf-2d": lambda b, d: _crf(b, d, (37, 29), 5),
+    "crf-3d": lambda b, d: _crf(b, d, (6, 17, 15), (1, 3, 3)),
+    "similarity-1-head": lambda b, d: _similarity(b, d, 1),
+    "similarity-3-heads": lambda b, d: _similarity(b, d, 3),
     "attention-and-loss": _attention,
 }
 
@@ -60,9 +63,18 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bit_identical_across_runs_and_thread_counts(case, backend):
     run = CASES[case]
-    one = _with_threads(1, lambda: run(backend))
-    two = _with_threads(2, lambda: run(backend))
-    again = _with_threads(2, lambda: run(backend))
+    one = _with_threads(1, lambda: run(backend, "cpu"))
+    two = _with_threads(2, lambda: run(backend, "cpu"))
+    again = _with_threads(2, lambda: run(backend, "cpu"))
     for a, b, c in zip(one, two, again):
         assert torch.equal(b, c), "repeated runs differ"
         assert torch.equal(a, b), "1 and 2 threads differ"
+
+
+@pytest.mark.parametrize("backend", GPU_FUSED)
+@pytest.mark.parametrize("case", list(CASES))
+def test_gpu_bit_identical_across_runs(case, backend):
+    run = CASES[case]
+    first, second = run(backend, "cuda"), run(backend, "cuda")
+    for a, b in zip(first, second):
+        assert a.is_cuda and torch.equal(a, b), "repeated runs differ"

@@ -7,6 +7,7 @@ import torch
 
 import attenscribble_ops as ops
 from attenscribble_ops import _crf_ops, _crf_params, backends
+from attenscribble_ops.testing import available_memory_gib
 from crf_cases import Case, assert_matches_reference, loss_and_grad, make, op_arguments
 
 
@@ -190,17 +191,8 @@ def test_operator_without_gradient_refuses_backward():
         raw.backward()
 
 
-def _available_memory_gib() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) / 2 ** 20
-    except (OSError, KeyError, ValueError):
-        return 0.0
-
-
 def _big_backends():
-    big_cpu = _available_memory_gib() >= 14 or os.environ.get("ATTENSCRIBBLE_BIG_TESTS")
+    big_cpu = available_memory_gib() >= 14 or os.environ.get("ATTENSCRIBBLE_BIG_TESTS")
     params = [pytest.param("compiled", "cpu", marks=[pytest.mark.slow, pytest.mark.skipif(
         not runnable("cpu", "cpu") or not big_cpu,
         reason="needs the CPU kernel and about 13 GiB free (2^31 half-precision probabilities and their "
