@@ -26,7 +26,8 @@ step "GPU tests"
 timeout 240 python -m pytest -q -x -m "not slow" -p no:cacheprovider --junitxml="$OUT/junit.xml" \
     tests/test_masked_crf.py tests/test_masked_crf_cuda.py tests/test_masked_crf_ops.py \
     $(ls tests/test_attentive_similarity*.py tests/test_spatial_attention*.py 2>/dev/null) \
-    tests/test_compile.py tests/test_backends.py tests/test_determinism.py tests/test_int64_offsets.py
+    tests/test_compile.py tests/test_backends.py tests/test_determinism.py tests/test_int64_offsets.py \
+    tests/test_autocast.py
 echo "pytest exit: $?"
 
 step "compute-sanitizer"

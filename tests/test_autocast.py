@@ -1,0 +1,114 @@
+"""Mixed precision: the block and both losses inside ``torch.autocast``, as a training step runs them.
+
+A small segmentation net (conv stem, SpatialSelfAttention, conv head, softmax) with the masked CRF
+and attentive similarity losses: under autocast the block's q, k, v come out of the projections in
+the low-precision dtype and reach the kernels as such. Every backend that runs here must give fp32
+losses close to the same step in fp32, finite gradients close in direction, and, with fp16 on a
+GPU, a GradScaler step that finds no overflow. On the CPU autocast runs in bf16 (the CPU's autocast
+dtype); on a GPU in fp16 and bf16.
+"""
+import pytest
+import torch
+from torch import nn
+
+from attenscribble_ops.nn import AttentiveSimilarityLoss, MaskedCRFLoss, SpatialSelfAttention
+from attenscribble_ops.testing import runnable_backends
+
+from conftest import requires_cuda
+
+# Against the fp32 step: the largest relative error of each loss, the least cosine between the
+# gradients (on this CPU in bf16: at most 1.2e-4 and 0.99995; fp16 carries three more mantissa bits).
+REL, COSINE = 5e-3, 0.999
+
+
+def _cases():
+    out = []
+    for device, dtypes in (("cpu", (torch.bfloat16,)), ("cuda", (torch.float16, torch.bfloat16))):
+        if device == "cuda" and not torch.cuda.is_available():
+            continue
+        for dtype in dtypes:
+            runnable = set(runnable_backends("spatial_attention", device, dtype)) & \
+                set(runnable_backends("attentive_similarity", device, dtype)) & \
+                set(runnable_backends("masked_crf", device, dtype))
+            for backend in sorted(runnable):
+                out.append(pytest.param(device, dtype, backend, id=f"{device}-{str(dtype)[6:]}-{backend}"))
+    return out
+
+
+class _Net(nn.Module):
+    def __init__(self, backend, classes=3, dim=16, heads=2):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, dim, 3, padding=1), nn.ReLU(), nn.Conv2d(dim, dim, 3, stride=2, padding=1))
+        self.block = SpatialSelfAttention(dim, heads=heads, backend=backend)
+        self.head = nn.Conv2d(dim, classes, 1)
+        self.crf = MaskedCRFLoss(radius=2, sigma_xy=2.0, sigma_image=0.2, backend=backend)
+        self.asl = AttentiveSimilarityLoss(self.block.similarity_heads, radius=2, sigma=2.0, backend=backend)
+
+    def forward(self, image, scribble):
+        features, similarity = self.block(self.stem(image))
+        logits = nn.functional.interpolate(self.head(features), size=image.shape[2:], mode="bilinear",
+                                           align_corners=False)
+        probs = logits.softmax(1)
+        pce = nn.functional.cross_entropy(logits, scribble, ignore_index=255)
+        crf = self.crf(probs, image, mask_dst=(scribble == 255).unsqueeze(1))
+        asl = self.asl(similarity, probs)
+        return pce + crf + asl, (crf, asl), similarity
+
+
+def _inputs(device):
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(2, 1, 24, 20, generator=g)
+    scribble = torch.full((2, 24, 20), 255, dtype=torch.long)
+    scribble[:, 4:6, 3:15] = 0
+    scribble[:, 12:14, 5:12] = 1
+    scribble[:, 18:20, 8:18] = 2
+    return image.to(device), scribble.to(device)
+
+
+def _step(net, image, scribble, device, dtype):
+    net.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss, terms, similarity = net(image, scribble)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in net.parameters()])
+    return loss.detach(), terms, similarity, grads
+
+
+@pytest.mark.parametrize("device,dtype,backend", _cases())
+def test_training_step_under_autocast(device, dtype, backend):
+    torch.manual_seed(0)
+    net = _Net(backend).to(device)
+    image, scribble = _inputs(device)
+    loss32, terms32, _, grads32 = _step(net, image, scribble, device, None)
+    loss, terms, similarity, grads = _step(net, image, scribble, device, dtype)
+    crf, asl = terms
+
+    assert similarity.q.dtype == dtype, "autocast did not reach the block's projections"
+    assert crf.dtype == asl.dtype == loss.dtype == torch.float32
+    assert all(p.grad.dtype == torch.float32 for p in net.parameters())
+    assert torch.isfinite(grads).all()
+    for got, want in zip((loss,) + terms, (loss32,) + terms32):
+        assert abs(got.item() - want.item()) <= REL * abs(want.item())
+    assert torch.nn.functional.cosine_similarity(grads.double(), grads32.double(), dim=0) >= COSINE
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["reference", "cuda", "triton"])
+def test_grad_scaler_step_finds_no_overflow(backend):
+    """fp16 with loss scaling (the default 2**16): the kernels' gradients must not overflow."""
+    device, dtype = "cuda", torch.float16
+    if backend not in runnable_backends("attentive_similarity", device, dtype):
+        pytest.skip(f"no {backend} kernel on this GPU machine")
+    torch.manual_seed(0)
+    net = _Net(backend).to(device)
+    image, scribble = _inputs(device)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler(device)
+    before = [p.detach().clone() for p in net.parameters()]
+    with torch.autocast(device, dtype=dtype):
+        loss = net(image, scribble)[0]
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0 ** 16, "an inf/NaN gradient made the scaler skip the step"
+    assert any(not torch.equal(a, p) for a, p in zip(before, net.parameters()))
