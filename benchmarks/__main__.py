@@ -4,7 +4,8 @@
 
 runs the chosen suites, prints a table with the speed-up and memory ratio against the reference,
 writes ``benchmarks/results/<suite>-<device>.json`` / ``.csv`` (``--out`` elsewhere) and draws the
-PNG plots of ``benchmarks.report``.
+PNG plots of ``benchmarks.report``. While a suite runs, the rows so far are kept in
+``<suite>-<device>.partial.json``: a run stopped by a time limit leaves them there.
 """
 import argparse
 import importlib
@@ -49,8 +50,12 @@ def main(argv=None) -> int:
             continue
         suite = module.SUITE
         print(f"\n== {name} ==")
+        def save_so_far(rows, suite=suite, name=name):
+            common.write_results(common.add_ratios([dict(r) for r in rows], suite.reference), name, device, args.out,
+                                 partial=True)
+
         rows = common.run_suite(suite, device, quick=args.quick, modes=args.modes, providers=args.providers,
-                                warmup=args.warmup, repeat=args.repeat)
+                                warmup=args.warmup, repeat=args.repeat, on_row=save_so_far)
         common.add_ratios(rows, suite.reference)
         print(common.table(rows))
         path = common.write_results(rows, name, device, args.out, csv=not args.json_only)

@@ -191,7 +191,11 @@ def measure(work: Workload, mode: str, device: torch.device, *, warmup: int, rep
 
 def run_suite(suite: Suite, device: torch.device, *, quick: bool, modes: Iterable[str],
               providers: Optional[Sequence[str]] = None, warmup: int = 2, repeat: int = 10,
-              log: Callable[[str], None] = print) -> list[dict]:
+              log: Callable[[str], None] = print,
+              on_row: Optional[Callable[[list[dict]], None]] = None) -> list[dict]:
+    """Measure every case x provider x mode of ``suite``; ``on_row(rows)`` after each row (the
+    command line saves the rows so far as partial results, so a run stopped by a time limit keeps
+    what it measured)."""
     env = environment(device)
     rows = []
     names = [p for p in suite.providers(device.type) if providers is None or p in providers]
@@ -221,6 +225,8 @@ def run_suite(suite: Suite, device: torch.device, *, quick: bool, modes: Iterabl
                         torch.cuda.empty_cache()
                 rows.append(row)
                 log(format_row(row))
+                if on_row is not None:
+                    on_row(rows)
     return rows
 
 
@@ -280,12 +286,22 @@ def dumps_rows(rows: list[dict]) -> str:
 
 
 def write_results(rows: list[dict], suite: str, device: torch.device, out_dir: str = RESULTS_DIR,
-                  csv: bool = True) -> str:
-    """Write rows to ``<out_dir>/<suite>-<device slug>.json`` (and .csv); returns the JSON path."""
+                  csv: bool = True, partial: bool = False) -> str:
+    """Write rows to ``<out_dir>/<suite>-<device slug>.json`` (and .csv); returns the JSON path.
+    ``partial``: the rows of a run still going, to ``<...>.partial.json`` (JSON only), which the
+    complete write removes; a run stopped by a time limit leaves it, and never overwrites complete
+    results."""
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{suite}-{slug(device_name(device).split('(')[0])}")
+    if partial:
+        with open(stem + ".partial.json.tmp", "w") as f:
+            f.write(dumps_rows(rows))
+        os.replace(stem + ".partial.json.tmp", stem + ".partial.json")
+        return stem + ".partial.json"
     with open(stem + ".json", "w") as f:
         f.write(dumps_rows(rows))
+    if os.path.exists(stem + ".partial.json"):
+        os.remove(stem + ".partial.json")
     if not csv:
         return stem + ".json"
     keys = []

@@ -167,6 +167,8 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", default=None, help="rewrite this file's bench sections")
     args = parser.parse_args(argv)
     for path in sorted(glob.glob(os.path.join(args.results, "*.json"))):
+        if path.endswith(".partial.json"):  # a stopped run's rows: plotted once renamed
+            continue
         for png in plot_results(path):
             print(png)
     if args.readme:

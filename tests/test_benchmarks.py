@@ -79,6 +79,35 @@ def test_runner_writes_results_plots_and_readme_sections(tmp_path, capsys):
     assert "old" not in text and "| cpu |" in text and text.startswith("intro") and text.endswith("end\n")
 
 
+def test_a_stopped_run_keeps_its_rows_apart_from_complete_results(tmp_path, monkeypatch):
+    """A suite killed mid-way (a time limit on the GPU machine) leaves the rows it measured in
+    <suite>-<device>.partial.json and does not touch the complete results of an earlier run."""
+    out = tmp_path / "results"
+    args = ["--suite", "masked_crf", "--quick", "--providers", "reference", "cpu", "--modes", "forward", "full",
+            "--warmup", "0", "--repeat", "1", "--out", str(out), "--no-plots"]
+    assert main(args) == 0
+    complete = sorted(out.glob("*.json"))
+    assert len(complete) == 1 and not complete[0].name.endswith(".partial.json")
+    before = complete[0].read_text()
+    measure, calls = common.measure, []
+
+    def stopped_after_three(*a, **k):
+        if len(calls) == 3:
+            raise KeyboardInterrupt("time limit")
+        calls.append(1)
+        return measure(*a, **k)
+
+    monkeypatch.setattr(common, "measure", stopped_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    partial = out / complete[0].name.replace(".json", ".partial.json")
+    rows = json.loads(partial.read_text())
+    assert len(rows) == 3 and all(r["median_ms"] > 0 for r in rows)
+    assert complete[0].read_text() == before
+    monkeypatch.setattr(common, "measure", measure)
+    assert main(args) == 0 and not partial.exists()
+
+
 def test_every_suite_is_registered():
     import importlib
 
