@@ -10,6 +10,7 @@ while the 16 GiB of dq and dk are written: the tests need about 19 GiB of free m
 of free disk (ATTENSCRIBBLE_BIG_TESTS=1 runs them regardless), and are marked slow (`make
 test-extended`). On a GPU they need about 40 GiB of device memory and run in the default suite.
 """
+import math
 import os
 import shutil
 import tempfile
@@ -50,9 +51,7 @@ def _params(op: str):
 def _big_normal(shape, std, device, seed, folder):
     """A float32 tensor of normal values; on the CPU backed by a mapped file in ``folder`` (unlinked
     at once: the mapping keeps it until the tensor is freed)."""
-    numel = 1
-    for s in shape:
-        numel *= s
+    numel = math.prod(shape)
     if device == "cpu":
         path = os.path.join(folder, f"big-{seed}.bin")
         x = torch.from_file(path, shared=True, size=numel, dtype=torch.float32).view(shape)
