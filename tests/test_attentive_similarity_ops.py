@@ -111,6 +111,37 @@ def _block_and_loss(q, k, v, probs, hw, hb, backend):
     return loss + out.square().mean()
 
 
+def _block_and_loss_grads(backend, batch=3, heads=2):
+    x = make_similarity_inputs(batch, heads, (5, 6), 16, seed=2)
+    v = torch.randn(x["q"].shape, generator=torch.Generator().manual_seed(3))
+    sample_weight = torch.linspace(0.2, 1.0, batch)
+    leaves = [t.detach().clone().requires_grad_() for t in (x["q"], x["k"], v, x["probs"], x["head_weight"],
+                                                           x["head_bias"])]
+    out, lse, q, k = A.spatial_attention(*leaves[:3], backend=backend, tie_qk=True)
+    # the fused loss (its own LSE sweep) and the window loss with the attention's LSE
+    fused = A.attentive_similarity_loss(*leaves[:2], *leaves[3:], grid=(5, 6), radius=2, sample_weight=sample_weight,
+                                        backend=backend)
+    window = A.attentive_similarity_loss(q, k, *leaves[3:], grid=(5, 6), radius=2, lse=lse,
+                                         sample_weight=sample_weight, backend=backend)
+    total = fused + 2 * window + (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+    return [out.detach(), lse.detach(), fused.detach(), window.detach(), *torch.autograd.grad(total, leaves)]
+
+
+@requires_triton
+def test_triton_launches_past_the_grid_limit_in_chunks(monkeypatch):
+    """Grid axis 1 (B * heads slices of the attention, the batch of the similarity kernels) is
+    limited to 65535 on CUDA; larger counts launch in chunks of views. With the limit set to 2 the
+    6 slices and 3 samples run in 3 and 2 chunks and must give the same bits as one launch."""
+    import attenscribble_ops.triton.spatial_attention as tsa
+
+    whole = _block_and_loss_grads("triton")
+    monkeypatch.setattr(tsa, "MAX_GRID_Y", 2)
+    assert [(c.start, c.stop) for c in tsa.grid_chunks(5)] == [(0, 2), (2, 4), (4, 5)]
+    chunked = _block_and_loss_grads("triton")
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if (COMPILED, TRITON)[b == "triton"]])
 def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()

@@ -31,6 +31,7 @@ from .._composite import fused_loss, fused_similarity_autograd
 from .spatial_attention import _backward as _attention_backward
 from .spatial_attention import _forward as _attention_forward
 from .spatial_attention import check as _attention_check
+from .spatial_attention import grid_chunks
 
 
 @triton.jit
@@ -159,14 +160,19 @@ class _Prepared:
         self.scalars = (self.n, self.h, self.w, self.dim, self.classes, self.heads, min(radius, self.h - 1),
                         min(radius, self.w - 1), float(logit_scale), -0.5 / float(sigma) ** 2)
         block_t = 64 if q.is_cuda else 32
-        self.grid = (triton.cdiv(self.n, block_t), self.batch)
+        self.tiles = triton.cdiv(self.n, block_t)
         self.meta = dict(HAS_G=sample_weight is not None, BLOCK_T=block_t,
                          BLOCK_D=max(16, triton.next_power_of_2(self.dim)),
                          BLOCK_C=max(2, triton.next_power_of_2(self.classes)))
 
-    def inputs(self):
-        g = self.sample_weight if self.sample_weight is not None else self.head_bias
-        return self.q, self.k, self.lse, self.probs, self.head_weight, self.head_bias, g
+    def launch(self, kernel, *per_sample: torch.Tensor) -> None:
+        """``kernel[(token tiles, batch)](inputs, *per_sample, scalars)``; per_sample: tensors with
+        the batch first (rows, gradients). A batch past the grid's limit runs in chunks of views."""
+        for c in grid_chunks(self.batch):
+            g = self.sample_weight[c] if self.sample_weight is not None else self.head_bias
+            kernel[(self.tiles, c.stop - c.start)](self.q[c], self.k[c], self.lse[c], self.probs[c], self.head_weight,
+                                                   self.head_bias, g, *(t[c] for t in per_sample), *self.scalars,
+                                                   **self.meta)
 
 
 @torch.library.custom_op("attenscribble_ops::attentive_similarity_forward_triton", mutates_args=())
@@ -176,7 +182,7 @@ def attentive_similarity_forward_triton(q: torch.Tensor, k: torch.Tensor, lse: t
                                         logit_scale: float) -> torch.Tensor:
     p = _Prepared(q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale)
     rows = torch.empty((p.batch, p.n), device=q.device, dtype=torch.float32)
-    _attentive_similarity_fwd_kernel[p.grid](*p.inputs(), rows, *p.scalars, **p.meta)
+    p.launch(_attentive_similarity_fwd_kernel, rows)
     return rows
 
 
@@ -187,8 +193,7 @@ def _window_backward(grad_rows, p: _Prepared):
     dlse, dalpha = torch.empty(p.lse.shape, **f32), torch.empty(p.lse.shape, **f32)
     dprobs = torch.empty(p.probs.shape, **f32)
     dbeta = torch.empty((p.batch, p.n), **f32)
-    _attentive_similarity_bwd_kernel[p.grid](*p.inputs(), grad_rows.float().contiguous(), dq, dk, dlse, dprobs,
-                                             dalpha, dbeta, *p.scalars, **p.meta)
+    p.launch(_attentive_similarity_bwd_kernel, grad_rows.float().contiguous(), dq, dk, dlse, dprobs, dalpha, dbeta)
     return dq, dk, dlse, dprobs, dalpha, dbeta
 
 
@@ -218,7 +223,7 @@ def attentive_similarity_fused_forward_triton(q: torch.Tensor, k: torch.Tensor, 
     lse = _attention_forward(q, k, None, logit_scale)[2].view(q.shape[:3])
     p = _Prepared(q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale)
     rows = torch.empty((p.batch, p.n), device=q.device, dtype=torch.float32)
-    _attentive_similarity_fwd_kernel[p.grid](*p.inputs(), rows, *p.scalars, **p.meta)
+    p.launch(_attentive_similarity_fwd_kernel, rows)
     return rows, lse
 
 

@@ -204,6 +204,16 @@ def _blocks(d: int, dv: int, device: torch.device) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, BLOCK_D=block_d, BLOCK_DV=block_dv)
 
 
+# CUDA's limit on grid axis 1 (the slices, or the batch of the similarity kernels): larger counts
+# are launched in chunks of views.
+MAX_GRID_Y = 65535
+
+
+def grid_chunks(count: int) -> list[slice]:
+    """The slices [b0, b1) of ``count`` launched one at a time, each at most MAX_GRID_Y long."""
+    return [slice(b0, min(count, b0 + MAX_GRID_Y)) for b0 in range(0, count, MAX_GRID_Y)]
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """(B, heads, n, D) -> contiguous (B * heads, n, D)."""
     return x.contiguous().view(-1, x.shape[2], x.shape[3])
@@ -218,10 +228,11 @@ def _forward(q, k, v, logit_scale):
     lse_attn = torch.empty((bh, n), device=q.device, dtype=torch.float32) if v is not None else None
     lse_sim = torch.empty((bh, n), device=q.device, dtype=torch.float32)
     cfg = _blocks(d, dv, q.device)
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), bh)
-    _spatial_attention_fwd_kernel[grid](qs, ks, vs, out, lse_attn if lse_attn is not None else lse_sim, lse_sim, n, d,
-                                        dv, d ** -0.5, logit_scale, HAS_V=v is not None, PRECISION=precision(q),
-                                        **cfg)
+    la = lse_attn if lse_attn is not None else lse_sim
+    for c in grid_chunks(bh):
+        _spatial_attention_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), c.stop - c.start)](
+            qs[c], ks[c], vs[c], out[c], la[c], lse_sim[c], n, d, dv, d ** -0.5, logit_scale, HAS_V=v is not None,
+            PRECISION=precision(q), **cfg)
     return out, lse_attn, lse_sim
 
 
@@ -245,10 +256,12 @@ def _backward(dout, delta, lse_attn, dlse_sim, lse_sim, q, k, v, logit_scale, ac
     flags = dict(HAS_V=v is not None, HAS_DLSE=dlse_sim is not None, ACCUMULATE=accumulate_into is not None,
                  PRECISION=precision(q), **cfg)
     args = (n, d, dv_dim, d ** -0.5, logit_scale)
-    _spatial_attention_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), bh)](qs, ks, vs, dos, dlt, lse_a, lse_s, dls, dq,
-                                                                           *args, **flags)
-    _spatial_attention_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), bh)](qs, ks, vs, dos, dlt, lse_a, lse_s, dls,
-                                                                             dk, dv, *args, **flags)
+    for c in grid_chunks(bh):
+        inputs = (qs[c], ks[c], vs[c], dos[c], dlt[c], lse_a[c], lse_s[c], dls[c])
+        _spatial_attention_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), c.stop - c.start)](*inputs, dq[c], *args,
+                                                                                           **flags)
+        _spatial_attention_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), c.stop - c.start)](*inputs, dk[c], dv[c],
+                                                                                             *args, **flags)
     return dq.view(q.shape), dk.view(k.shape), (dv.view(v.shape) if v is not None else None)
 
 

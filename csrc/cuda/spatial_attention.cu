@@ -76,11 +76,11 @@ template <typename acc_t, int DMAX, bool HAS_V>
 __global__ void __launch_bounds__(kThreads)
     attention_forward_kernel(const acc_t* __restrict__ q, const acc_t* __restrict__ k, const acc_t* __restrict__ v,
                              acc_t* __restrict__ out, acc_t* __restrict__ lse_attn, acc_t* __restrict__ lse_sim,
-                             int64_t n, int64_t dim, int64_t dv, acc_t c, acc_t s) {
+                             int64_t n, int64_t dim, int64_t dv, acc_t c, acc_t s, int64_t bh0) {
   constexpr int BN = Tile<acc_t, DMAX>::rows;
   __shared__ acc_t ks[BN][DMAX];
   __shared__ acc_t vs[HAS_V ? BN : 1][DMAX];
-  const int64_t bh = blockIdx.y, i = blockIdx.x * int64_t(kThreads) + threadIdx.x;
+  const int64_t bh = bh0 + blockIdx.y, i = blockIdx.x * int64_t(kThreads) + threadIdx.x;
   const bool active = i < n;
   acc_t qr[DMAX], o[HAS_V ? DMAX : 1];
 #pragma unroll
@@ -130,11 +130,11 @@ __global__ void __launch_bounds__(kThreads)
                                  const acc_t* __restrict__ delta, const acc_t* __restrict__ lse_attn,
                                  const acc_t* __restrict__ lse_sim, const acc_t* __restrict__ dlse_sim,
                                  acc_t* __restrict__ dq, int64_t n, int64_t dim, int64_t dv, acc_t c, acc_t s,
-                                 bool accumulate) {
+                                 bool accumulate, int64_t bh0) {
   constexpr int BN = Tile<acc_t, DMAX>::rows;
   __shared__ acc_t ks[BN][DMAX];
   __shared__ acc_t vs[HAS_V ? BN : 1][DMAX];
-  const int64_t bh = blockIdx.y, i = blockIdx.x * int64_t(kThreads) + threadIdx.x;
+  const int64_t bh = bh0 + blockIdx.y, i = blockIdx.x * int64_t(kThreads) + threadIdx.x;
   const bool active = i < n;
   const int64_t row = bh * n + (active ? i : 0);
   acc_t qr[DMAX], dor[HAS_V ? DMAX : 1], acc[DMAX];
@@ -178,12 +178,12 @@ __global__ void __launch_bounds__(kThreads)
                                    const acc_t* __restrict__ delta, const acc_t* __restrict__ lse_attn,
                                    const acc_t* __restrict__ lse_sim, const acc_t* __restrict__ dlse_sim,
                                    acc_t* __restrict__ dk, acc_t* __restrict__ dvo, int64_t n, int64_t dim,
-                                   int64_t dv, acc_t c, acc_t s, bool accumulate) {
+                                   int64_t dv, acc_t c, acc_t s, bool accumulate, int64_t bh0) {
   constexpr int BM = Tile<acc_t, DMAX>::rows;
   __shared__ acc_t qs[BM][DMAX];
   __shared__ acc_t dos[HAS_V ? BM : 1][DMAX];
   __shared__ acc_t row_lse_a[BM], row_delta[BM], row_lse_s[BM], row_sd[BM];
-  const int64_t bh = blockIdx.y, j = blockIdx.x * int64_t(kThreads) + threadIdx.x;
+  const int64_t bh = bh0 + blockIdx.y, j = blockIdx.x * int64_t(kThreads) + threadIdx.x;
   const bool active = j < n;
   const int64_t col = bh * n + (active ? j : 0);
   acc_t kr[DMAX], vr[HAS_V ? DMAX : 1], gk[DMAX], gv[HAS_V ? DMAX : 1];
@@ -241,9 +241,17 @@ void with_dmax(int64_t width, F&& f) {
   else f(std::integral_constant<int, 128>());
 }
 
-dim3 grid_for(int64_t n, int64_t bh) {
-  TORCH_CHECK_VALUE(bh <= 65535, "spatial_attention (cuda): B * heads must be <= 65535, got ", bh);
-  return dim3(static_cast<unsigned>((n + kThreads - 1) / kThreads), static_cast<unsigned>(bh));
+// CUDA's limit on grid.y: the B * heads slices are launched in chunks of at most this many, the
+// kernels adding the chunk's first slice bh0 to blockIdx.y.
+constexpr int64_t kMaxGridY = 65535;
+
+// Calls launch(grid, bh0) for every chunk of the bh slices of n rows.
+template <typename F>
+void over_slices(int64_t n, int64_t bh, F&& launch) {
+  for (int64_t bh0 = 0; bh0 < bh; bh0 += kMaxGridY)
+    launch(dim3(static_cast<unsigned>((n + kThreads - 1) / kThreads),
+                static_cast<unsigned>(std::min(kMaxGridY, bh - bh0))),
+           bh0);
 }
 
 const void* maybe(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
@@ -262,14 +270,16 @@ void attention_forward_sweep_cuda(const at::Tensor& q, const at::Tensor& k, cons
       constexpr int DMAX = decltype(dmax)::value;
       const auto* qp = q.const_data_ptr<scalar_t>();
       const auto* kp = k.const_data_ptr<scalar_t>();
-      if (v.defined())
-        attention_forward_kernel<scalar_t, DMAX, true><<<grid_for(n, q.size(0)), kThreads, 0, stream>>>(
-            qp, kp, v.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse_attn.data_ptr<scalar_t>(),
-            lse_sim.data_ptr<scalar_t>(), n, dim, dv, scalar_t(c), scalar_t(s));
-      else
-        attention_forward_kernel<scalar_t, DMAX, false><<<grid_for(n, q.size(0)), kThreads, 0, stream>>>(
-            qp, kp, nullptr, nullptr, nullptr, lse_sim.data_ptr<scalar_t>(), n, dim, dim, scalar_t(c),
-            scalar_t(s));
+      over_slices(n, q.size(0), [&](dim3 grid, int64_t bh0) {
+        if (v.defined())
+          attention_forward_kernel<scalar_t, DMAX, true><<<grid, kThreads, 0, stream>>>(
+              qp, kp, v.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse_attn.data_ptr<scalar_t>(),
+              lse_sim.data_ptr<scalar_t>(), n, dim, dv, scalar_t(c), scalar_t(s), bh0);
+        else
+          attention_forward_kernel<scalar_t, DMAX, false><<<grid, kThreads, 0, stream>>>(
+              qp, kp, nullptr, nullptr, nullptr, lse_sim.data_ptr<scalar_t>(), n, dim, dim, scalar_t(c),
+              scalar_t(s), bh0);
+      });
     });
   });
   check_launch("spatial_attention_forward");
@@ -281,7 +291,6 @@ void attention_backward_sweep_cuda(const AttentionGrads& in, at::Tensor& dq, at:
   TORCH_CHECK_VALUE(std::max(dim, dvw) <= 128, "spatial_attention (cuda): head dims up to 128 are supported");
   c10::DeviceGuard guard(in.q.device());
   const cudaStream_t stream = current_stream(in.q.device());
-  const dim3 grid = grid_for(n, in.q.size(0));
   AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "spatial_attention_backward_cuda", [&] {
     using T = scalar_t;
     const T* qp = in.q.const_data_ptr<T>();
@@ -294,20 +303,22 @@ void attention_backward_sweep_cuda(const AttentionGrads& in, at::Tensor& dq, at:
     const T* dls = static_cast<const T*>(maybe(in.dlse_sim));
     with_dmax(std::max(dim, dvw), [&](auto dmax) {
       constexpr int DMAX = decltype(dmax)::value;
-      if (in.v.defined()) {
-        attention_backward_dq_kernel<T, DMAX, true><<<grid, kThreads, 0, stream>>>(
-            qp, kp, vp, dop, dlt, la, ls, dls, dq.data_ptr<T>(), n, dim, dvw, T(c), T(s), accumulate);
-        attention_backward_dkdv_kernel<T, DMAX, true><<<grid, kThreads, 0, stream>>>(
-            qp, kp, vp, dop, dlt, la, ls, dls, dk.data_ptr<T>(), dv.data_ptr<T>(), n, dim, dvw, T(c), T(s),
-            accumulate);
-      } else {
-        attention_backward_dq_kernel<T, DMAX, false><<<grid, kThreads, 0, stream>>>(
-            qp, kp, nullptr, nullptr, nullptr, nullptr, ls, dls, dq.data_ptr<T>(), n, dim, dim, T(c), T(s),
-            accumulate);
-        attention_backward_dkdv_kernel<T, DMAX, false><<<grid, kThreads, 0, stream>>>(
-            qp, kp, nullptr, nullptr, nullptr, nullptr, ls, dls, dk.data_ptr<T>(), nullptr, n, dim, dim, T(c),
-            T(s), accumulate);
-      }
+      over_slices(n, in.q.size(0), [&](dim3 grid, int64_t bh0) {
+        if (in.v.defined()) {
+          attention_backward_dq_kernel<T, DMAX, true><<<grid, kThreads, 0, stream>>>(
+              qp, kp, vp, dop, dlt, la, ls, dls, dq.data_ptr<T>(), n, dim, dvw, T(c), T(s), accumulate, bh0);
+          attention_backward_dkdv_kernel<T, DMAX, true><<<grid, kThreads, 0, stream>>>(
+              qp, kp, vp, dop, dlt, la, ls, dls, dk.data_ptr<T>(), dv.data_ptr<T>(), n, dim, dvw, T(c), T(s),
+              accumulate, bh0);
+        } else {
+          attention_backward_dq_kernel<T, DMAX, false><<<grid, kThreads, 0, stream>>>(
+              qp, kp, nullptr, nullptr, nullptr, nullptr, ls, dls, dq.data_ptr<T>(), n, dim, dim, T(c), T(s),
+              accumulate, bh0);
+          attention_backward_dkdv_kernel<T, DMAX, false><<<grid, kThreads, 0, stream>>>(
+              qp, kp, nullptr, nullptr, nullptr, nullptr, ls, dls, dk.data_ptr<T>(), nullptr, n, dim, dim, T(c),
+              T(s), accumulate, bh0);
+        }
+      });
     });
   });
   check_launch("spatial_attention_backward");
