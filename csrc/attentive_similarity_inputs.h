@@ -117,7 +117,7 @@ inline BackwardResult finish_backward(const Prepared& p, const at::Tensor& q, co
           dk.to(k.scalar_type()),
           dlse.to(lse.scalar_type()),
           dprobs.view({p.batch, p.h, p.w, p.classes}).permute({0, 3, 1, 2}).to(probs.scalar_type()).contiguous(),
-          dalpha.sum({0, 2}).to(head_weight.scalar_type()).reshape(head_weight.sizes()),
+          dalpha.sum(at::IntArrayRef{0, 2}).to(head_weight.scalar_type()).reshape(head_weight.sizes()),
           dbeta.sum().to(head_bias.scalar_type()).reshape(head_bias.sizes())};
 }
 

@@ -30,6 +30,15 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=c
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
 step "build (FORCE_CUDA=1, sm_90)"
+# torch takes CUDA_HOME from the nvcc on PATH: a wrapper script there (/usr/local/bin/nvcc, as on the
+# development machine) gives /usr/local, without libcudart. Take the toolkit that has the headers.
+if [[ -z "${CUDA_HOME:-}" ]]; then
+    nvcc_dir=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+    for d in /usr/local/cuda "$nvcc_dir"; do
+        [[ -f "$d/include/cuda_runtime.h" ]] && { export CUDA_HOME=$d; break; }
+    done
+fi
+echo "CUDA_HOME=${CUDA_HOME:-unset}; $(nvcc --version | tail -n 1)"
 export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
 python setup.py build_ext --inplace -q || { echo "BUILD FAILED"; exit 1; }
 python -c "import attenscribble_ops as ao; print(ao.explain())"

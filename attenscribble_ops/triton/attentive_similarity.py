@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
+from . import _target
 from .._composite import fused_loss, fused_similarity_autograd
 from .spatial_attention import _backward as _attention_backward
 from .spatial_attention import _forward as _attention_forward
@@ -159,7 +160,7 @@ class _Prepared:
         self.sample_weight = None if sample_weight is None else sample_weight.float().reshape(self.batch).contiguous()
         self.scalars = (self.n, self.h, self.w, self.dim, self.classes, self.heads, min(radius, self.h - 1),
                         min(radius, self.w - 1), float(logit_scale), -0.5 / float(sigma) ** 2)
-        block_t = 64 if q.is_cuda else 32
+        block_t = 64 if _target.for_gpu(q) else 32
         self.tiles = triton.cdiv(self.n, block_t)
         self.meta = dict(HAS_G=sample_weight is not None, BLOCK_T=block_t,
                          BLOCK_D=max(16, triton.next_power_of_2(self.dim)),

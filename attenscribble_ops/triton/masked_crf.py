@@ -31,7 +31,7 @@ from .. import _crf_ops, backends
 from .._checks import accumulate_dtype
 from .._crf_params import CRFParams
 
-_PARAMS = 4  # sd, sh, sw, window size; the (K, 2 + F) descriptor table follows
+_PARAMS = tl.constexpr(4)  # sd, sh, sw, window size; the (K, 2 + F) descriptor table follows
 
 
 @triton.jit

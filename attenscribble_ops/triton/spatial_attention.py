@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
+from . import _target
 from .._composite import attention, attention_autograd
 
 
@@ -190,15 +191,15 @@ def _spatial_attention_bwd_dkdv_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DL
 
 def precision(x: torch.Tensor) -> str:
     """tf32 for fp32 operands only when the user enabled it in torch (never in the interpreter)."""
-    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+    if x.dtype == torch.float32 and _target.for_gpu(x) and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
 
 
-def _blocks(d: int, dv: int, device: torch.device) -> dict:
+def _blocks(d: int, dv: int, gpu: bool) -> dict:
     block_d = max(16, triton.next_power_of_2(d))
     block_dv = max(16, triton.next_power_of_2(dv))
-    if device.type != "cuda":  # the interpreter: fewer, larger tiles run faster
+    if not gpu:  # the interpreter: fewer, larger tiles run faster
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, BLOCK_DV=block_dv)
     wide = max(block_d, block_dv) > 64
     return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, BLOCK_D=block_d, BLOCK_DV=block_dv)
@@ -227,7 +228,7 @@ def _forward(q, k, v, logit_scale):
     out = torch.empty((bh, n, dv), device=q.device, dtype=q.dtype) if v is not None else qs
     lse_attn = torch.empty((bh, n), device=q.device, dtype=torch.float32) if v is not None else None
     lse_sim = torch.empty((bh, n), device=q.device, dtype=torch.float32)
-    cfg = _blocks(d, dv, q.device)
+    cfg = _blocks(d, dv, _target.for_gpu(q))
     la = lse_attn if lse_attn is not None else lse_sim
     for c in grid_chunks(bh):
         _spatial_attention_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), c.stop - c.start)](
@@ -252,7 +253,7 @@ def _backward(dout, delta, lse_attn, dlse_sim, lse_sim, q, k, v, logit_scale, ac
     dls = dlse_sim.reshape(bh, n).float().contiguous() if dlse_sim is not None else lse_s
     lse_a = lse_attn.reshape(bh, n).float().contiguous() if v is not None else lse_s
     dlt = delta.reshape(bh, n).float().contiguous() if v is not None else lse_s
-    cfg = _blocks(d, dv_dim, q.device)
+    cfg = _blocks(d, dv_dim, _target.for_gpu(q))
     flags = dict(HAS_V=v is not None, HAS_DLSE=dlse_sim is not None, ACCUMULATE=accumulate_into is not None,
                  PRECISION=precision(q), **cfg)
     args = (n, d, dv_dim, d ** -0.5, logit_scale)

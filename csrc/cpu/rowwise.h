@@ -17,9 +17,10 @@
 #include "fast_math.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define ASL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// static (one resolver per translation unit); "unused": each of the two files calls only some of them.
+#define ASL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), unused))
 #else
-#define ASL_CPU_CLONES
+#define ASL_CPU_CLONES [[maybe_unused]]
 #endif
 // The bodies must be inlined into each clone to be compiled for its instruction set.
 #if defined(__GNUC__)

@@ -1,0 +1,266 @@
+"""Compiles every Triton kernel of attenscribble_ops for an H100 (sm_90), on a machine with no GPU,
+and checks that each compiled variant fits the card.
+
+The Triton interpreter, which runs the Triton tests on the CPU, never compiles a kernel: a kernel
+that the GPU compiler rejects (a ``tl.dot`` tile under 16, a layout it cannot lower, a dtype
+mismatch inside a loop), or one that asks for more shared memory than a block may have, passes
+there and fails only on a GPU. Here Triton compiles for real (Triton to PTX, then its bundled
+ptxas to a cubin) for a stand-in driver that reports an H100 and launches nothing, while the
+library's own launch paths run forward and backward on small CPU tensors, with the GPU's tile
+sizes (``attenscribble_ops.triton._target.for_gpu``), in fp32, fp32 with tf32 allowed, fp16 and
+bf16. Checked for every compiled variant:
+  * shared memory within the 227 KiB (232448 bytes) a block may opt in to on an H100;
+  * registers x threads within the 65536 registers of a multiprocessor;
+and every ``*_kernel`` of the package must have compiled at least once.
+
+Run (TRITON_INTERPRET unset; a fresh TRITON_CACHE_DIR compiles every variant again):
+    python tests/triton_sm90.py [--json resources.json]
+Exit status 0 when everything compiled and fits; the table goes to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("tests/triton_sm90.py compiles kernels: unset TRITON_INTERPRET")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+H100 = {"name": "NVIDIA H100 (sm_90)", "target": GPUTarget("cuda", 90, 32), "max_shared_mem": 232448,
+        "registers": 65536, "max_threads": 1024, "multiprocessors": 132}
+
+
+class _Utils:
+    def get_device_properties(self, device):
+        return {"max_shared_mem": H100["max_shared_mem"], "multiprocessor_count": H100["multiprocessors"],
+                "max_num_regs": H100["registers"], "warpSize": 32}
+
+    def load_binary(self, name, kernel, shared, device):
+        return 0, 0, 0, 0, H100["max_threads"]  # nothing is loaded: registers come from the cubin
+
+
+class CompileOnlyDriver:
+    """Triton's active driver, standing in for an H100: kernels compile for sm_90, launches do nothing."""
+    utils = _Utils()
+
+    def is_active(self):
+        return True
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return H100["target"]
+
+    def launcher_cls(self, src, metadata):
+        return lambda *args, **kwargs: None
+
+
+def _gpu_mode():
+    """The library's launch paths on CPU tensors, as on a GPU: the Triton backend accepted for CPU
+    tensors (no interpreter), the GPU's tiles, and no interpreter-only refusals (bf16)."""
+    from attenscribble_ops import backends
+    from attenscribble_ops.triton import _target
+
+    backends.triton_interpreting = lambda: True
+    _target.for_gpu = lambda t: True
+    for key, entry in list(backends._REGISTRY.items()):
+        if key[1] == "triton":
+            backends._REGISTRY[key] = dataclasses.replace(entry, check=None)
+
+
+def _crf_case(dtype, classes, shape, radius, *, channels=1, compat=False, mask_src=False, padding="zeros",
+              grad=True):
+    import attenscribble_ops as ao
+    from attenscribble_ops.testing import make_crf_inputs
+
+    d = make_crf_inputs(2, classes, shape, channels=channels, dtype=dtype, seed=1)
+    probs = d["probs"].requires_grad_(grad)
+    mu = (1.0 - torch.eye(classes)) if compat else None
+    loss = ao.masked_crf_loss(probs, d["image"], radius=radius, mask_dst=d["mask_dst"],
+                              mask_src=d["mask_dst"] if mask_src else None, compatibility=mu, padding=padding,
+                              backend="triton")
+    if grad:
+        loss.backward()
+
+
+def _similarity_case(dtype, heads, dim, *, fused, weighted):
+    import attenscribble_ops as ao
+    from attenscribble_ops.testing import make_similarity_inputs
+
+    x = make_similarity_inputs(2, heads, (9, 12), dim, dtype=dtype, seed=2)
+    leaves = [x[n].requires_grad_() for n in ("q", "k", "probs", "head_weight", "head_bias")]
+    lse = None
+    if not fused:  # the window loss with a given normaliser (the block's)
+        lse = torch.randn(2, heads, 9 * 12, dtype=torch.float32).requires_grad_()
+        leaves.append(lse)
+    g = torch.tensor([1.0, 0.5], dtype=dtype) if weighted else None
+    loss = ao.attentive_similarity_loss(*leaves[:5], grid=x["grid"], sample_weight=g, lse=lse, backend="triton")
+    torch.autograd.grad(loss, leaves)
+
+
+def _attention_case(dtype, heads, dim, dim_v):
+    import attenscribble_ops as ao
+    from attenscribble_ops.testing import make_similarity_inputs
+
+    x = make_similarity_inputs(2, heads, (9, 12), dim, dtype=dtype, seed=3)
+    q, k = x["q"].requires_grad_(), x["k"].requires_grad_()
+    v = torch.randn(2, heads, 9 * 12, dim_v, dtype=dtype).requires_grad_()
+    out, lse = ao.spatial_attention(q, k, v, backend="triton")  # separate q, k gradients
+    torch.autograd.grad(out.float().sum() + lse.sum(), [q, k, v])
+    out, lse, qt, kt = ao.spatial_attention(q, k, v, backend="triton", tie_qk=True)  # accumulated into
+    loss = ao.attentive_similarity_loss(qt, kt, x["probs"], x["head_weight"], x["head_bias"], grid=x["grid"],
+                                        lse=lse, backend="triton")
+    torch.autograd.grad(loss + out.float().sum(), [q, k, v])
+
+
+def cases():
+    """(name, thunk): the launch paths of the three ops, in each dtype (tf32: fp32 with tf32 allowed,
+    which changes the attention's dots only)."""
+    out = []
+    for dtype, tag in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        out += [
+            (f"crf 2-D C=4 r=5 {tag}", lambda dt=dtype: _crf_case(dt, 4, (37, 29), 5)),
+            (f"crf 2-D C=4 r=5 valid, no grad {tag}",
+             lambda dt=dtype: _crf_case(dt, 4, (37, 29), 5, padding="valid", grad=False)),
+            (f"crf 2-D C=2 RGB mask_src {tag}",
+             lambda dt=dtype: _crf_case(dt, 2, (21, 40), 3, channels=3, mask_src=True)),
+            (f"crf 2-D C=16 compatibility {tag}", lambda dt=dtype: _crf_case(dt, 16, (19, 23), 2, compat=True)),
+            (f"crf 3-D C=3 r=(1,3,3) {tag}", lambda dt=dtype: _crf_case(dt, 3, (5, 17, 15), (1, 3, 3))),
+            (f"similarity fused 1 head D=16 {tag}",
+             lambda dt=dtype: _similarity_case(dt, 1, 16, fused=True, weighted=False)),
+            (f"similarity window 4 heads D=64 weighted {tag}",
+             lambda dt=dtype: _similarity_case(dt, 4, 64, fused=False, weighted=True)),
+        ]
+        shapes = [(2, 64, 64, False), (1, 128, 32, False), (1, 16, 8, False)]
+        if dtype == torch.float32:
+            shapes.append((2, 64, 64, True))
+        for heads, dim, dim_v, tf32 in shapes:
+            name = f"attention {heads} head(s) D={dim} Dv={dim_v} {'tf32' if tf32 else tag}"
+            out.append((name, lambda dt=dtype, a=(heads, dim, dim_v), t=tf32: _allow_tf32(t, _attention_case, dt, *a)))
+    return out
+
+
+def _allow_tf32(on, fn, *args):
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        fn(*args)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def package_kernels() -> dict:
+    """Every ``*_kernel`` JITFunction of attenscribble_ops.triton (the helpers they call are inlined)."""
+    from attenscribble_ops.triton import attentive_similarity, masked_crf, spatial_attention
+
+    return {name: obj for module in (masked_crf, spatial_attention, attentive_similarity)
+            for name, obj in vars(module).items()
+            if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel")}
+
+
+def _cuobjdump() -> str:
+    bundled = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not bundled.exists():
+        sys.exit(f"no cuobjdump at {bundled} (Triton's NVIDIA backend tools)")
+    return str(bundled)
+
+
+def _registers_and_local(cubin: bytes, tool: str) -> tuple[int, int]:
+    """REG and LOCAL (bytes of local memory per thread: spills or local arrays) of a cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        text = subprocess.run([tool, "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
+    reg, local = re.search(r"REG:(\d+)", text), re.search(r"LOCAL:(\d+)", text)
+    if reg is None or local is None:
+        raise RuntimeError(f"cuobjdump -res-usage gave no REG/LOCAL:\n{text}")
+    return int(reg.group(1)), int(local.group(1))
+
+
+def _variant(kernel) -> str:
+    """The first pointer's dtype and the kernel's constexpr parameters, as compiled."""
+    src = kernel.src
+    names = src.fn.arg_names
+    pointer = next((f"{n}:{t}" for n, t in src.signature.items() if str(t).startswith("*")), "")
+    values = {names[path[0]]: v for path, v in src.constants.items()
+              if len(path) == 1 and src.signature.get(names[path[0]]) == "constexpr"}
+    return " ".join([pointer] + [f"{k}={v}" for k, v in values.items()])
+
+
+def compiled_variants() -> list[dict]:
+    tool = _cuobjdump()
+    rows = []
+    for name, fn in sorted(package_kernels().items()):
+        kernels = {k.metadata.hash: k for cache in fn.device_caches.values() for k in cache[0].values()}
+        for kernel in kernels.values():
+            md = kernel.metadata
+            reg, local = _registers_and_local(kernel.asm["cubin"], tool)
+            threads = md.num_warps * md.warp_size
+            rows.append({
+                "kernel": name, "variant": _variant(kernel), "num_warps": md.num_warps,
+                "num_stages": md.num_stages, "shared_bytes": md.shared, "registers": reg, "local_bytes": local,
+                "fits": md.shared <= H100["max_shared_mem"] and reg * threads <= H100["registers"]
+                and threads <= H100["max_threads"],
+            })
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the compiled variants and their resources here")
+    args = parser.parse_args(argv)
+
+    driver.set_active(CompileOnlyDriver())
+    import attenscribble_ops  # noqa: F401  (registers the Triton backend)
+
+    _gpu_mode()
+    failures = []
+    start = time.perf_counter()
+    for name, run in cases():
+        t0 = time.perf_counter()
+        try:
+            run()
+        except Exception as e:  # noqa: BLE001 - every case is reported, then the exit status says it
+            failures.append(name)
+            print(f"FAILED {name}: {type(e).__name__}: {e}", flush=True)
+            continue
+        print(f"compiled {name} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    rows = compiled_variants()
+    print(f"\n{len(rows)} variants of {len(package_kernels())} kernels for {H100['name']}, "
+          f"Triton {triton.__version__}, {time.perf_counter() - start:.0f} s")
+    print(f"{'kernel':36} {'warps':>5} {'stages':>6} {'shared B':>9} {'regs':>5} {'local B':>7}  variant")
+    for r in rows:
+        print(f"{r['kernel']:36} {r['num_warps']:5d} {r['num_stages']:6d} {r['shared_bytes']:9d} "
+              f"{r['registers']:5d} {r['local_bytes']:7d}  {r['variant']}{'' if r['fits'] else '  DOES NOT FIT'}")
+    missing = sorted(set(package_kernels()) - {r["kernel"] for r in rows})
+    unfit = [r for r in rows if not r["fits"]]
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(
+            {"target": H100["name"], "triton": triton.__version__, "torch": torch.__version__,
+             "failed_cases": failures, "missing_kernels": missing, "variants": rows}, indent=1))
+    for k in missing:
+        print(f"NOT COMPILED: {k} (no case launches it)")
+    print(f"max shared {max(r['shared_bytes'] for r in rows)} B of {H100['max_shared_mem']}, "
+          f"max registers {max(r['registers'] for r in rows)}, variants with local memory "
+          f"{sum(r['local_bytes'] > 0 for r in rows)}")
+    return 1 if failures or missing or unfit else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
