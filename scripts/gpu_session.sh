@@ -32,13 +32,13 @@ python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch
 step "build (FORCE_CUDA=1, sm_90)"
 # torch takes CUDA_HOME from the nvcc on PATH: a wrapper script there (/usr/local/bin/nvcc, as on the
 # development machine) gives /usr/local, without libcudart. Take the toolkit that has the headers.
-if [[ -z "${CUDA_HOME:-}" ]]; then
+if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc > /dev/null; then
     nvcc_dir=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
-    for d in /usr/local/cuda "$nvcc_dir"; do
+    for d in "$nvcc_dir" /usr/local/cuda; do
         [[ -f "$d/include/cuda_runtime.h" ]] && { export CUDA_HOME=$d; break; }
     done
 fi
-echo "CUDA_HOME=${CUDA_HOME:-unset}; $(nvcc --version | tail -n 1)"
+echo "CUDA_HOME=${CUDA_HOME:-unset}; $("${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version | tail -n 1)"
 export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
 python setup.py build_ext --inplace -q || { echo "BUILD FAILED"; exit 1; }
 python -c "import attenscribble_ops as ao; print(ao.explain())"

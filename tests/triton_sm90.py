@@ -8,10 +8,11 @@ there and fails only on a GPU. Here Triton compiles for real (Triton to PTX, the
 ptxas to a cubin) for a stand-in driver that reports an H100 and launches nothing, while the
 library's own launch paths run forward and backward on small CPU tensors, with the GPU's tile
 sizes (``attenscribble_ops.triton._target.for_gpu``), in fp32, fp32 with tf32 allowed, fp16 and
-bf16. Checked for every compiled variant:
+bf16 (and fp64 for the masked CRF). Checked for every compiled variant:
   * shared memory within the 227 KiB (232448 bytes) a block may opt in to on an H100;
   * registers x threads within the 65536 registers of a multiprocessor;
-and every ``*_kernel`` of the package must have compiled at least once.
+and every ``*_kernel`` of the package must have compiled at least once. Reported, not checked:
+each variant's registers and stack frame (bytes per thread; ptxas puts register spills there).
 
 Run (TRITON_INTERPRET unset; a fresh TRITON_CACHE_DIR compiles every variant again):
     python tests/triton_sm90.py [--json resources.json]
@@ -71,17 +72,22 @@ class CompileOnlyDriver:
         return lambda *args, **kwargs: None
 
 
+ASKED = []  # the tensors whose tiles were asked for: empty if the launch paths stopped asking _target
+
+
 def _gpu_mode():
     """The library's launch paths on CPU tensors, as on a GPU: the Triton backend accepted for CPU
-    tensors (no interpreter), the GPU's tiles, and no interpreter-only refusals (bf16)."""
+    tensors (no interpreter), the GPU's tiles, and its checks judging the inputs as CUDA tensors
+    (so no interpreter-only refusal of bf16, while the GPU's own refusals stay)."""
     from attenscribble_ops import backends
     from attenscribble_ops.triton import _target
 
     backends.triton_interpreting = lambda: True
-    _target.for_gpu = lambda t: True
+    _target.for_gpu = lambda t: ASKED.append(t.shape) or True
     for key, entry in list(backends._REGISTRY.items()):
-        if key[1] == "triton":
-            backends._REGISTRY[key] = dataclasses.replace(entry, check=None)
+        if key[1] == "triton" and entry.check is not None:  # judged as for CUDA tensors
+            as_cuda = (lambda meta, check=entry.check: check(dataclasses.replace(meta, device_type="cuda")))
+            backends._REGISTRY[key] = dataclasses.replace(entry, check=as_cuda)
 
 
 def _crf_case(dtype, classes, shape, radius, *, channels=1, compat=False, mask_src=False, padding="zeros",
@@ -99,28 +105,29 @@ def _crf_case(dtype, classes, shape, radius, *, channels=1, compat=False, mask_s
         loss.backward()
 
 
-def _similarity_case(dtype, heads, dim, *, fused, weighted):
+def _similarity_case(dtype, heads, dim, *, fused, weighted, grid=(9, 12)):
     import attenscribble_ops as ao
     from attenscribble_ops.testing import make_similarity_inputs
 
-    x = make_similarity_inputs(2, heads, (9, 12), dim, dtype=dtype, seed=2)
+    x = make_similarity_inputs(2, heads, grid, dim, dtype=dtype, seed=2)
     leaves = [x[n].requires_grad_() for n in ("q", "k", "probs", "head_weight", "head_bias")]
     lse = None
     if not fused:  # the window loss with a given normaliser (the block's)
-        lse = torch.randn(2, heads, 9 * 12, dtype=torch.float32).requires_grad_()
+        lse = torch.randn(2, heads, grid[0] * grid[1], dtype=torch.float32).requires_grad_()
         leaves.append(lse)
     g = torch.tensor([1.0, 0.5], dtype=dtype) if weighted else None
     loss = ao.attentive_similarity_loss(*leaves[:5], grid=x["grid"], sample_weight=g, lse=lse, backend="triton")
     torch.autograd.grad(loss, leaves)
 
 
-def _attention_case(dtype, heads, dim, dim_v):
+def _attention_case(dtype, heads, dim, dim_v, grid=(9, 12)):
     import attenscribble_ops as ao
     from attenscribble_ops.testing import make_similarity_inputs
 
-    x = make_similarity_inputs(2, heads, (9, 12), dim, dtype=dtype, seed=3)
+    n = grid[0] * grid[1]
+    x = make_similarity_inputs(2, heads, grid, dim, dtype=dtype, seed=3)
     q, k = x["q"].requires_grad_(), x["k"].requires_grad_()
-    v = torch.randn(2, heads, 9 * 12, dim_v, dtype=dtype).requires_grad_()
+    v = torch.randn(2, heads, n, dim_v, dtype=dtype).requires_grad_()
     out, lse = ao.spatial_attention(q, k, v, backend="triton")  # separate q, k gradients
     torch.autograd.grad(out.float().sum() + lse.sum(), [q, k, v])
     out, lse, qt, kt = ao.spatial_attention(q, k, v, backend="triton", tie_qk=True)  # accumulated into
@@ -131,7 +138,8 @@ def _attention_case(dtype, heads, dim, dim_v):
 
 def cases():
     """(name, thunk): the launch paths of the three ops, in each dtype (tf32: fp32 with tf32 allowed,
-    which changes the attention's dots only)."""
+    which changes the attention's dots only). Token counts of 108 and 256: Triton specialises
+    on sizes divisible by 16, so the two compile differently."""
     out = []
     for dtype, tag in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         out += [
@@ -146,13 +154,22 @@ def cases():
              lambda dt=dtype: _similarity_case(dt, 1, 16, fused=True, weighted=False)),
             (f"similarity window 4 heads D=64 weighted {tag}",
              lambda dt=dtype: _similarity_case(dt, 4, 64, fused=False, weighted=True)),
+            (f"similarity fused 2 heads D=64 16x16 {tag}",
+             lambda dt=dtype: _similarity_case(dt, 2, 64, fused=True, weighted=False, grid=(16, 16))),
         ]
-        shapes = [(2, 64, 64, False), (1, 128, 32, False), (1, 16, 8, False)]
+        shapes = [(2, 64, 64, (9, 12), False), (2, 64, 64, (16, 16), False), (1, 128, 32, (9, 12), False),
+                  (1, 128, 128, (16, 16), False), (1, 16, 8, (9, 12), False)]
         if dtype == torch.float32:
-            shapes.append((2, 64, 64, True))
-        for heads, dim, dim_v, tf32 in shapes:
-            name = f"attention {heads} head(s) D={dim} Dv={dim_v} {'tf32' if tf32 else tag}"
-            out.append((name, lambda dt=dtype, a=(heads, dim, dim_v), t=tf32: _allow_tf32(t, _attention_case, dt, *a)))
+            shapes += [(2, 64, 64, (16, 16), True), (1, 128, 128, (16, 16), True)]
+        for heads, dim, dim_v, grid, tf32 in shapes:
+            name = f"attention {heads} head(s) D={dim} Dv={dim_v} {grid[0]}x{grid[1]} {'tf32' if tf32 else tag}"
+            out.append((name, lambda dt=dtype, a=(heads, dim, dim_v, grid), t=tf32:
+                        _allow_tf32(t, _attention_case, dt, *a)))
+    out += [
+        ("crf 2-D C=4 r=5 fp64", lambda: _crf_case(torch.float64, 4, (37, 29), 5)),
+        ("crf 3-D C=3 r=(1,3,3) fp64", lambda: _crf_case(torch.float64, 3, (5, 17, 15), (1, 3, 3))),
+        ("crf 2-D C=64 compatibility fp32", lambda: _crf_case(torch.float32, 64, (9, 11), 1, compat=True)),
+    ]
     return out
 
 
@@ -181,26 +198,28 @@ def _cuobjdump() -> str:
     return str(bundled)
 
 
-def _registers_and_local(cubin: bytes, tool: str) -> tuple[int, int]:
-    """REG and LOCAL (bytes of local memory per thread: spills or local arrays) of a cubin."""
+def _registers_and_stack(cubin: bytes, tool: str) -> tuple[int, int]:
+    """REG and STACK (bytes of stack frame per thread, where ptxas puts register spills) of a cubin."""
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
         text = subprocess.run([tool, "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
-    reg, local = re.search(r"REG:(\d+)", text), re.search(r"LOCAL:(\d+)", text)
-    if reg is None or local is None:
-        raise RuntimeError(f"cuobjdump -res-usage gave no REG/LOCAL:\n{text}")
-    return int(reg.group(1)), int(local.group(1))
+    reg, stack = re.search(r"REG:(\d+)", text), re.search(r"STACK:(\d+)", text)
+    if reg is None or stack is None:
+        raise RuntimeError(f"cuobjdump -res-usage gave no REG/STACK:\n{text}")
+    return int(reg.group(1)), int(stack.group(1))
 
 
 def _variant(kernel) -> str:
-    """The first pointer's dtype and the kernel's constexpr parameters, as compiled."""
+    """The first pointer's dtype, the kernel's constexpr parameters, and the arguments Triton
+    specialised as divisible by 16 (pointers and sizes): each combination is its own cubin."""
     src = kernel.src
     names = src.fn.arg_names
     pointer = next((f"{n}:{t}" for n, t in src.signature.items() if str(t).startswith("*")), "")
     values = {names[path[0]]: v for path, v in src.constants.items()
               if len(path) == 1 and src.signature.get(names[path[0]]) == "constexpr"}
-    return " ".join([pointer] + [f"{k}={v}" for k, v in values.items()])
+    specialised = sorted(names[path[0]] for path, attr in src.attrs.items() if len(path) == 1 and attr)
+    return " ".join([pointer] + [f"{k}={v}" for k, v in values.items()] + [f"div16:{','.join(specialised)}"])
 
 
 def compiled_variants() -> list[dict]:
@@ -210,11 +229,11 @@ def compiled_variants() -> list[dict]:
         kernels = {k.metadata.hash: k for cache in fn.device_caches.values() for k in cache[0].values()}
         for kernel in kernels.values():
             md = kernel.metadata
-            reg, local = _registers_and_local(kernel.asm["cubin"], tool)
+            reg, stack = _registers_and_stack(kernel.asm["cubin"], tool)
             threads = md.num_warps * md.warp_size
             rows.append({
                 "kernel": name, "variant": _variant(kernel), "num_warps": md.num_warps,
-                "num_stages": md.num_stages, "shared_bytes": md.shared, "registers": reg, "local_bytes": local,
+                "num_stages": md.num_stages, "shared_bytes": md.shared, "registers": reg, "stack_bytes": stack,
                 "fits": md.shared <= H100["max_shared_mem"] and reg * threads <= H100["registers"]
                 and threads <= H100["max_threads"],
             })
@@ -244,10 +263,10 @@ def main(argv=None) -> int:
     rows = compiled_variants()
     print(f"\n{len(rows)} variants of {len(package_kernels())} kernels for {H100['name']}, "
           f"Triton {triton.__version__}, {time.perf_counter() - start:.0f} s")
-    print(f"{'kernel':36} {'warps':>5} {'stages':>6} {'shared B':>9} {'regs':>5} {'local B':>7}  variant")
+    print(f"{'kernel':36} {'warps':>5} {'stages':>6} {'shared B':>9} {'regs':>5} {'stack B':>7}  variant")
     for r in rows:
         print(f"{r['kernel']:36} {r['num_warps']:5d} {r['num_stages']:6d} {r['shared_bytes']:9d} "
-              f"{r['registers']:5d} {r['local_bytes']:7d}  {r['variant']}{'' if r['fits'] else '  DOES NOT FIT'}")
+              f"{r['registers']:5d} {r['stack_bytes']:7d}  {r['variant']}{'' if r['fits'] else '  DOES NOT FIT'}")
     missing = sorted(set(package_kernels()) - {r["kernel"] for r in rows})
     unfit = [r for r in rows if not r["fits"]]
     if args.json:
@@ -256,10 +275,13 @@ def main(argv=None) -> int:
              "failed_cases": failures, "missing_kernels": missing, "variants": rows}, indent=1))
     for k in missing:
         print(f"NOT COMPILED: {k} (no case launches it)")
+    spilling = [r for r in rows if r["stack_bytes"] > 0]
     print(f"max shared {max(r['shared_bytes'] for r in rows)} B of {H100['max_shared_mem']}, "
-          f"max registers {max(r['registers'] for r in rows)}, variants with local memory "
-          f"{sum(r['local_bytes'] > 0 for r in rows)}")
-    return 1 if failures or missing or unfit else 0
+          f"max registers {max(r['registers'] for r in rows)}, {len(spilling)} variants with a stack frame "
+          f"(register spills), the largest {max([r['stack_bytes'] for r in spilling], default=0)} B per thread")
+    if not ASKED:
+        print("NO GPU TILES: no launch path asked attenscribble_ops.triton._target.for_gpu")
+    return 1 if failures or missing or unfit or not ASKED else 0
 
 
 if __name__ == "__main__":

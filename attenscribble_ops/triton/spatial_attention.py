@@ -196,13 +196,19 @@ def precision(x: torch.Tensor) -> str:
     return "ieee"
 
 
-def _blocks(d: int, dv: int, gpu: bool) -> dict:
-    block_d = max(16, triton.next_power_of_2(d))
-    block_dv = max(16, triton.next_power_of_2(dv))
-    if not gpu:  # the interpreter: fewer, larger tiles run faster
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, BLOCK_DV=block_dv)
-    wide = max(block_d, block_dv) > 64
-    return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, BLOCK_D=block_d, BLOCK_DV=block_dv)
+def _config(q: torch.Tensor, d: int, dv: int) -> dict:
+    """Tiles, warps and dot precision of the attention kernels for q's launch."""
+    cfg = dict(BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+               PRECISION=precision(q))
+    if not _target.for_gpu(q):  # the interpreter: fewer, larger tiles run faster
+        return dict(cfg, BLOCK_M=32, BLOCK_N=32)
+    if q.dtype == torch.float32 and cfg["PRECISION"] == "ieee":
+        # fp32 dots without tensor cores (FMA loops). Compiled for sm_90 (tests/triton_sm90.py), the
+        # 64-token tiles spill 8 to 34 KB of registers per thread to the stack; 32 x 32 tiles
+        # over 8 warps spill at most 608 B (D = Dv = 128), none in the forward and dq kernels.
+        return dict(cfg, BLOCK_M=32, BLOCK_N=32, num_warps=8)
+    wide = max(cfg["BLOCK_D"], cfg["BLOCK_DV"]) > 64
+    return dict(cfg, BLOCK_M=64, BLOCK_N=32 if wide else 64)
 
 
 # CUDA's limit on grid axis 1 (the slices, or the batch of the similarity kernels): larger counts
@@ -228,12 +234,12 @@ def _forward(q, k, v, logit_scale):
     out = torch.empty((bh, n, dv), device=q.device, dtype=q.dtype) if v is not None else qs
     lse_attn = torch.empty((bh, n), device=q.device, dtype=torch.float32) if v is not None else None
     lse_sim = torch.empty((bh, n), device=q.device, dtype=torch.float32)
-    cfg = _blocks(d, dv, _target.for_gpu(q))
+    cfg = _config(q, d, dv)
     la = lse_attn if lse_attn is not None else lse_sim
     for c in grid_chunks(bh):
         _spatial_attention_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), c.stop - c.start)](
             qs[c], ks[c], vs[c], out[c], la[c], lse_sim[c], n, d, dv, d ** -0.5, logit_scale, HAS_V=v is not None,
-            PRECISION=precision(q), **cfg)
+            **cfg)
     return out, lse_attn, lse_sim
 
 
@@ -253,9 +259,8 @@ def _backward(dout, delta, lse_attn, dlse_sim, lse_sim, q, k, v, logit_scale, ac
     dls = dlse_sim.reshape(bh, n).float().contiguous() if dlse_sim is not None else lse_s
     lse_a = lse_attn.reshape(bh, n).float().contiguous() if v is not None else lse_s
     dlt = delta.reshape(bh, n).float().contiguous() if v is not None else lse_s
-    cfg = _blocks(d, dv_dim, _target.for_gpu(q))
-    flags = dict(HAS_V=v is not None, HAS_DLSE=dlse_sim is not None, ACCUMULATE=accumulate_into is not None,
-                 PRECISION=precision(q), **cfg)
+    cfg = _config(q, d, dv_dim)
+    flags = dict(HAS_V=v is not None, HAS_DLSE=dlse_sim is not None, ACCUMULATE=accumulate_into is not None, **cfg)
     args = (n, d, dv_dim, d ** -0.5, logit_scale)
     for c in grid_chunks(bh):
         inputs = (qs[c], ks[c], vs[c], dos[c], dlt[c], lse_a[c], lse_s[c], dls[c])
