@@ -1,6 +1,7 @@
 """One command for the benchmarks:
 
     python -m benchmarks --suite masked_crf [--device cuda] [--quick] [--modes full] [--providers cpu reference]
+                         [--skip-providers reference-compile]
 
 runs the chosen suites, prints a table with the speed-up and memory ratio against the reference,
 writes ``benchmarks/results/<suite>-<device>.json`` / ``.csv`` (``--out`` elsewhere) and draws the
@@ -31,6 +32,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes only (smoke run)")
     parser.add_argument("--modes", nargs="+", default=list(common.MODES), choices=common.MODES)
     parser.add_argument("--providers", nargs="+", default=None, help="subset of providers")
+    parser.add_argument("--skip-providers", nargs="+", default=[], metavar="PROVIDER",
+                        help="providers left out (e.g. reference-compile, whose compiles take the longest)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--out", default=common.RESULTS_DIR, help="directory for JSON/CSV results")
@@ -54,7 +57,12 @@ def main(argv=None) -> int:
             common.write_results(common.add_ratios([dict(r) for r in rows], suite.reference), name, device, args.out,
                                  partial=True)
 
-        rows = common.run_suite(suite, device, quick=args.quick, modes=args.modes, providers=args.providers,
+        chosen = [p for p in suite.providers(device.type)
+                  if (args.providers is None or p in args.providers) and p not in args.skip_providers]
+        if not chosen:
+            print(f"suite {name}: none of its providers {suite.providers(device.type)} was chosen")
+            continue
+        rows = common.run_suite(suite, device, quick=args.quick, modes=args.modes, providers=chosen,
                                 warmup=args.warmup, repeat=args.repeat, on_row=save_so_far)
         common.add_ratios(rows, suite.reference)
         print(common.table(rows))

@@ -74,6 +74,10 @@ class Suite:
 
 @functools.lru_cache(maxsize=None)
 def _git_revision() -> str:
+    """The checkout's revision (+dirty), or ATTENSCRIBBLE_GIT_REVISION where the tree has no .git
+    (the GPU machine receives a copy of the working tree without it)."""
+    if os.environ.get("ATTENSCRIBBLE_GIT_REVISION"):
+        return os.environ["ATTENSCRIBBLE_GIT_REVISION"]
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,

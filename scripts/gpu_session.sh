@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine (no internet; its own torch, Triton, nvcc and pytest): build the
-# extension with its CUDA sources, run the GPU tests, compute-sanitizer on small cases, the
+# One call on the lent GPU machine (no internet; its own torch, Triton, nvcc and pytest): load or
+# build the extension with its CUDA sources, run the GPU tests, compute-sanitizer on small cases, the
 # benchmarks; everything under $OUT (at most 8 files come back: one log, the junit report, one
 # JSON per benchmark suite).
 #
 #   device run:  bash scripts/gpu_session.sh            (run's timeout_s: DEADLINE + 30)
 #   knobs:       DEADLINE=530 (seconds: every step's time limit is cut to what is left of it),
 #                STEPS="tests sanitizer bench" (a second call on the warm machine: STEPS=bench),
-#                QUICK=1 (small benchmark shapes), SUITES="train_step masked_crf ..." (in this order)
+#                QUICK=1 (small benchmark shapes), SUITES="train_step masked_crf ..." (in this order),
+#                SKIP_PROVIDERS="reference-compile" (the default: its compiles take the longest;
+#                SKIP_PROVIDERS= keeps all), PROVIDERS="..." (only these), NPROC=8 (pytest-xdist
+#                workers, where it is installed), ATTENSCRIBBLE_GIT_REVISION (the tree there has no .git)
 # A benchmark suite stopped by its limit leaves the rows it measured in <suite>-<card>.partial.json.
+#
+# Device time is short, so the extension can be built beforehand on the development machine against
+# the GPU machine's stack (Python 3.12, torch 2.11.0+cu130) and carried in device_carry/:
+#   FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 CUDA_HOME=/usr/local/cuda python3.12 setup.py build_ext --inplace
+#   mkdir -p device_carry && cp attenscribble_ops/_C.cpython-312-*.so device_carry/   (run's carry: device_carry)
+# It is used only if it loads there with its CUDA kernels; otherwise the script builds.
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 DEADLINE=${DEADLINE:-530}
@@ -24,12 +33,26 @@ limit() {
     echo $(( cap < 10 ? 0 : cap ))
 }
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
+# the Python that holds torch (on the GPU machine: python3, /opt/torch/.venv)
+PY=python3
+"$PY" -c "import torch" 2> /dev/null || PY=python
 
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
-python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
-step "build (FORCE_CUDA=1, sm_90)"
+step "extension"
+built=0
+for so in device_carry/_C.*.so; do
+    [[ -f "$so" ]] || continue
+    cp "$so" attenscribble_ops/
+    if "$PY" -c "import sys, attenscribble_ops._extension as e; print(e.load_error() or 'loaded'); sys.exit(0 if e.with_cuda() else 1)"; then
+        echo "using the prebuilt $so"; built=1
+    else
+        echo "the prebuilt $so does not load with CUDA kernels here: building"; rm -f "attenscribble_ops/$(basename "$so")"
+    fi
+done
+if (( ! built )); then
 # torch takes CUDA_HOME from the nvcc on PATH: a wrapper script there (/usr/local/bin/nvcc, as on the
 # development machine) gives /usr/local, without libcudart. Take the toolkit that has the headers.
 if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc > /dev/null; then
@@ -40,26 +63,36 @@ if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc > /dev/null; then
 fi
 echo "CUDA_HOME=${CUDA_HOME:-unset}; $("${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version | tail -n 1)"
 export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
-python setup.py build_ext --inplace -q || { echo "BUILD FAILED"; exit 1; }
-python -c "import attenscribble_ops as ao; print(ao.explain())"
+"$PY" setup.py build_ext --inplace -q || { echo "BUILD FAILED"; exit 1; }
+fi
+"$PY" -c "import attenscribble_ops as ao; print(ao.explain())"
 
-t=$(limit 240 120)
-if wants tests && (( t > 0 )); then
+if wants tests; then
 step "GPU tests"
-timeout "$t" python -m pytest -q -x -m "not slow" -p no:cacheprovider --junitxml="$OUT/junit.xml" \
+xdist=""
+"$PY" -c "import xdist" 2> /dev/null && xdist="-n ${NPROC:-8}"
+t=$(limit 200 150)
+# SIGINT first at the limit: pytest then still prints its summary of failures and writes the report
+(( t > 0 )) && OMP_NUM_THREADS=2 timeout -s INT -k 20 "$t" "$PY" -m pytest -q $xdist --maxfail=25 -rfE --tb=short -m "not slow" -p no:cacheprovider \
+    --junitxml="$OUT/junit.xml" \
     tests/test_masked_crf.py tests/test_masked_crf_cuda.py tests/test_masked_crf_ops.py \
     $(ls tests/test_attentive_similarity*.py tests/test_spatial_attention*.py 2>/dev/null) \
-    tests/test_compile.py tests/test_backends.py tests/test_determinism.py tests/test_int64_offsets.py \
-    tests/test_autocast.py
+    tests/test_compile.py tests/test_backends.py tests/test_determinism.py tests/test_autocast.py
 echo "pytest exit: $?"
+# apart and serial: each of these holds about 40 GiB of the GPU
+t=$(limit 90 150)
+(( t > 0 )) && timeout -s INT -k 20 "$t" "$PY" -m pytest -q -rfE --tb=short -m "not slow" -p no:cacheprovider tests/test_int64_offsets.py
+echo "pytest (int64 offsets) exit: $?"
 fi
 
 if wants sanitizer; then
 step "compute-sanitizer"
 for tool in memcheck racecheck; do
-    t=$(limit 120 90)
+    t=$(limit 75 60)
     (( t > 0 )) || { echo "$tool: no time left"; continue; }
-    timeout "$t" compute-sanitizer --tool "$tool" --error-exitcode 9 python scripts/sanitize_cases.py \
+    # without torch's caching allocator every tensor is its own allocation, so memcheck sees its bounds
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$t" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+        "$PY" scripts/sanitize_cases.py \
         > "$OUT/.sanitizer-$tool.txt" 2>&1
     echo "$tool exit: $?"
     tail -n 15 "$OUT/.sanitizer-$tool.txt"
@@ -69,11 +102,13 @@ fi
 
 if wants bench; then
 step "benchmarks"
+skip=${SKIP_PROVIDERS-reference-compile}
 for suite in ${SUITES:-train_step masked_crf attentive_similarity attention}; do
     t=$(limit 200)
     (( t > 0 )) || { echo "$suite: no time left"; continue; }
-    timeout "$t" python -m benchmarks --suite "$suite" --device cuda --no-plots --json-only --out "$OUT" \
-        ${QUICK:+--quick}
+    timeout "$t" "$PY" -m benchmarks --suite "$suite" --device cuda --no-plots --json-only --out "$OUT" \
+        ${QUICK:+--quick} ${PROVIDERS:+--providers $PROVIDERS} \
+        ${skip:+--skip-providers $skip}
     echo "$suite exit: $?"
 done
 fi
