@@ -91,7 +91,8 @@ for tool in memcheck racecheck; do
     t=$(limit 75 60)
     (( t > 0 )) || { echo "$tool: no time left"; continue; }
     # without torch's caching allocator every tensor is its own allocation, so memcheck sees its bounds
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$t" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+    # (scripts/ is not the package's folder: PYTHONPATH names the in-place build)
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$t" compute-sanitizer --tool "$tool" --error-exitcode 9 \
         "$PY" scripts/sanitize_cases.py \
         > "$OUT/.sanitizer-$tool.txt" 2>&1
     echo "$tool exit: $?"
@@ -104,7 +105,7 @@ if wants bench; then
 step "benchmarks"
 skip=${SKIP_PROVIDERS-reference-compile}
 for suite in ${SUITES:-train_step masked_crf attentive_similarity attention}; do
-    t=$(limit 200)
+    t=$(limit "${SUITE_CAP:-200}")
     (( t > 0 )) || { echo "$suite: no time left"; continue; }
     timeout "$t" "$PY" -m benchmarks --suite "$suite" --device cuda --no-plots --json-only --out "$OUT" \
         ${QUICK:+--quick} ${PROVIDERS:+--providers $PROVIDERS} \

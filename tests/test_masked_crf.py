@@ -175,7 +175,7 @@ def test_border_term_matches_the_original():
 @_compiled("cpu")
 def test_auto_uses_the_fused_kernel_on_cpu():
     assert backends.AUTO_ORDER["masked_crf"]["cpu"][0] == "cpu"
-    assert backends.AUTO_ORDER["masked_crf"]["cuda"][0] == "cuda"
+    assert backends.AUTO_ORDER["masked_crf"]["cuda"][:2] == ("triton", "cuda")  # measured on an H100
     name, _ = backends.select("masked_crf", "auto", backends.Meta("cpu", torch.float32, 4))
     assert name == "cpu"
     assert backends.select("masked_crf", "auto", backends.Meta("cpu", torch.float16, 5))[0] == "cpu"

@@ -88,11 +88,21 @@ def _dlogits(logits, p, do_dot_v, delta, lse_s, dls, row_ok, col_ok, c, s, HAS_V
 
 
 @triton.jit
+def _fp16_scales(ds, AXIS: tl.constexpr):
+    """Powers of two, one per row (AXIS=1) or column (AXIS=0) of ds, that bring its largest entry
+    into [2**8, 2**9) before the fp16 dot: small gradients would otherwise round to fp16 subnormals
+    (measured: 40 % errors at 1e-6, seen on an H100 and in the interpreter) and large ones to inf.
+    The dot's fp32 result is divided by the same scales."""
+    amax = tl.maximum(tl.max(tl.abs(ds), axis=AXIS), 1e-30)
+    return tl.exp2(tl.minimum(8.0 - tl.floor(tl.log2(amax)), 100.0))
+
+
+@triton.jit
 def _spatial_attention_bwd_dq_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DLseSim, DQ, n, D, DV, c, s,
                                      HAS_V: tl.constexpr, HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr,
                                      BLOCK_M: tl.constexpr,
                                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                                     PRECISION: tl.constexpr):
+                                     PRECISION: tl.constexpr, SCALE_DS: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -128,7 +138,11 @@ def _spatial_attention_bwd_dq_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DLse
                         mask=col_ok[:, None] & (dvs[None, :] < DV), other=0.0)
             do_dot_v = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = _dlogits(logits, p, do_dot_v, delta, lse_s, dls, row_ok, col_ok, c, s, HAS_V, HAS_DLSE)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        if SCALE_DS:
+            rs = _fp16_scales(ds, 1)
+            dq += tl.dot((ds * rs[:, None]).to(k.dtype), k, input_precision=PRECISION) / rs[:, None]
+        else:
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq_ptr = DQ + bh * n * D + rows[:, None] * D + dims[None, :]
     dmask = row_ok[:, None] & (dims[None, :] < D)
     if ACCUMULATE:
@@ -141,7 +155,7 @@ def _spatial_attention_bwd_dkdv_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DL
                                        HAS_V: tl.constexpr, HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr,
                                        BLOCK_M: tl.constexpr,
                                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                                       PRECISION: tl.constexpr):
+                                       PRECISION: tl.constexpr, SCALE_DS: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -178,7 +192,11 @@ def _spatial_attention_bwd_dkdv_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DL
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             do_dot_v = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = _dlogits(logits, p, do_dot_v, delta, lse_s, dls, row_ok, col_ok, c, s, HAS_V, HAS_DLSE)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        if SCALE_DS:
+            cs = _fp16_scales(ds, 0)
+            dk += tl.dot(tl.trans((ds * cs[None, :]).to(q.dtype)), q, input_precision=PRECISION) / cs[:, None]
+        else:
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     dk_ptr = DK + bh * n * D + cols[:, None] * D + dims[None, :]
     dmask = col_ok[:, None] & (dims[None, :] < D)
     if ACCUMULATE:
@@ -260,7 +278,8 @@ def _backward(dout, delta, lse_attn, dlse_sim, lse_sim, q, k, v, logit_scale, ac
     lse_a = lse_attn.reshape(bh, n).float().contiguous() if v is not None else lse_s
     dlt = delta.reshape(bh, n).float().contiguous() if v is not None else lse_s
     cfg = _config(q, d, dv_dim)
-    flags = dict(HAS_V=v is not None, HAS_DLSE=dlse_sim is not None, ACCUMULATE=accumulate_into is not None, **cfg)
+    flags = dict(HAS_V=v is not None, HAS_DLSE=dlse_sim is not None, ACCUMULATE=accumulate_into is not None,
+                 SCALE_DS=q.dtype == torch.float16, **cfg)
     args = (n, d, dv_dim, d ** -0.5, logit_scale)
     for c in grid_chunks(bh):
         inputs = (qs[c], ks[c], vs[c], dos[c], dlt[c], lse_a[c], lse_s[c], dls[c])
