@@ -27,7 +27,7 @@ import torch
 from . import _extension
 from ._version import __version__
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
+BACKENDS = ("reference", "cpu", "cuda", "triton", "aten")
 CHOICES = ("auto",) + BACKENDS
 
 OPS = ("masked_crf", "attentive_similarity", "spatial_attention")
@@ -108,6 +108,8 @@ def _device_rule(backend: str, meta: Meta) -> Optional[str]:
         return f"the 'cpu' backend runs on CPU tensors; these are on {meta.device_type}"
     if backend == "cuda" and meta.device_type != "cuda":
         return f"the 'cuda' backend runs on CUDA tensors; these are on {meta.device_type}"
+    if backend == "aten" and meta.device_type not in ("cpu", "cuda"):
+        return f"the 'aten' backend runs on CPU and CUDA tensors; these are on {meta.device_type}"
     if backend == "triton":
         if meta.device_type == "cpu" and not triton_interpreting():
             return ("the 'triton' backend needs CUDA tensors (or TRITON_INTERPRET=1 set before "
@@ -245,6 +247,7 @@ def explain(op: Optional[str] = None, example: Optional[torch.Tensor] = None, *,
 def _load_implementations() -> None:
     """Import every implementation module once; remember why a backend's modules failed."""
     importlib.import_module("attenscribble_ops.reference")
+    importlib.import_module("attenscribble_ops.aten_attention")
     if _extension.loaded():
         importlib.import_module("attenscribble_ops.native")
     else:

@@ -4,7 +4,8 @@ Two workloads, providers x shapes x modes:
 
 * ``attention``: out = softmax(q k^T / sqrt(D)) v from given q, k, v (backward seeded with a
   random gradient of out). Providers: "reference" (dense, eager), "reference-compile", the fused
-  "cpu", "cuda", "triton" (which also return the similarity LSE), and the peers: torch's
+  "cpu", "cuda", "triton" and "aten" (torch's fused SDPA kernels, run twice: all four also return
+  the similarity LSE), and the peers: torch's
   scaled_dot_product_attention with its default choice ("sdpa") and each of its backends forced
   on the GPU ("sdpa-math", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn"), and FlexAttention
   ("flex", under torch.compile).
@@ -26,7 +27,7 @@ import attenscribble_ops as ao
 from .bench_attentive_similarity import cases, check_provider, inputs
 from .common import Suite, Unavailable, Workload
 
-OURS = ("reference", "reference-compile", "cpu", "cuda", "triton")
+OURS = ("reference", "reference-compile", "cpu", "cuda", "triton", "aten")
 SDPA_BACKENDS = {"sdpa-math": "MATH", "sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                  "sdpa-cudnn": "CUDNN_ATTENTION"}
 WORKLOADS = ("attention", "block+loss")
@@ -86,25 +87,27 @@ def build(provider: str, case: dict, device: torch.device) -> Workload:
             return (out,)
 
         work = Workload(forward, [q, k, v], grad_outputs=[grad_out])
-        if provider == "flex" or provider.startswith("sdpa-"):
+        if provider in ("flex", "aten") or provider.startswith("sdpa-"):
             work = _probe(work, provider)
         return work
     if provider not in OURS:
         raise Unavailable("the peers compute attention only (no similarity LSE for the loss)")
-    backend = check_provider("attentive_similarity", provider, case, device)
-    check_provider("spatial_attention", provider, case, device)
+    attention = check_provider("spatial_attention", provider, case, device)
+    # "aten" has the attention only: its loss is the fastest fused one ("auto")
+    loss = "auto" if provider == "aten" else check_provider("attentive_similarity", provider, case, device)
 
     def block(q, k, v, probs, hw, hb):
-        out, lse, qt, kt = ao.spatial_attention(q, k, v, backend=backend, tie_qk=True)
-        return out, ao.attentive_similarity_loss(qt, kt, probs, hw, hb, grid=grid, lse=lse, backend=backend)
+        out, lse, qt, kt = ao.spatial_attention(q, k, v, backend=attention, tie_qk=True)
+        return out, ao.attentive_similarity_loss(qt, kt, probs, hw, hb, grid=grid, lse=lse, backend=loss)
 
     fn = torch.compile(block) if provider == "reference-compile" else block
-    return Workload(lambda: fn(q, k, v, probs, hw, hb), [q, k, v, probs, hw, hb], grad_outputs=[grad_out, None])
+    work = Workload(lambda: fn(q, k, v, probs, hw, hb), [q, k, v, probs, hw, hb], grad_outputs=[grad_out, None])
+    return _probe(work, provider) if provider == "aten" else work
 
 
 def _probe(work: Workload, provider: str) -> Workload:
-    """A peer that cannot run here (no kernel for this device, dtype or head dim) is recorded as
-    unavailable with torch's reason instead of failing the suite."""
+    """A peer, or "aten", that cannot run here (no kernel of torch's for this device, dtype or head
+    dim) is recorded as unavailable with torch's reason instead of failing the suite."""
     try:
         work.forward()
     except (RuntimeError, torch._dynamo.exc.BackendCompilerFailed, NotImplementedError) as exc:

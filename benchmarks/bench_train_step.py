@@ -10,6 +10,8 @@ the official semantics; "fused" = backend "auto", the fastest measured backend o
   +crf-reference           the block and the masked CRF loss            + pCE
   method-reference         the block, the masked CRF and the attentive similarity loss (AttenScribble)
   +attention-fused, +crf-fused, method-fused   the same with the fused kernels
+  +attention-aten, method-aten                 the block's attention through torch's fused SDPA
+                                               kernels (backend "aten"), the losses fused
 
 Mode "full" only: forward, backward and ``optimizer.step()`` (SGD, momentum 0.9, weight decay 1e-4,
 as the official run). The batch is a synthetic cardiac phantom with synthesised scribbles
@@ -32,7 +34,7 @@ _EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 STAGES = {"unet+pce": (False, 0.0, 0.0), "+attention": (True, 0.0, 0.0), "+crf": (True, 0.1, 0.0),
           "method": (True, 0.1, 0.1)}
 PROVIDERS = ("unet+pce", "+attention-reference", "+crf-reference", "method-reference", "+attention-fused",
-             "+crf-fused", "method-fused")
+             "+crf-fused", "method-fused", "+attention-aten", "method-aten")
 
 
 def _scribseg():
@@ -81,7 +83,8 @@ def build(provider: str, case: dict, device: torch.device) -> Workload:
     cfg = objective.LossConfig(lambda_crf=lambda_crf, lambda_asl=lambda_asl, asl_from_iteration=0, backend=backend)
     cfg = cfg.scaled(case["size"], case["size"] // 4)
     torch.manual_seed(0)
-    model = objective.ScribbleModel(4, cfg, attention_stage=2 if attention else None).to(device)
+    model = objective.ScribbleModel(4, cfg, attention_stage=2 if attention else None,
+                                    attention_backend="aten" if kind == "aten" else None).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     batch = {k: v.to(device) for k, v in make_batch(case["B"], case["size"]).items()}
     params = [p for p in model.parameters() if p.requires_grad]

@@ -40,3 +40,25 @@ def test_attentive_similarity_loss_compiles_fullgraph():
     compiled.backward()
     torch.testing.assert_close(q2.grad, q1.grad)
     torch.testing.assert_close(k2.grad, k1.grad)
+
+
+@pytest.mark.parametrize("tie_qk", [False, True])
+def test_spatial_attention_aten_compiles_fullgraph(tie_qk):
+    """The "aten" backend (torch's fused SDPA kernels, an autograd.Function over ATen ops) traces
+    whole, with the similarity LSE's gradient through its second pass."""
+    d = make_similarity_inputs(2, 2, (4, 6), 8)
+    v0 = torch.randn_like(d["q"])
+
+    def fn(q, k, v):
+        out, lse = ao.spatial_attention(q, k, v, logit_scale=0.8, backend="aten", tie_qk=tie_qk)[:2]
+        return out.square().sum() + (lse * torch.linspace(-1, 1, lse.shape[-1])).sum()
+
+    eager_in = [t.clone().requires_grad_() for t in (d["q"], d["k"], v0)]
+    compiled_in = [t.clone().requires_grad_() for t in (d["q"], d["k"], v0)]
+    eager = fn(*eager_in)
+    compiled = torch.compile(fn, fullgraph=True)(*compiled_in)
+    torch.testing.assert_close(compiled, eager)
+    eager.backward()
+    compiled.backward()
+    for a, b in zip(compiled_in, eager_in):
+        torch.testing.assert_close(a.grad, b.grad)

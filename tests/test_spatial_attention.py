@@ -13,6 +13,12 @@ FUSED = [b for b in runnable_backends("spatial_attention", "cpu", torch.float32)
 OPS = torch.ops.attenscribble_ops
 
 
+def _loss_backend(backend):
+    """The similarity loss's backend next to an attention backend: the same one where it has a
+    loss ("aten" is attention only: torch's fused SDPA kernels), else "auto"."""
+    return backend if backend in runnable_backends("attentive_similarity", "cpu", torch.float32) else "auto"
+
+
 def _dtype_for(backend):
     return torch.float32 if backend == "triton" else torch.float64
 
@@ -127,16 +133,31 @@ def test_gradcheck_compiled_ops_including_lse_attn():
                                     eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
+GPU = [b for b in ("cuda", "triton", "aten")
+       if torch.cuda.is_available() and b in runnable_backends("spatial_attention", "cuda", torch.float32)]
 # the Triton interpreter has no bfloat16 (numpy lacks it)
-LOW_PRECISION_CASES = [(b, d) for b in FUSED for d in (torch.float16, torch.bfloat16)
+LOW_PRECISION_CASES = [("cpu", b, d) for b in FUSED for d in (torch.float16, torch.bfloat16)
                        if not (b == "triton" and d == torch.bfloat16)]
+LOW_PRECISION_CASES += [("cuda", b, d) for b in GPU for d in (torch.float16, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("backend, dtype", LOW_PRECISION_CASES)
-def test_low_precision_error_within_twice_the_reference(backend, dtype):
-    q, k, v = _inputs((1, 2, 45, 32), seed=7, scale=0.5)
-    dout = torch.randn(1, 2, 45, 32, dtype=torch.float64)
-    dlse = torch.randn(1, 2, 45, dtype=torch.float64)
+@pytest.mark.parametrize("backend, case", [(b, c) for b in GPU for c in range(len(SHAPES))])
+def test_gpu_matches_reference(backend, case, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    shape, dv = SHAPES[case]
+    q, k, v = (t.cuda() for t in _inputs(shape, dv, seed=case))
+    dout = torch.randn(shape[:3] + (dv or shape[3],), dtype=torch.float64, device="cuda")
+    dlse = torch.randn(shape[:3], dtype=torch.float64, device="cuda")
+    want = _run("reference", torch.float64, q, k, v, 1.3, dout, dlse)
+    got = _run(backend, torch.float32, q, k, v, 1.3, dout, dlse)
+    _compare(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("device, backend, dtype", LOW_PRECISION_CASES)
+def test_low_precision_error_within_twice_the_reference(device, backend, dtype):
+    q, k, v = (t.to(device) for t in _inputs((1, 2, 45, 32), seed=7, scale=0.5))
+    dout = torch.randn(1, 2, 45, 32, dtype=torch.float64).to(device)
+    dlse = torch.randn(1, 2, 45, dtype=torch.float64).to(device)
     rq, rk, rv = (t.to(dtype).double() for t in (q, k, v))
     exact = _run("reference", torch.float64, rq, rk, rv, 1.0, dout, dlse)
     ref = _run("reference", dtype, rq, rk, rv, 1.0, dout, dlse)
@@ -173,7 +194,7 @@ def test_tied_q_k_give_the_same_gradients(backend):
         out, lse = result[:2]
         qs, ks = result[2:] if tie else leaves[:2]
         loss = A.attentive_similarity_loss(qs, ks, probs.to(dtype), hw.to(dtype), hb.to(dtype), grid=(5, 6),
-                                           radius=2, lse=lse, backend=backend)
+                                           radius=2, lse=lse, backend=_loss_backend(backend))
         (3.0 * loss + (out * dout.to(dtype)).sum()).backward()
         grads.append([loss.detach()] + [t.grad for t in leaves])
     for untied, tied in zip(*grads):
@@ -189,7 +210,7 @@ def test_block_and_loss_match_reference(backend, heads, depth):
     for be, dt in (("reference", torch.float64), (backend, dtype)):
         torch.manual_seed(0)
         block = SpatialSelfAttention(16, heads=heads, depth=depth, backend=be).to(dt)
-        loss_fn = AttentiveSimilarityLoss(heads=block.similarity_heads, radius=2, backend=be).to(dt)
+        loss_fn = AttentiveSimilarityLoss(heads=block.similarity_heads, radius=2, backend=_loss_backend(be)).to(dt)
         x = torch.randn(2, 16, 5, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dt)
         probs = torch.softmax(torch.randn(2, 3, 10, 12, generator=torch.Generator().manual_seed(2)), 1).to(dt)
         feats, sim = block(x)
