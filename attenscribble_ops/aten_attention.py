@@ -17,7 +17,13 @@ With V = 0 and an ``out`` whose row dot with ``dO`` is ``-dlse``, it yields ``dS
 logits' gradient of ``sum(dlse * lse)``. dq and dk then follow with the kernel's own scale s.
 In 16-bit, ``-dlse`` is carried as hi + lo in two columns, each scaled by a power of two per row:
 22 bits in fp16, 16 in bf16. All of ``dlse`` is first scaled by one power of two (divided out
-of dq, dk afterwards), so that tiny gradients do not become fp16 subnormals inside the kernel.
+of dq, dk afterwards) that brings its largest entry near 1, so that a uniformly tiny gradient (a
+loss averaged over many tokens) does not become fp16 subnormals inside the kernel. Rows whose
+gradient is 2**10 or more below the largest still round to fp16 subnormals in dS, as in any fp16
+attention backward (GradScaler keeps that range in use).
+
+The carrier tensors have the memory layout of the kernel's own output, (B, n, heads, W) viewed as
+(B, heads, n, W): torch's CUDA backward reads ``out`` with the row stride heads * W it implies.
 
 Head dims: q, k and v are zero-padded to one width W = max(D, Dv), a multiple of 8 on CUDA (the
 kernels' alignment); zero columns change neither the logits nor the output.
@@ -80,9 +86,9 @@ def _lse_carrier(dlse: torch.Tensor, width: int, dtype: torch.dtype) -> tuple:
     factor = 1.0 / _pow2_floor(biggest, -126, 126) if dtype in (torch.float16, torch.bfloat16) else None
     if factor is not None:
         g = g * factor
-    shape = tuple(dlse.shape) + (width,)
-    dout = torch.zeros(shape, dtype=dtype, device=dlse.device)
-    out = torch.zeros(shape, dtype=dtype, device=dlse.device)
+    b, h, n = dlse.shape
+    dout = torch.zeros((b, n, h, width), dtype=dtype, device=dlse.device).transpose(1, 2)
+    out = torch.zeros((b, n, h, width), dtype=dtype, device=dlse.device).transpose(1, 2)
     if dtype in (torch.float16, torch.bfloat16):
         low, high = (-14, 15) if dtype == torch.float16 else (-126, 126)
         sigma = _pow2_floor(g, low, high)  # per row: -g / sigma lies in [1, 2) where it can
@@ -107,9 +113,8 @@ class _AtenAttention(torch.autograd.Function):
         qp, kp, vp = _pad(q, width), _pad(k, width), _pad(v, width)
         c = d ** -0.5
         out_p, lse_a, state_a = _sdpa_forward(qp, kp, vp, c)
-        zero_v = torch.zeros_like(vp)
-        _, lse_s, state_s = _sdpa_forward(qp, kp, zero_v, logit_scale)
-        ctx.save_for_backward(qp, kp, vp, out_p, lse_a, lse_s, zero_v, *state_a, *state_s)
+        _, lse_s, state_s = _sdpa_forward(qp, kp, torch.zeros_like(vp), logit_scale)
+        ctx.save_for_backward(qp, kp, vp, out_p, lse_a, lse_s, *state_a, *state_s)
         ctx.meta = (d, dv, width, c, logit_scale, len(state_a))
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: its pass is skipped
         out = out_p[..., :dv].contiguous() if width != dv else out_p
@@ -117,15 +122,17 @@ class _AtenAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        qp, kp, vp, out_p, lse_a, lse_s, zero_v, *state = ctx.saved_tensors
+        qp, kp, vp, out_p, lse_a, lse_s, *state = ctx.saved_tensors
         d, dv, width, c, s, n_state = ctx.meta
         state_a, state_s = tuple(state[:n_state]), tuple(state[n_state:])
         acc = acc_dtype(qp.dtype)
         dq = dk = dvp = None
-        if dout is not None:
-            dq, dk, dvp = _sdpa_backward(_pad(dout, width), qp, kp, vp, out_p, lse_a, state_a, c)
+        if dout is not None:  # in the layout of the kernel's output, as the carrier below
+            dout_p = torch.empty_like(out_p).copy_(dout if width == dv else F.pad(dout, (0, width - dv)))
+            dq, dk, dvp = _sdpa_backward(dout_p, qp, kp, vp, out_p, lse_a, state_a, c)
         if dlse is not None:
             carrier_dout, carrier_out, factor = _lse_carrier(dlse, width, qp.dtype)
+            zero_v = torch.zeros_like(vp)
             dq2, dk2, _ = _sdpa_backward(carrier_dout, qp, kp, zero_v, carrier_out, lse_s, state_s, s)
             dq2, dk2 = dq2.to(acc), dk2.to(acc)
             if factor is not None:
@@ -134,9 +141,7 @@ class _AtenAttention(torch.autograd.Function):
             dk = dk2 if dk is None else dk.to(acc) + dk2
         dq = None if dq is None else dq[..., :d].to(qp.dtype)
         dk = None if dk is None else dk[..., :d].to(kp.dtype)
-        dv_out = None if dvp is None else dvp[..., :dv].to(vp.dtype)
-        if dv_out is None and ctx.needs_input_grad[2]:
-            dv_out = torch.zeros(vp.shape[:-1] + (dv,), dtype=vp.dtype, device=vp.device)
+        dv_out = None if dvp is None else dvp[..., :dv].to(vp.dtype)  # None: v had no effect
         return dq, dk, dv_out, None
 
 

@@ -8,6 +8,7 @@
 #   knobs:       DEADLINE=530 (seconds: every step's time limit is cut to what is left of it),
 #                STEPS="tests sanitizer bench" (a second call on the warm machine: STEPS=bench),
 #                QUICK=1 (small benchmark shapes), SUITES="train_step masked_crf ..." (in this order),
+#                SUITE_CAP=200 (seconds per benchmark suite at most),
 #                SKIP_PROVIDERS="reference-compile" (the default: its compiles take the longest;
 #                SKIP_PROVIDERS= keeps all), PROVIDERS="..." (only these), NPROC=8 (pytest-xdist
 #                workers, where it is installed), ATTENSCRIBBLE_GIT_REVISION (the tree there has no .git)
@@ -73,16 +74,25 @@ xdist=""
 "$PY" -c "import xdist" 2> /dev/null && xdist="-n ${NPROC:-8}"
 t=$(limit 200 150)
 # SIGINT first at the limit: pytest then still prints its summary of failures and writes the report
-(( t > 0 )) && OMP_NUM_THREADS=2 timeout -s INT -k 20 "$t" "$PY" -m pytest -q $xdist --maxfail=25 -rfE --tb=short -m "not slow" -p no:cacheprovider \
-    --junitxml="$OUT/junit.xml" \
-    tests/test_masked_crf.py tests/test_masked_crf_cuda.py tests/test_masked_crf_ops.py \
-    $(ls tests/test_attentive_similarity*.py tests/test_spatial_attention*.py 2>/dev/null) \
-    tests/test_compile.py tests/test_backends.py tests/test_determinism.py tests/test_autocast.py
-echo "pytest exit: $?"
+if (( t > 0 )); then
+    OMP_NUM_THREADS=2 timeout -s INT -k 20 "$t" "$PY" -m pytest -q $xdist --maxfail=25 -rfE --tb=short -m "not slow" \
+        -p no:cacheprovider --junitxml="$OUT/junit.xml" \
+        tests/test_masked_crf.py tests/test_masked_crf_cuda.py tests/test_masked_crf_ops.py \
+        $(ls tests/test_attentive_similarity*.py tests/test_spatial_attention*.py 2>/dev/null) \
+        tests/test_compile.py tests/test_backends.py tests/test_determinism.py tests/test_autocast.py
+    echo "pytest exit: $?"
+else
+    echo "GPU tests: no time left"
+fi
 # apart and serial: each of these holds about 40 GiB of the GPU
 t=$(limit 90 150)
-(( t > 0 )) && timeout -s INT -k 20 "$t" "$PY" -m pytest -q -rfE --tb=short -m "not slow" -p no:cacheprovider tests/test_int64_offsets.py
-echo "pytest (int64 offsets) exit: $?"
+if (( t > 0 )); then
+    timeout -s INT -k 20 "$t" "$PY" -m pytest -q -rfE --tb=short -m "not slow" -p no:cacheprovider \
+        tests/test_int64_offsets.py
+    echo "pytest (int64 offsets) exit: $?"
+else
+    echo "int64 tests: no time left"
+fi
 fi
 
 if wants sanitizer; then
@@ -92,7 +102,7 @@ for tool in memcheck racecheck; do
     (( t > 0 )) || { echo "$tool: no time left"; continue; }
     # without torch's caching allocator every tensor is its own allocation, so memcheck sees its bounds
     # (scripts/ is not the package's folder: PYTHONPATH names the in-place build)
-    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$t" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 15 "$t" compute-sanitizer --tool "$tool" --error-exitcode 9 \
         "$PY" scripts/sanitize_cases.py \
         > "$OUT/.sanitizer-$tool.txt" 2>&1
     echo "$tool exit: $?"
@@ -107,7 +117,7 @@ skip=${SKIP_PROVIDERS-reference-compile}
 for suite in ${SUITES:-train_step masked_crf attentive_similarity attention}; do
     t=$(limit "${SUITE_CAP:-200}")
     (( t > 0 )) || { echo "$suite: no time left"; continue; }
-    timeout "$t" "$PY" -m benchmarks --suite "$suite" --device cuda --no-plots --json-only --out "$OUT" \
+    timeout -k 15 "$t" "$PY" -m benchmarks --suite "$suite" --device cuda --no-plots --json-only --out "$OUT" \
         ${QUICK:+--quick} ${PROVIDERS:+--providers $PROVIDERS} \
         ${skip:+--skip-providers $skip}
     echo "$suite exit: $?"

@@ -36,6 +36,19 @@ def similarity_cases(backend, device):
         (out.square().sum() + lse.sum()).backward()
 
 
+def attention_cases(backend, device):
+    """The attention alone, for backends that have no similarity loss ("aten"): head dims that
+    need padding (Dv != D), both gradients, fp16 on the GPU (its backward carries dLSE in two
+    columns of a tensor laid out like the kernel's output)."""
+    for dtype in (torch.float32, torch.float16) if device == "cuda" else (torch.float32,):
+        for grid, heads, dim, dv in (((7, 9), 2, 16, 16), ((13, 5), 3, 32, 8)):
+            d = make_similarity_inputs(2, heads, grid, dim, device=device)
+            q, k = d["q"].to(dtype).requires_grad_(), d["k"].to(dtype).requires_grad_()
+            v = torch.randn(q.shape[:3] + (dv,), device=device, dtype=dtype).requires_grad_()
+            out, lse = ao.spatial_attention(q, k, v, logit_scale=0.7, backend=backend)
+            (out.float().square().sum() + 1e-3 * lse.sum()).backward()
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -46,8 +59,13 @@ def main(argv=None) -> int:
         print("no CUDA device")
         return 2
     ran = 0
-    for op, run in (("masked_crf", crf_cases), ("attentive_similarity", similarity_cases)):
+    attention_only = [b for b in runnable_backends("spatial_attention", device)
+                      if b not in runnable_backends("attentive_similarity", device)]
+    for op, run in (("masked_crf", crf_cases), ("attentive_similarity", similarity_cases),
+                    ("spatial_attention", attention_cases)):
         for backend in runnable_backends(op, device):
+            if op == "spatial_attention" and backend not in attention_only:
+                continue  # run above, with the similarity loss
             if backend == "reference" or (device == "cpu" and backend == "triton"):
                 continue
             run(backend, device)

@@ -24,3 +24,4 @@ def test_sanitizer_cases_run_on_the_cpu_kernels():
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "masked_crf/cpu: ok" in result.stdout and "attentive_similarity/cpu: ok" in result.stdout
+    assert "spatial_attention/aten: ok" in result.stdout

@@ -281,3 +281,23 @@ def test_block_rejects_bad_arguments():
         SpatialSelfAttention(10, heads=3)
     with pytest.raises(ValueError, match="x must be"):
         SpatialSelfAttention(8)(torch.rand(1, 4, 3, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_aten_gradient_carrier_is_laid_out_like_the_cuda_kernel_output(dtype):
+    """torch's CUDA memory-efficient backward reads ``out`` with the row stride its forward's
+    output has (heads * width): the "aten" backend's dLSE carrier must have that layout (checked
+    on meta tensors, which follow the CUDA kernel's shapes and strides), and carry -dLSE."""
+    from attenscribble_ops import aten_attention
+
+    b, h, n, width = 2, 3, 50, 16
+    q = torch.empty(b, h, n, width, device="meta", dtype=dtype)
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(q, q, q, None, True, 0.0, False, scale=0.5)[0]
+    dlse = torch.randn(b, h, n, dtype=torch.float64) * torch.logspace(-8, 0, n, dtype=torch.float64)
+    carrier_dout, carrier_out, factor = aten_attention._lse_carrier(dlse, width, dtype)
+    assert carrier_out.stride() == out.stride() and carrier_dout.stride() == out.stride()
+    delta = (carrier_dout.double() * carrier_out.double()).sum(-1) / (1.0 if factor is None else float(factor))
+    rel = 1e-6 if dtype == torch.float32 else (2.0 ** -21 if dtype == torch.float16 else 2.0 ** -15)
+    # fp16: entries below 2**-28 of the largest fall to subnormals (quantum 2**-38 of the largest)
+    atol = 2.0 ** -37 * dlse.abs().max().item() if dtype == torch.float16 else 0.0
+    torch.testing.assert_close(delta, -dlse, rtol=rel, atol=atol)

@@ -91,7 +91,8 @@ def _dlogits(logits, p, do_dot_v, delta, lse_s, dls, row_ok, col_ok, c, s, HAS_V
 def _fp16_scales(ds, AXIS: tl.constexpr):
     """Powers of two, one per row (AXIS=1) or column (AXIS=0) of ds, that bring its largest entry
     into [2**8, 2**9) before the fp16 dot: small gradients would otherwise round to fp16 subnormals
-    (measured: 40 % errors at 1e-6, seen on an H100 and in the interpreter) and large ones to inf.
+    (on an H100 and in the interpreter: q, k gradients of about 1e-6 off by 15 times the fp16
+    reference's own error) and large ones to inf.
     The dot's fp32 result is divided by the same scales."""
     amax = tl.maximum(tl.max(tl.abs(ds), axis=AXIS), 1e-30)
     return tl.exp2(tl.minimum(8.0 - tl.floor(tl.log2(amax)), 100.0))
