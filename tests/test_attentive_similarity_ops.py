@@ -23,6 +23,12 @@ COMPILED = "cpu" in runnable_backends("attentive_similarity", "cpu")
 TRITON = "triton" in runnable_backends("attentive_similarity", "cpu")
 requires_compiled = pytest.mark.skipif(not COMPILED, reason="attenscribble_ops._C is not built")
 requires_triton = pytest.mark.skipif(not TRITON, reason="triton (or its interpreter) is unavailable")
+# where the op-level checks (opcheck, compile) run: the CPU (Triton: its interpreter) and a GPU
+GPU = torch.cuda.is_available()
+COMPILED_DEVICES = [d for d, ok in (("cpu", COMPILED), ("cuda", GPU and "cuda" in runnable_backends(
+    "attentive_similarity", "cuda"))) if ok]
+TRITON_DEVICES = [d for d, ok in (("cpu", TRITON), ("cuda", GPU and "triton" in runnable_backends(
+    "attentive_similarity", "cuda"))) if ok]
 
 
 def _window_args(device="cpu", dtype=torch.float32, requires_grad=True, gate=True):
@@ -39,23 +45,23 @@ def _attention_args(device="cpu", dtype=torch.float32, requires_grad=True):
     return q, k, v
 
 
-@requires_compiled
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_compiled_ops(requires_grad):
-    q, k, v = _attention_args(requires_grad=requires_grad)
+def test_opcheck_compiled_ops(device, requires_grad):
+    q, k, v = _attention_args(device, requires_grad=requires_grad)
     torch.library.opcheck(OPS.spatial_attention_forward, (q, k, v, 1.2))
     torch.library.opcheck(OPS.spatial_attention_lse, (q, k, 0.8))
-    torch.library.opcheck(OPS.attentive_similarity_forward, tuple(_window_args(requires_grad=requires_grad)))
-    torch.library.opcheck(OPS.attentive_similarity_forward, tuple(_window_args(requires_grad=requires_grad,
+    torch.library.opcheck(OPS.attentive_similarity_forward, tuple(_window_args(device, requires_grad=requires_grad)))
+    torch.library.opcheck(OPS.attentive_similarity_forward, tuple(_window_args(device, requires_grad=requires_grad,
                                                                                gate=False)))
-    fused = _window_args(requires_grad=requires_grad)
+    fused = _window_args(device, requires_grad=requires_grad)
     del fused[2]  # the fused op computes its own LSE
     torch.library.opcheck(OPS.attentive_similarity_fused_forward, tuple(fused))
 
 
-@requires_compiled
-def test_opcheck_compiled_backward_ops():
-    q, k, v = _attention_args(requires_grad=False)
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+def test_opcheck_compiled_backward_ops(device):
+    q, k, v = _attention_args(device, requires_grad=False)
     out, lse_attn, lse_sim = OPS.spatial_attention_forward(q, k, v, 1.0)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse_sim)
     torch.library.opcheck(OPS.spatial_attention_backward, (dout, dlse, dlse, q, k, v, out, lse_attn, lse_sim, 1.0))
@@ -64,11 +70,11 @@ def test_opcheck_compiled_backward_ops():
     torch.library.opcheck(OPS.spatial_attention_backward_accumulate,
                           (dout, None, dlse, q, k, v, out, lse_attn, lse_sim, 1.0, torch.rand_like(q),
                            torch.rand_like(k)))
-    args = _window_args(requires_grad=False)
-    torch.library.opcheck(OPS.attentive_similarity_backward, (torch.rand(2, 20),) + tuple(args))
-    torch.library.opcheck(OPS.attentive_similarity_fused_backward,
-                          (torch.rand(2, 20), torch.rand(2, 2, 20)) + tuple(args))
-    torch.library.opcheck(OPS.attentive_similarity_fused_backward, (torch.rand(2, 20), None) + tuple(args))
+    args = _window_args(device, requires_grad=False)
+    rows, lse = torch.rand(2, 20, device=device), torch.rand(2, 2, 20, device=device)
+    torch.library.opcheck(OPS.attentive_similarity_backward, (rows,) + tuple(args))
+    torch.library.opcheck(OPS.attentive_similarity_fused_backward, (rows, lse) + tuple(args))
+    torch.library.opcheck(OPS.attentive_similarity_fused_backward, (rows, None) + tuple(args))
 
 
 @requires_compiled
@@ -81,12 +87,12 @@ def test_gradcheck_fused_op_both_outputs():
                                     (q, k, probs, hw, hb), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-@requires_triton
-def test_opcheck_triton_ops():
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_opcheck_triton_ops(device):
     from attenscribble_ops.triton import attentive_similarity as tas
     from attenscribble_ops.triton import spatial_attention as tsa
 
-    q, k, v = _attention_args(requires_grad=True)
+    q, k, v = _attention_args(device, requires_grad=True)
     torch.library.opcheck(tsa.spatial_attention_forward_triton, (q, k, v, 1.2))
     torch.library.opcheck(tsa.spatial_attention_lse_triton, (q, k, 0.8))
     plain = [t.detach() for t in (q, k, v)]
@@ -94,20 +100,21 @@ def test_opcheck_triton_ops():
     torch.library.opcheck(tsa.spatial_attention_backward_accumulate_triton,
                           (torch.randn_like(out), None, torch.randn_like(lse_sim), *plain, out, lse_attn, lse_sim, 1.0,
                            torch.rand_like(plain[0]), torch.rand_like(plain[1])))
-    args = _window_args(requires_grad=True)
+    args = _window_args(device, requires_grad=True)
     torch.library.opcheck(tas.attentive_similarity_forward_triton, tuple(args))
     plain = [a.detach() if torch.is_tensor(a) else a for a in args]
-    torch.library.opcheck(tas.attentive_similarity_backward_triton, (torch.rand(2, 20),) + tuple(plain))
+    rows, lse = torch.rand(2, 20, device=device), torch.rand(2, 2, 20, device=device)
+    torch.library.opcheck(tas.attentive_similarity_backward_triton, (rows,) + tuple(plain))
     fused = list(args)
     del fused[2]
     torch.library.opcheck(tas.attentive_similarity_fused_forward_triton, tuple(fused))
-    torch.library.opcheck(tas.attentive_similarity_fused_backward_triton,
-                          (torch.rand(2, 20), torch.rand(2, 2, 20)) + tuple(plain))
+    torch.library.opcheck(tas.attentive_similarity_fused_backward_triton, (rows, lse) + tuple(plain))
 
 
 def _block_and_loss(q, k, v, probs, hw, hb, backend):
     out, lse, q, k = A.spatial_attention(q, k, v, backend=backend, tie_qk=True)
-    loss = A.attentive_similarity_loss(q, k, probs, hw, hb, grid=(5, 6), radius=2, lse=lse, backend=backend)
+    loss_backend = "auto" if backend == "aten" else backend  # "aten" is attention only
+    loss = A.attentive_similarity_loss(q, k, probs, hw, hb, grid=(5, 6), radius=2, lse=lse, backend=loss_backend)
     return loss + out.square().mean()
 
 
@@ -142,10 +149,15 @@ def test_triton_launches_past_the_grid_limit_in_chunks(monkeypatch):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if (COMPILED, TRITON)[b == "triton"]])
-def test_torch_compile_fullgraph(backend):
+COMPILE_CASES = [(d, b) for d in ("cpu", "cuda") for b in ("cpu", "cuda", "triton", "aten")
+                 if (d == "cpu" or GPU) and b in runnable_backends("spatial_attention", d)
+                 and (b == "aten" or b in runnable_backends("attentive_similarity", d))]
+
+
+@pytest.mark.parametrize("device, backend", COMPILE_CASES)
+def test_torch_compile_fullgraph(device, backend):
     torch._dynamo.reset()
-    x = make_similarity_inputs(2, 1, (5, 6), 16, seed=1)
+    x = make_similarity_inputs(2, 1, (5, 6), 16, seed=1, device=device)
     v = torch.randn_like(x["q"])
     results = []
     for fn in (_block_and_loss, torch.compile(_block_and_loss, fullgraph=True)):
