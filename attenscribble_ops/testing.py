@@ -29,6 +29,12 @@ def runnable_backends(op: str, device: str | torch.device = "cpu", dtype: torch.
     return [b for b in backends.BACKENDS if backends.why_not(op, b, meta) is None]
 
 
+def loss_backend_for(attention_backend: str) -> str:
+    """The similarity loss's backend beside an attention backend: the same one where it implements
+    the loss, else "auto" ("aten" computes the attention only)."""
+    return attention_backend if attention_backend in backends.available_backends()["attentive_similarity"] else "auto"
+
+
 def make_crf_inputs(batch: int = 2, classes: int = 4, shape: Sequence[int] = (32, 32), *, channels: int = 1,
                     image_factor: int = 1, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,
                     mask_fraction: Optional[float] = 0.9) -> dict:

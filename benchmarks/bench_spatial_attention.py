@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import attenscribble_ops as ao
+from attenscribble_ops.testing import loss_backend_for
 
 from .bench_attentive_similarity import cases, check_provider, inputs
 from .common import Suite, Unavailable, Workload
@@ -93,8 +94,7 @@ def build(provider: str, case: dict, device: torch.device) -> Workload:
     if provider not in OURS:
         raise Unavailable("the peers compute attention only (no similarity LSE for the loss)")
     attention = check_provider("spatial_attention", provider, case, device)
-    # "aten" has the attention only: its loss is the fastest fused one ("auto")
-    loss = "auto" if provider == "aten" else check_provider("attentive_similarity", provider, case, device)
+    loss = loss_backend_for(attention)  # beside "aten" (attention only): the fastest fused loss
 
     def block(q, k, v, probs, hw, hb):
         out, lse, qt, kt = ao.spatial_attention(q, k, v, backend=attention, tie_qk=True)

@@ -13,7 +13,7 @@ from torch.utils.cpp_extension import include_paths
 
 import attenscribble_ops as A
 from attenscribble_ops.compat import AttnGatedCRF, pre_compute_xy_mask
-from attenscribble_ops.testing import make_similarity_inputs, runnable_backends
+from attenscribble_ops.testing import loss_backend_for, make_similarity_inputs, runnable_backends
 
 from conftest import requires_cuda
 
@@ -113,8 +113,8 @@ def test_opcheck_triton_ops(device):
 
 def _block_and_loss(q, k, v, probs, hw, hb, backend):
     out, lse, q, k = A.spatial_attention(q, k, v, backend=backend, tie_qk=True)
-    loss_backend = "auto" if backend == "aten" else backend  # "aten" is attention only
-    loss = A.attentive_similarity_loss(q, k, probs, hw, hb, grid=(5, 6), radius=2, lse=lse, backend=loss_backend)
+    loss = A.attentive_similarity_loss(q, k, probs, hw, hb, grid=(5, 6), radius=2, lse=lse,
+                                       backend=loss_backend_for(backend))
     return loss + out.square().mean()
 
 

@@ -7,16 +7,10 @@ import torch
 
 import attenscribble_ops as A
 from attenscribble_ops.nn import AttentiveSimilarityLoss, SpatialSelfAttention
-from attenscribble_ops.testing import runnable_backends
+from attenscribble_ops.testing import loss_backend_for, runnable_backends
 
 FUSED = [b for b in runnable_backends("spatial_attention", "cpu", torch.float32) if b != "reference"]
 OPS = torch.ops.attenscribble_ops
-
-
-def _loss_backend(backend):
-    """The similarity loss's backend next to an attention backend: the same one where it has a
-    loss ("aten" is attention only: torch's fused SDPA kernels), else "auto"."""
-    return backend if backend in runnable_backends("attentive_similarity", "cpu", torch.float32) else "auto"
 
 
 def _dtype_for(backend):
@@ -194,7 +188,7 @@ def test_tied_q_k_give_the_same_gradients(backend):
         out, lse = result[:2]
         qs, ks = result[2:] if tie else leaves[:2]
         loss = A.attentive_similarity_loss(qs, ks, probs.to(dtype), hw.to(dtype), hb.to(dtype), grid=(5, 6),
-                                           radius=2, lse=lse, backend=_loss_backend(backend))
+                                           radius=2, lse=lse, backend=loss_backend_for(backend))
         (3.0 * loss + (out * dout.to(dtype)).sum()).backward()
         grads.append([loss.detach()] + [t.grad for t in leaves])
     for untied, tied in zip(*grads):
@@ -210,7 +204,7 @@ def test_block_and_loss_match_reference(backend, heads, depth):
     for be, dt in (("reference", torch.float64), (backend, dtype)):
         torch.manual_seed(0)
         block = SpatialSelfAttention(16, heads=heads, depth=depth, backend=be).to(dt)
-        loss_fn = AttentiveSimilarityLoss(heads=block.similarity_heads, radius=2, backend=_loss_backend(be)).to(dt)
+        loss_fn = AttentiveSimilarityLoss(heads=block.similarity_heads, radius=2, backend=loss_backend_for(be)).to(dt)
         x = torch.randn(2, 16, 5, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dt)
         probs = torch.softmax(torch.randn(2, 3, 10, 12, generator=torch.Generator().manual_seed(2)), 1).to(dt)
         feats, sim = block(x)
