@@ -44,6 +44,40 @@ AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
 }
 _DEFAULT_ORDER = ("reference",)
 
+TRITON_FP32_DOTS = ("ieee", "tf32x3", "tf32")
+# How the Triton kernels multiply fp32 operands on a GPU (``tl.dot``'s input_precision). None (the
+# default) follows torch: "tf32" where torch's fp32 matmuls may use TF32
+# (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, ``allow_tf32 = True`` or
+# ``torch.set_float32_matmul_precision("high")``), else
+# "tf32x3": each fp32 operand split into two TF32 parts and three tensor-core products summed in
+# fp32, the arithmetic torch's own memory-efficient SDPA kernel uses for fp32 on compute capability
+# 8.0 and later (CUTLASS's OpMultiplyAddFastF32), about 2^-21 relative per product. "ieee" forces
+# exact fp32 products on the FMA units (slower). fp16/bf16 operands and the Triton interpreter are
+# not affected. Read at every launch, so it may be changed at any time.
+triton_fp32_dot: Optional[str] = None
+
+
+def _torch_allows_tf32() -> bool:
+    """Whether torch lets its CUDA fp32 matmuls use TF32. The newer setting (fp32_precision,
+    torch >= 2.9) reflects the legacy ones as well; reading the legacy allow_tf32 raises once a
+    program has set the two differently."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return matmul.fp32_precision == "tf32"
+    except AttributeError:  # an older torch
+        return bool(matmul.allow_tf32)
+
+
+def triton_fp32_dot_precision() -> str:
+    """The ``tl.dot`` input precision of fp32 operands on a GPU (see ``triton_fp32_dot``)."""
+    chosen = triton_fp32_dot
+    if chosen is None:
+        return "tf32" if _torch_allows_tf32() else "tf32x3"
+    if not isinstance(chosen, str) or chosen not in TRITON_FP32_DOTS:
+        raise ValueError(f"attenscribble_ops.backends.triton_fp32_dot must be None or one of {TRITON_FP32_DOTS}, "
+                         f"got {chosen!r}")
+    return chosen
+
 
 class BackendUnavailableError(RuntimeError):
     """Raised when a backend named explicitly cannot run the given inputs; the message says why."""

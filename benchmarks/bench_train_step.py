@@ -12,6 +12,12 @@ the official semantics; "fused" = backend "auto", the fastest measured backend o
   +attention-fused, +crf-fused, method-fused   the same with the fused kernels
   +attention-aten, method-aten                 the block's attention through torch's fused SDPA
                                                kernels (backend "aten"), the losses fused
+  method-triton, method-cuda                   the block and both losses on that one backend
+
+Cases: the official size; on a GPU also the same step with torch's fp32 matmuls allowed to use
+TF32 (``matmul=tf32``: ``torch.backends.cuda.matmul.fp32_precision = "tf32"``, which
+``torch.set_float32_matmul_precision("high")`` also sets; the U-Net's convolutions use TF32 in both
+cases, cuDNN's default). The Triton attention then multiplies in TF32 instead of tf32x3.
 
 Mode "full" only: forward, backward and ``optimizer.step()`` (SGD, momentum 0.9, weight decay 1e-4,
 as the official run). The batch is a synthetic cardiac phantom with synthesised scribbles
@@ -21,6 +27,7 @@ as the official run). The batch is a synthetic cardiac phantom with synthesised 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -34,7 +41,7 @@ _EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 STAGES = {"unet+pce": (False, 0.0, 0.0), "+attention": (True, 0.0, 0.0), "+crf": (True, 0.1, 0.0),
           "method": (True, 0.1, 0.1)}
 PROVIDERS = ("unet+pce", "+attention-reference", "+crf-reference", "method-reference", "+attention-fused",
-             "+crf-fused", "method-fused", "+attention-aten", "method-aten")
+             "+crf-fused", "method-fused", "+attention-aten", "method-aten", "method-triton", "method-cuda")
 
 
 def _scribseg():
@@ -51,7 +58,8 @@ def _scribseg():
 def cases(quick: bool, device_type: str) -> list[dict]:
     if quick:
         return [dict(B=2, size=64)]
-    return [dict(B=12, size=256)]
+    official = dict(B=12, size=256)
+    return [official, dict(official, matmul="tf32")] if device_type == "cuda" else [official]
 
 
 def providers(device_type: str) -> list[str]:
@@ -79,7 +87,9 @@ def build(provider: str, case: dict, device: torch.device) -> Workload:
     objective, _, _, _ = _scribseg()
     stage, _, kind = provider.partition("-")
     attention, lambda_crf, lambda_asl = STAGES[stage]
-    backend = "reference" if kind == "reference" else "auto"
+    backend = kind if kind in ("reference", "triton", "cuda") else "auto"
+    if backend in ("triton", "cuda") and device.type != "cuda":
+        raise Unavailable(f"the {backend!r} backend's step is timed on a GPU only")
     cfg = objective.LossConfig(lambda_crf=lambda_crf, lambda_asl=lambda_asl, asl_from_iteration=0, backend=backend)
     cfg = cfg.scaled(case["size"], case["size"] // 4)
     torch.manual_seed(0)
@@ -95,7 +105,25 @@ def build(provider: str, case: dict, device: torch.device) -> Workload:
     def after():
         opt.step()
 
-    return Workload(step, params, after_backward=after, modes=("full",))
+    return Workload(step, params, after_backward=after, modes=("full",), context=_matmul(case.get("matmul")))
+
+
+def _matmul(setting):
+    """A context with torch's CUDA fp32 matmul precision ``setting`` ("tf32"), or None."""
+    if setting is None:
+        return None
+
+    @contextlib.contextmanager
+    def context():
+        matmul = torch.backends.cuda.matmul
+        before = matmul.fp32_precision
+        matmul.fp32_precision = setting
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = before
+
+    return context
 
 
 SUITE = Suite("train_step", cases, providers, build, reference="unet+pce", modes=("full",))

@@ -8,6 +8,7 @@ Suites run from the one-command runner (``python -m benchmarks``) and from pytes
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -16,7 +17,7 @@ import os
 import statistics
 import subprocess
 import time
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, ContextManager, Iterable, Optional, Sequence
 
 import torch
 
@@ -43,7 +44,8 @@ class Workload:
     ``leaves``, the tensors whose gradients the backward computes. With ``grad_outputs``,
     ``forward()`` returns a tuple of outputs and the backward seeds them with these gradients
     (None: a scalar output seeded with 1). ``after_backward`` runs after each backward of the
-    "full" mode (e.g. an optimizer step); ``modes`` limits the modes the workload has."""
+    "full" mode (e.g. an optimizer step); ``modes`` limits the modes the workload has; ``context()``,
+    if given, is entered around each of its measurements (timing and memory alike)."""
 
     forward: Callable[[], object]
     leaves: Sequence[torch.Tensor]
@@ -51,6 +53,7 @@ class Workload:
     grad_outputs: Optional[Sequence[Optional[torch.Tensor]]] = None
     after_backward: Optional[Callable[[], None]] = None
     modes: Sequence[str] = MODES
+    context: Optional[Callable[[], ContextManager]] = None  # entered around every measurement (e.g. a precision)
 
     def backward(self, result, retain_graph: bool = False) -> None:
         if self.grad_outputs is None:
@@ -166,13 +169,21 @@ def steps(work: Workload):
 
 def measure(work: Workload, mode: str, device: torch.device, *, warmup: int, repeat: int) -> dict:
     """Median time (ms) and peak extra memory (MiB) of one mode of a workload."""
-    leaves = work.leaves
-    forward, backward, full, state = steps(work)
-
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode != "full" and _DONATED_BUFFER is not None:
         torch._functorch.config.donated_buffer = False
+    try:
+        with work.context() if work.context is not None else contextlib.nullcontext():
+            return _measure_mode(work, mode, device, warmup, repeat)
+    finally:
+        if _DONATED_BUFFER is not None:
+            torch._functorch.config.donated_buffer = _DONATED_BUFFER
+
+
+def _measure_mode(work: Workload, mode: str, device: torch.device, warmup: int, repeat: int) -> dict:
+    leaves = work.leaves
+    forward, backward, full, state = steps(work)
     try:
         if mode == "forward":
             seconds = _median_time(forward, device, warmup, repeat)
@@ -188,8 +199,6 @@ def measure(work: Workload, mode: str, device: torch.device, *, warmup: int, rep
             peak = peak_memory(full, device)
     finally:
         state.clear()
-        if _DONATED_BUFFER is not None:
-            torch._functorch.config.donated_buffer = _DONATED_BUFFER
     return {"median_ms": seconds * 1e3, "peak_mib": None if peak is None else peak / 2**20}
 
 

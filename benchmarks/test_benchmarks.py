@@ -9,6 +9,7 @@ and the comparison against the reference come from ``python -m benchmarks``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -55,11 +56,13 @@ def test_benchmark(benchmark, suite, case, provider, mode):
 
     benchmark.extra_info.update(common.environment(DEVICE), provider=provider, mode=mode, **{
         k: v for k, v in case.items() if isinstance(v, (int, float, str))})
-    if mode == "backward":
-        # replaying one graph's backward: compiled backwards must not donate their buffers
-        with torch._functorch.config.patch(donated_buffer=False):
-            forward()
-            benchmark.pedantic(synced(backward), rounds=3 if QUICK else 10, warmup_rounds=1)
-    else:
-        benchmark.pedantic(synced(forward if mode == "forward" else full), rounds=3 if QUICK else 10, warmup_rounds=1)
+    with work.context() if work.context is not None else contextlib.nullcontext():
+        if mode == "backward":
+            # replaying one graph's backward: compiled backwards must not donate their buffers
+            with torch._functorch.config.patch(donated_buffer=False):
+                forward()
+                benchmark.pedantic(synced(backward), rounds=3 if QUICK else 10, warmup_rounds=1)
+        else:
+            benchmark.pedantic(synced(forward if mode == "forward" else full), rounds=3 if QUICK else 10,
+                               warmup_rounds=1)
     assert benchmark.stats.stats.median > 0

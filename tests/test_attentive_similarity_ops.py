@@ -214,19 +214,55 @@ def test_gpu_backends_match_reference(backend, dtype, monkeypatch):
         torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * want.abs().max().item())
 
 
-@requires_cuda
-def test_triton_uses_tf32_only_when_torch_allows_it(monkeypatch):
+@pytest.mark.skipif("triton" not in A.available_backends()["spatial_attention"], reason="Triton is not importable")
+def test_triton_fp32_dot_precision_follows_torch_and_the_setting(monkeypatch):
+    """fp32 on a GPU: tf32x3 by default, tf32 where torch allows tf32, or what
+    backends.triton_fp32_dot names; 16-bit operands and the interpreter: plain dots."""
+    from attenscribble_ops import backends
+    from attenscribble_ops.triton import _target
     from attenscribble_ops.triton.spatial_attention import precision
 
-    q = torch.rand(1, 1, 64, 32, device="cuda")
-    for allowed, expected in ((False, "ieee"), (True, "tf32")):
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allowed)
-        assert precision(q) == expected
-        assert precision(q.half()) == "ieee"  # half operands run on tensor cores regardless
+    q = torch.rand(1, 1, 8, 16)
+    monkeypatch.setattr(_target, "for_gpu", lambda t: False)
+    assert precision(q) == "ieee"  # the interpreter: exact fp32 whatever is asked
+    monkeypatch.setattr(_target, "for_gpu", lambda t: True)
+    before = torch.backends.cuda.matmul.allow_tf32  # a torch flag monkeypatch cannot restore
+    try:
+        for allowed, setting, expected in ((False, None, "tf32x3"), (True, None, "tf32"), (False, "ieee", "ieee"),
+                                           (True, "ieee", "ieee"), (True, "tf32x3", "tf32x3"),
+                                           (False, "tf32", "tf32")):
+            torch.backends.cuda.matmul.allow_tf32 = allowed
+            monkeypatch.setattr(backends, "triton_fp32_dot", setting)
+            assert precision(q) == expected, (allowed, setting)
+            assert precision(q.half()) == "ieee"  # half operands run on tensor cores regardless
+        for bad in ("fp32", "TF32", 3):
+            monkeypatch.setattr(backends, "triton_fp32_dot", bad)
+            with pytest.raises(ValueError, match="triton_fp32_dot must be None or one of"):
+                precision(q)
+        monkeypatch.setattr(backends, "triton_fp32_dot", None)
+        # torch's newer setting, after a legacy one that disagrees (torch then raises on reading allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        assert precision(q) == "tf32"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert precision(q) == "tf32x3"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@requires_cuda
+@pytest.mark.parametrize("setting, bound", [(None, 1e-5), ("ieee", 1e-6)])
+def test_triton_fp32_dots_on_the_gpu(monkeypatch, setting, bound):
+    """The default tf32x3 dots, and exact ones, against the float64 LSE (plain tf32 is ~1e-3 off)."""
+    from attenscribble_ops import backends
+
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(backends, "triton_fp32_dot", setting)
+    q = torch.rand(1, 1, 64, 32, device="cuda")
     exact = torch.logsumexp(q.double() @ q.double().transpose(-1, -2), -1)
     _, lse = A.spatial_attention(q, q, q, backend="triton")
-    torch.testing.assert_close(lse.double(), exact, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse.double(), exact, rtol=bound, atol=bound)
 
 
 @requires_cuda

@@ -60,6 +60,47 @@ def test_train_step_runs_the_optimizer_and_full_mode_only():
     assert [r["mode"] for r in rows] == ["full"]
 
 
+def test_workload_context_wraps_every_measurement():
+    active, entered = [], []
+
+    class Context:
+        def __enter__(self):
+            active.append(True)
+            entered.append(True)
+
+        def __exit__(self, *exc):
+            active.pop()
+
+    x = torch.rand(8, requires_grad=True)
+
+    def forward():
+        assert active, "measured outside the workload's context"
+        return (x * x).sum()
+
+    work = common.Workload(forward, [x], context=Context)
+    for mode in common.MODES:
+        row = common.measure(work, mode, CPU, warmup=1, repeat=2)
+        assert row["median_ms"] > 0
+    assert len(entered) == len(common.MODES) and not active
+
+
+def test_train_step_tf32_case_sets_and_restores_torch_matmul_precision():
+    from benchmarks import bench_train_step
+
+    matmul = torch.backends.cuda.matmul
+    assert "matmul=tf32" in " ".join(common.case_label(dict(c, suite="", provider="", mode=""))
+                                     for c in TRAIN.cases(False, "cuda"))
+    assert all("matmul" not in c for c in TRAIN.cases(False, "cpu"))
+    before = matmul.fp32_precision
+    with bench_train_step._matmul("tf32")():
+        assert matmul.fp32_precision == "tf32"
+    assert matmul.fp32_precision == before
+    assert bench_train_step._matmul(None) is None
+    rows = common.run_suite(TRAIN, CPU, quick=True, modes=["full"], providers=["method-triton", "method-cuda"],
+                            warmup=0, repeat=1, log=lambda line: None)
+    assert all(r["median_ms"] is None and "on a GPU only" in r["skipped"] for r in rows)
+
+
 def test_runner_writes_results_plots_and_readme_sections(tmp_path, capsys):
     out = tmp_path / "results"
     assert main(["--suite", "masked_crf", "--quick", "--providers", "reference", "cpu", "--warmup", "0",

@@ -53,17 +53,49 @@ def test_every_triton_kernel_compiles_for_sm90_and_fits(tmp_path):
 TRITON_ON_CPU = "triton" in runnable_backends("attentive_similarity")
 
 
+def _tf32(x):
+    """fp32 rounded to TF32 (10 mantissa bits), to nearest with ties away from zero, as the GPU's
+    cvt.rna.tf32.f32 (which Triton's tf32x3 dots use) rounds."""
+    import numpy as np
+
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+@pytest.fixture
+def emulated_tf32x3(monkeypatch):
+    """The interpreter's dots (exact fp32 there, whatever the precision) computed as a GPU computes
+    input_precision="tf32x3": each operand split into big = tf32(x) and small = tf32(x - big), and
+    big.big + big.small + small.big summed in fp32. Yields the count of such dots."""
+    import numpy as np
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+    calls = []
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if input_precision != ir.INPUT_PRECISION.TF32x3 or a.data.dtype != np.float32 or b.data.dtype != np.float32:
+            return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+        calls.append(a.data.shape)
+        a_big, b_big = _tf32(a.data), _tf32(b.data)
+        a_small, b_small = _tf32(a.data - a_big), _tf32(b.data - b_big)
+        out = (np.matmul(a_big, b_small, dtype=np.float32) + np.matmul(a_small, b_big, dtype=np.float32)
+               + np.matmul(a_big, b_big, dtype=np.float32))
+        return interpreter.TensorHandle(out + d.data, d.dtype.scalar)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    yield calls
+
+
 @pytest.fixture
 def gpu_tiles(monkeypatch):
-    """The GPU's tensor-core tiles in the interpreter."""
+    """The GPU's tiles in the interpreter; torch's allow_tf32 restored afterwards."""
     from attenscribble_ops.triton import _target
 
     asked = []
     monkeypatch.setattr(_target, "for_gpu", lambda t: asked.append(t.shape) or True)
-    # tf32 allowed: on a GPU fp32 then takes the tensor-core tiles (64 tokens), which this test is
-    # about; the interpreter computes tf32 dots in exact fp32
     before = torch.backends.cuda.matmul.allow_tf32  # a torch flag monkeypatch cannot restore
-    torch.backends.cuda.matmul.allow_tf32 = True
     try:
         yield
     finally:
@@ -71,27 +103,48 @@ def gpu_tiles(monkeypatch):
     assert asked, "no launch path asked _target.for_gpu: the GPU tiles were not used"
 
 
+def test_tf32_rounding_emulation():
+    import numpy as np
+
+    x = np.array([1.0, 1 + 2.0 ** -10, 1 + 2.0 ** -11, 1 + 2.0 ** -11 + 2.0 ** -20, -(1 + 2.0 ** -11), 1 - 2.0 ** -12],
+                 dtype=np.float32)
+    want = np.array([1.0, 1 + 2.0 ** -10, 1 + 2.0 ** -10, 1 + 2.0 ** -10, -(1 + 2.0 ** -10), 1.0], dtype=np.float32)
+    assert np.array_equal(_tf32(x), want)  # to nearest, ties away from zero
+
+
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest)")
+@pytest.mark.parametrize("dot", ["tf32", "tf32x3"])
 @pytest.mark.parametrize("dim,dim_v", [(64, 64), (128, 24)])
-def test_gpu_tiles_match_the_reference(gpu_tiles, dim, dim_v):
+def test_gpu_tiles_match_the_reference(gpu_tiles, emulated_tf32x3, dot, dim, dim_v):
     """Attention (tie_qk, so the similarity loss's dq, dk accumulate into the attention's) and the
     loss with GPU tiles against the reference: n = 9 x 12 = 108 tokens, one full and one partial
     64-token tile (radius 2: the window's size is not what the tiles change, and the interpreter
-    pays for every window offset)."""
+    pays for every window offset).
+
+    "tf32": torch's allow_tf32 set, the 16-bit tiles (the interpreter computes these dots in exact
+    fp32). "tf32x3": the fp32 default, its own tiles, and its dots emulated as the GPU rounds them:
+    errors within twice the fp32 reference's own (plain tf32 products, tried in this emulation while
+    writing the test, were 600-950 times it)."""
+    torch.backends.cuda.matmul.allow_tf32 = dot == "tf32"
     x = make_similarity_inputs(2, 2, (9, 12), dim, seed=11)
     v0 = torch.randn(2, 2, 108, dim_v, generator=torch.Generator().manual_seed(12))
     weights = torch.linspace(-1, 1, 2 * 2 * 108 * dim_v).view(2, 2, 108, dim_v)
 
-    def run(backend):
-        q, k, v = (t.clone().requires_grad_() for t in (x["q"], x["k"], v0))
+    def run(backend, dtype=torch.float32):
+        q, k, v = (t.clone().to(dtype).requires_grad_() for t in (x["q"], x["k"], v0))
         out, lse, qt, kt = ao.spatial_attention(q, k, v, backend=backend, tie_qk=True)
-        loss = ao.attentive_similarity_loss(qt, kt, x["probs"], x["head_weight"], x["head_bias"], grid=x["grid"],
-                                            radius=2, lse=lse, sample_weight=torch.tensor([1.0, 0.25]),
-                                            backend=backend)
-        fused = ao.attentive_similarity_loss(q, k, x["probs"], x["head_weight"], x["head_bias"], grid=x["grid"],
-                                             radius=2, backend=backend)
-        total = loss + 0.5 * fused + (out * weights).sum()
+        probs, hw, hb = (x[name].to(dtype) for name in ("probs", "head_weight", "head_bias"))
+        loss = ao.attentive_similarity_loss(qt, kt, probs, hw, hb, grid=x["grid"], radius=2, lse=lse,
+                                            sample_weight=torch.tensor([1.0, 0.25], dtype=dtype), backend=backend)
+        fused = ao.attentive_similarity_loss(q, k, probs, hw, hb, grid=x["grid"], radius=2, backend=backend)
+        total = loss + 0.5 * fused + (out * weights.to(dtype)).sum()
         return [out.detach(), lse.detach(), loss.detach(), fused.detach(), *torch.autograd.grad(total, [q, k, v])]
 
-    for got, want in zip(run("triton"), run("reference")):
-        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5)
+    got, want = run("triton"), run("reference")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=2e-4, atol=2e-5)
+    assert bool(emulated_tf32x3) == (dot == "tf32x3")
+    if dot == "tf32x3":  # as accurate as fp32: within twice the fp32 reference's own error (plain tf32: ~1000x)
+        exact = run("reference", torch.float64)
+        for g, w, e in zip(got, want, exact):
+            assert (g.double() - e).abs().max() <= 2 * (w.double() - e).abs().max() + 1e-7 * e.abs().max()

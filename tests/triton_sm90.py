@@ -7,8 +7,9 @@ mismatch inside a loop), or one that asks for more shared memory than a block ma
 there and fails only on a GPU. Here Triton compiles for real (Triton to PTX, then its bundled
 ptxas to a cubin) for a stand-in driver that reports an H100 and launches nothing, while the
 library's own launch paths run forward and backward on small CPU tensors, with the GPU's tile
-sizes (``attenscribble_ops.triton._target.for_gpu``), in fp32, fp32 with tf32 allowed, fp16 and
-bf16 (and fp64 for the masked CRF). Checked for every compiled variant:
+sizes (``attenscribble_ops.triton._target.for_gpu``), in fp32 (the attention's dots as tf32x3, the
+default, as tf32 and as exact "ieee"), fp16 and bf16 (and fp64 for the masked CRF). Checked for
+every compiled variant:
   * shared memory within the 227 KiB (232448 bytes) a block may opt in to on an H100;
   * registers x threads within the 65536 registers of a multiprocessor;
 and every ``*_kernel`` of the package must have compiled at least once. Reported, not checked:
@@ -137,8 +138,8 @@ def _attention_case(dtype, heads, dim, dim_v, grid=(9, 12)):
 
 
 def cases():
-    """(name, thunk): the launch paths of the three ops, in each dtype (tf32: fp32 with tf32 allowed,
-    which changes the attention's dots only). Token counts of 108 and 256: Triton specialises
+    """(name, thunk): the launch paths of the three ops, in each dtype (for fp32 the attention's
+    dots in each precision: tf32x3 by default, tf32 as torch's allow_tf32 asks, exact "ieee"). Token counts of 108 and 256: Triton specialises
     on sizes divisible by 16, so the two compile differently."""
     out = []
     for dtype, tag in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
@@ -157,14 +158,15 @@ def cases():
             (f"similarity fused 2 heads D=64 16x16 {tag}",
              lambda dt=dtype: _similarity_case(dt, 2, 64, fused=True, weighted=False, grid=(16, 16))),
         ]
-        shapes = [(2, 64, 64, (9, 12), False), (2, 64, 64, (16, 16), False), (1, 128, 32, (9, 12), False),
-                  (1, 128, 128, (16, 16), False), (1, 16, 8, (9, 12), False)]
-        if dtype == torch.float32:
-            shapes += [(2, 64, 64, (16, 16), True), (1, 128, 128, (16, 16), True)]
-        for heads, dim, dim_v, grid, tf32 in shapes:
-            name = f"attention {heads} head(s) D={dim} Dv={dim_v} {grid[0]}x{grid[1]} {'tf32' if tf32 else tag}"
-            out.append((name, lambda dt=dtype, a=(heads, dim, dim_v, grid), t=tf32:
-                        _allow_tf32(t, _attention_case, dt, *a)))
+        shapes = [(2, 64, 64, (9, 12), None), (2, 64, 64, (16, 16), None), (1, 128, 32, (9, 12), None),
+                  (1, 128, 128, (16, 16), None), (1, 16, 8, (9, 12), None)]
+        if dtype == torch.float32:  # the default fp32 dots are tf32x3; tf32 and exact fp32 (ieee) too
+            shapes += [(2, 64, 64, (16, 16), dot) for dot in ("tf32", "ieee")]
+            shapes += [(1, 128, 128, (16, 16), dot) for dot in ("tf32", "ieee")]
+        for heads, dim, dim_v, grid, dot in shapes:
+            name = f"attention {heads} head(s) D={dim} Dv={dim_v} {grid[0]}x{grid[1]} {dot or tag}"
+            out.append((name, lambda dt=dtype, a=(heads, dim, dim_v, grid), t=dot:
+                        _fp32_dot(t, _attention_case, dt, *a)))
     out += [
         ("crf 2-D C=4 r=5 fp64", lambda: _crf_case(torch.float64, 4, (37, 29), 5)),
         ("crf 3-D C=3 r=(1,3,3) fp64", lambda: _crf_case(torch.float64, 3, (5, 17, 15), (1, 3, 3))),
@@ -173,13 +175,18 @@ def cases():
     return out
 
 
-def _allow_tf32(on, fn, *args):
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = on
+def _fp32_dot(dot, fn, *args):
+    """Run ``fn`` with the fp32 dots ``dot`` ("tf32": as torch's allow_tf32 gives them; "ieee":
+    forced exact) or, for None, the default (tf32x3)."""
+    from attenscribble_ops import backends
+
+    before = torch.backends.cuda.matmul.allow_tf32, backends.triton_fp32_dot
+    torch.backends.cuda.matmul.allow_tf32 = dot == "tf32"
+    backends.triton_fp32_dot = "ieee" if dot == "ieee" else None
     try:
         fn(*args)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+        torch.backends.cuda.matmul.allow_tf32, backends.triton_fp32_dot = before
 
 
 def package_kernels() -> dict:

@@ -12,8 +12,10 @@ Two kernels instead of atomics: deterministic. HAS_V=False gives the LSE-only pa
 attentive similarity loss when no block handed it the LSE.
 
 Layout: (B * heads, n, D) contiguous; LSEs (B * heads, n) fp32. Grid: (blocks of rows, B * heads).
-Dots accumulate in fp32; fp16/bf16 operands stay in their dtype (tensor cores), fp32 operands
-use tf32 only when torch.backends.cuda.matmul.allow_tf32 is set. float64 is not supported here.
+Dots accumulate in fp32; fp16/bf16 operands stay in their dtype (tensor cores); fp32 operands run
+as attenscribble_ops.backends.triton_fp32_dot says: by default tf32x3 (three TF32 tensor-core
+products, as torch's memory-efficient SDPA kernel in fp32), tf32 where torch lets its fp32 matmuls
+use TF32, or exact FMA dots ("ieee"). float64 is not supported here.
 """
 from __future__ import annotations
 
@@ -209,26 +211,45 @@ def _spatial_attention_bwd_dkdv_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DL
 
 
 def precision(x: torch.Tensor) -> str:
-    """tf32 for fp32 operands only when the user enabled it in torch (never in the interpreter)."""
-    if x.dtype == torch.float32 and _target.for_gpu(x) and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
+    """``tl.dot``'s input precision for x's operands: fp32 on a GPU as ``backends.triton_fp32_dot``
+    says (tf32x3 by default, tf32 when torch allows tf32); "ieee" for 16-bit operands (their dots run
+    on tensor cores with fp32 accumulation regardless) and in the interpreter (exact fp32 there)."""
+    if x.dtype == torch.float32 and _target.for_gpu(x):
+        return backends.triton_fp32_dot_precision()
     return "ieee"
 
 
-def _config(q: torch.Tensor, d: int, dv: int) -> dict:
-    """Tiles, warps and dot precision of the attention kernels for q's launch."""
-    cfg = dict(BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
-               PRECISION=precision(q))
-    if not _target.for_gpu(q):  # the interpreter: fewer, larger tiles run faster
-        return dict(cfg, BLOCK_M=32, BLOCK_N=32)
-    if q.dtype == torch.float32 and cfg["PRECISION"] == "ieee":
-        # fp32 dots without tensor cores (FMA loops). Compiled for sm_90 (tests/triton_sm90.py), the
-        # 64-token tiles spill up to 14.8 KB of registers per thread to the stack; 32 x 32 tiles
-        # over 8 warps spill none in the forward kernel, at most 16 B in dq and 608 B in dkdv.
-        return dict(cfg, BLOCK_M=32, BLOCK_N=32, num_warps=8)
-    wide = max(cfg["BLOCK_D"], cfg["BLOCK_DV"]) > 64
-    return dict(cfg, BLOCK_M=64, BLOCK_N=32 if wide else 64)
+def _tiles(block_m: int, block_n: int, num_warps: Optional[int] = None) -> dict:
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, **({} if num_warps is None else dict(num_warps=num_warps)))
 
+
+def _configs(q: torch.Tensor, d: int, dv: int) -> tuple[dict, dict, dict]:
+    """Launch parameters (tiles, warps, dot precision) of the forward, dq and dk/dv kernels for q's
+    launch. BLOCK_M tiles the queries, BLOCK_N the keys: the forward and dq kernels hold a query
+    tile and loop over key tiles, the dk/dv kernel the reverse.
+
+    Register figures: these kernels compiled for sm_90 by tests/triton_sm90.py (cuobjdump), fp32,
+    D = Dv = 64."""
+    base = dict(BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+                PRECISION=precision(q))
+    wide = max(base["BLOCK_D"], base["BLOCK_DV"]) > 64
+    if not _target.for_gpu(q):  # the interpreter: fewer, larger tiles run faster
+        tiles = (_tiles(32, 32),) * 3
+    elif q.dtype == torch.float32 and base["PRECISION"] == "ieee":
+        # fp32 dots without tensor cores (FMA loops): the 64-token tiles spill up to 14.8 KB of
+        # registers per thread to the stack; 32 x 32 tiles over 8 warps spill none in the forward
+        # kernel, at most 16 B in dq and 608 B in dk/dv
+        tiles = (_tiles(32, 32, 8),) * 3
+    elif q.dtype == torch.float32 and base["PRECISION"] == "tf32x3":
+        # three tensor-core products per dot, and each operand held twice (its two TF32 parts).
+        # At D = Dv = 64, 64 x 32 forward and dq tiles over 4 warps (wgmma) take 168-189 and 214
+        # registers and spill nothing; dk/dv, with two accumulators and two resident key-side
+        # tiles, spills 704-992 B at 64-token tiles and 8-16 B at 32 x 32 over 8 warps. Wider
+        # heads: dq at 64 x 32 spills 344-400 B, so it takes 32 x 32 over 8 warps too.
+        tiles = (_tiles(64, 32, 4), _tiles(32, 32, 8) if wide else _tiles(64, 32, 4), _tiles(32, 32, 8))
+    else:
+        tiles = (_tiles(64, 32 if wide else 64),) * 3
+    return tuple(dict(base, **t) for t in tiles)
 
 # CUDA's limit on grid axis 1 (the slices, or the batch of the similarity kernels): larger counts
 # are launched in chunks of views.
@@ -253,7 +274,7 @@ def _forward(q, k, v, logit_scale):
     out = torch.empty((bh, n, dv), device=q.device, dtype=q.dtype) if v is not None else qs
     lse_attn = torch.empty((bh, n), device=q.device, dtype=torch.float32) if v is not None else None
     lse_sim = torch.empty((bh, n), device=q.device, dtype=torch.float32)
-    cfg = _config(q, d, dv)
+    cfg = _configs(q, d, dv)[0]
     la = lse_attn if lse_attn is not None else lse_sim
     for c in grid_chunks(bh):
         _spatial_attention_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), c.stop - c.start)](
@@ -278,16 +299,16 @@ def _backward(dout, delta, lse_attn, dlse_sim, lse_sim, q, k, v, logit_scale, ac
     dls = dlse_sim.reshape(bh, n).float().contiguous() if dlse_sim is not None else lse_s
     lse_a = lse_attn.reshape(bh, n).float().contiguous() if v is not None else lse_s
     dlt = delta.reshape(bh, n).float().contiguous() if v is not None else lse_s
-    cfg = _config(q, d, dv_dim)
+    _, dq_cfg, dkdv_cfg = _configs(q, d, dv_dim)
     flags = dict(HAS_V=v is not None, HAS_DLSE=dlse_sim is not None, ACCUMULATE=accumulate_into is not None,
-                 SCALE_DS=q.dtype == torch.float16, **cfg)
+                 SCALE_DS=q.dtype == torch.float16)
     args = (n, d, dv_dim, d ** -0.5, logit_scale)
     for c in grid_chunks(bh):
         inputs = (qs[c], ks[c], vs[c], dos[c], dlt[c], lse_a[c], lse_s[c], dls[c])
-        _spatial_attention_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), c.stop - c.start)](*inputs, dq[c], *args,
-                                                                                           **flags)
-        _spatial_attention_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), c.stop - c.start)](*inputs, dk[c], dv[c],
-                                                                                             *args, **flags)
+        _spatial_attention_bwd_dq_kernel[(triton.cdiv(n, dq_cfg["BLOCK_M"]), c.stop - c.start)](
+            *inputs, dq[c], *args, **flags, **dq_cfg)
+        _spatial_attention_bwd_dkdv_kernel[(triton.cdiv(n, dkdv_cfg["BLOCK_N"]), c.stop - c.start)](
+            *inputs, dk[c], dv[c], *args, **flags, **dkdv_cfg)
     return dq.view(q.shape), dk.view(k.shape), (dv.view(v.shape) if v is not None else None)
 
 
