@@ -228,8 +228,8 @@ def _configs(q: torch.Tensor, d: int, dv: int) -> tuple[dict, dict, dict]:
     launch. BLOCK_M tiles the queries, BLOCK_N the keys: the forward and dq kernels hold a query
     tile and loop over key tiles, the dk/dv kernel the reverse.
 
-    Register figures: these kernels compiled for sm_90 by tests/triton_sm90.py (cuobjdump), fp32,
-    D = Dv = 64."""
+    The register and spill figures below: these kernels compiled for sm_90 by tests/triton_sm90.py
+    on the development machine (cuobjdump), fp32."""
     base = dict(BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
                 PRECISION=precision(q))
     wide = max(base["BLOCK_D"], base["BLOCK_DV"]) > 64
@@ -250,6 +250,7 @@ def _configs(q: torch.Tensor, d: int, dv: int) -> tuple[dict, dict, dict]:
     else:
         tiles = (_tiles(64, 32 if wide else 64),) * 3
     return tuple(dict(base, **t) for t in tiles)
+
 
 # CUDA's limit on grid axis 1 (the slices, or the batch of the similarity kernels): larger counts
 # are launched in chunks of views.
