@@ -14,10 +14,13 @@ the official semantics; "fused" = backend "auto", the fastest measured backend o
                                                kernels (backend "aten"), the losses fused
   method-triton, method-cuda                   the block and both losses on that one backend
 
-Cases: the official size; on a GPU also the same step with torch's fp32 matmuls allowed to use
-TF32 (``matmul=tf32``: ``torch.backends.cuda.matmul.fp32_precision = "tf32"``, which
-``torch.set_float32_matmul_precision("high")`` also sets; the U-Net's convolutions use TF32 in both
-cases, cuDNN's default). The Triton attention then multiplies in TF32 instead of tf32x3.
+Cases: the official size in fp32; on a GPU also
+  matmul=tf32  torch's fp32 matmuls allowed to use TF32 (``torch.backends.cuda.matmul.fp32_precision
+               = "tf32"``, which ``torch.set_float32_matmul_precision("high")`` also sets); the
+               U-Net's convolutions use TF32 in every case (cuDNN's default). The Triton attention
+               then multiplies in TF32 instead of tf32x3.
+  amp=fp16     the example's ``--amp`` on CUDA: the forward under ``torch.autocast`` in fp16, the
+               loss scaled by a GradScaler (scale, backward, ``scaler.step``, ``scaler.update``).
 
 Mode "full" only: forward, backward and ``optimizer.step()`` (SGD, momentum 0.9, weight decay 1e-4,
 as the official run). The batch is a synthetic cardiac phantom with synthesised scribbles
@@ -59,7 +62,9 @@ def cases(quick: bool, device_type: str) -> list[dict]:
     if quick:
         return [dict(B=2, size=64)]
     official = dict(B=12, size=256)
-    return [official, dict(official, matmul="tf32")] if device_type == "cuda" else [official]
+    if device_type != "cuda":
+        return [official]
+    return [official, dict(official, matmul="tf32"), dict(official, amp="fp16")]
 
 
 def providers(device_type: str) -> list[str]:
@@ -99,11 +104,18 @@ def build(provider: str, case: dict, device: torch.device) -> Workload:
     batch = {k: v.to(device) for k, v in make_batch(case["B"], case["size"]).items()}
     params = [p for p in model.parameters() if p.requires_grad]
 
+    amp = {None: None, "fp16": torch.float16, "bf16": torch.bfloat16}[case.get("amp")]
+    # the example's loss scaling (examples/scribseg/engine.py): on for fp16 on CUDA
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16 and device.type == "cuda")
+
     def step():
-        return model(batch, iteration=1)["loss"]
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = model(batch, iteration=1)["loss"]
+        return scaler.scale(loss)
 
     def after():
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
 
     return Workload(step, params, after_backward=after, modes=("full",), context=_matmul(case.get("matmul")))
 

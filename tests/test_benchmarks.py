@@ -60,6 +60,16 @@ def test_train_step_runs_the_optimizer_and_full_mode_only():
     assert [r["mode"] for r in rows] == ["full"]
 
 
+def test_train_step_under_autocast_steps_the_optimizer():
+    work = TRAIN.build("method-fused", dict(B=2, size=64, amp="bf16"), CPU)  # the CPU's autocast dtype
+    before = [p.detach().clone() for p in work.leaves]
+    loss = work.forward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    work.backward(loss)
+    work.after_backward()
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, work.leaves))
+
+
 def test_workload_context_wraps_every_measurement():
     active, entered = [], []
 
@@ -96,6 +106,8 @@ def test_train_step_tf32_case_sets_and_restores_torch_matmul_precision():
         assert matmul.fp32_precision == "tf32"
     assert matmul.fp32_precision == before
     assert bench_train_step._matmul(None) is None
+    assert "amp=fp16" in " ".join(common.case_label(dict(c, suite="", provider="", mode=""))
+                                  for c in TRAIN.cases(False, "cuda"))
     rows = common.run_suite(TRAIN, CPU, quick=True, modes=["full"], providers=["method-triton", "method-cuda"],
                             warmup=0, repeat=1, log=lambda line: None)
     assert all(r["median_ms"] is None and "on a GPU only" in r["skipped"] for r in rows)
