@@ -18,8 +18,12 @@
 // Every token gathers its own window: each pair is evaluated from both ends, no thread writes
 // another token's outputs, hence no atomics and a deterministic result.
 //
-// Layout: q, k (B, heads, n, D) and lse (B, heads, n) contiguous in acc_t; probs token-major
-// (B, n, C) in acc_t (the caller transposes once, so a pair reads C contiguous values).
+// Layout: lse (B, heads, n) contiguous in acc_t; probs token-major (B, n, C) in acc_t (the caller
+// transposes once, so a pair reads C contiguous values). q, k and the dq, dk outputs: token-major
+// (B, heads, n, D) contiguous, or with DM ("dim-major", the template flag of the row functions)
+// (B, heads, D, n) contiguous. The CPU takes token-major rows (a dot product reads D contiguous
+// values: vector code); the GPU dim-major, where the 32 threads of a warp, 32 consecutive tokens,
+// read 32 consecutive values of one dimension (coalesced) instead of 32 rows D values apart.
 #pragma once
 
 #include <stdint.h>
@@ -93,6 +97,35 @@ ASL_HOST_DEVICE int64_t head_row(const Args<acc_t>& a, int64_t b, int64_t m, int
   return (b * a.heads + m) * a.n + t;
 }
 
+// Offset of element 0 of token t of head m in q, k, dq, dk, and the distance between its
+// consecutive elements (1 token-major, n dim-major).
+template <bool DM, typename acc_t>
+ASL_HOST_DEVICE int64_t qk_at(const Args<acc_t>& a, int64_t b, int64_t m, int64_t t) {
+  return DM ? (b * a.heads + m) * a.n * a.dim + t : head_row(a, b, m, t) * a.dim;
+}
+
+template <bool DM, typename acc_t>
+ASL_HOST_DEVICE int64_t qk_step(const Args<acc_t>& a) {
+  return DM ? a.n : 1;
+}
+
+// dot() over elements `step` apart: the plain dot for token-major rows.
+template <bool DM, typename acc_t>
+ASL_HOST_DEVICE acc_t qk_dot(const acc_t* x, const acc_t* y, int64_t len, int64_t step) {
+  if constexpr (!DM) {
+    return dot(x, y, len);
+  } else {
+    acc_t part[ASL_DOT_LANES];
+    for (int j = 0; j < ASL_DOT_LANES; ++j) part[j] = 0;
+    int64_t i = 0;
+    for (; i + ASL_DOT_LANES <= len; i += ASL_DOT_LANES)
+      for (int j = 0; j < ASL_DOT_LANES; ++j) part[j] += x[(i + j) * step] * y[(i + j) * step];
+    acc_t tail = 0;
+    for (; i < len; ++i) tail += x[i * step] * y[i * step];
+    return tree_sum<ASL_DOT_LANES>(part) + tail;
+  }
+}
+
 // Neighbours are visited in runs of up to ASL_CHUNK horizontally adjacent tokens u = base + j.
 // Per-lane work (exp, sigmoid, products) then runs over a fixed number of lanes, which the CPU
 // compiler turns into vector code; padding lanes (j >= count) get exponent 0 and are masked by a
@@ -122,20 +155,22 @@ ASL_HOST_DEVICE Bounds bounds(const Args<acc_t>& a, int64_t t) {
 // For the run u = base + j, j < count: the mixed logit z_j = beta + sum_m alpha_m (a_tu + a_ut),
 // and for the heads m0 <= m < m0 + group the entries themselves: atu[(m - m0) * ASL_CHUNK + j]
 // (likewise aut). group = 0 keeps none.
-template <typename acc_t>
+template <bool DM, typename acc_t>
 ASL_HOST_DEVICE void run_logits(const Args<acc_t>& a, int64_t b, int64_t t, int64_t base, int count, int64_t m0,
                                 int64_t group, acc_t* z, acc_t* atu, acc_t* aut) {
+  const int64_t step = qk_step<DM>(a);
   for (int j = 0; j < ASL_CHUNK; ++j) z[j] = *a.head_bias;
   for (int64_t m = 0; m < a.heads; ++m) {
     const int64_t rt = head_row(a, b, m, t), ru = head_row(a, b, m, base);
-    const acc_t* qt = a.q + rt * a.dim;
-    const acc_t* kt = a.k + rt * a.dim;
+    const acc_t* qt = a.q + qk_at<DM>(a, b, m, t);
+    const acc_t* kt = a.k + qk_at<DM>(a, b, m, t);
     const acc_t lse_t = a.lse[rt], alpha = a.head_weight[m];
     acc_t x1[ASL_CHUNK], x2[ASL_CHUNK];
     for (int j = 0; j < ASL_CHUNK; ++j) {
       if (j < count) {
-        x1[j] = a.scale * dot(qt, a.k + (ru + j) * a.dim, a.dim) - lse_t;
-        x2[j] = a.scale * dot(a.q + (ru + j) * a.dim, kt, a.dim) - a.lse[ru + j];
+        const int64_t u = qk_at<DM>(a, b, m, base + j);
+        x1[j] = a.scale * qk_dot<DM>(qt, a.k + u, a.dim, step) - lse_t;
+        x2[j] = a.scale * qk_dot<DM>(a.q + u, kt, a.dim, step) - a.lse[ru + j];
       } else {
         x1[j] = x2[j] = 0;
       }
@@ -164,7 +199,7 @@ ASL_HOST_DEVICE void run_dissimilarity(const Args<acc_t>& a, int64_t b, int64_t 
 }
 
 // Forward: row_t (already multiplied by g_b).
-template <typename acc_t>
+template <bool DM = false, typename acc_t>
 ASL_HOST_DEVICE acc_t row_loss(const Args<acc_t>& a, int64_t b, int64_t t) {
   const acc_t g = a.sample_weight ? a.sample_weight[b] : acc_t(1);
   if (g == acc_t(0)) return acc_t(0);
@@ -176,7 +211,7 @@ ASL_HOST_DEVICE acc_t row_loss(const Args<acc_t>& a, int64_t b, int64_t t) {
       const int count = static_cast<int>(w.x1 - x + 1 < ASL_CHUNK ? w.x1 - x + 1 : ASL_CHUNK);
       const int64_t base = t + dy * a.w + x;
       acc_t z[ASL_CHUNK], diss[ASL_CHUNK];
-      run_logits(a, b, t, base, count, int64_t(0), int64_t(0), z, (acc_t*)nullptr, (acc_t*)nullptr);
+      run_logits<DM>(a, b, t, base, count, int64_t(0), int64_t(0), z, (acc_t*)nullptr, (acc_t*)nullptr);
       run_dissimilarity(a, b, t, base, count, diss);
       for (int j = 0; j < ASL_CHUNK; ++j) {
         const int64_t dx = x + j;
@@ -194,8 +229,8 @@ ASL_HOST_DEVICE acc_t row_loss(const Args<acc_t>& a, int64_t b, int64_t t) {
 // Outputs of the backward for token t; every pointer addresses rows that only token t writes.
 template <typename acc_t>
 struct Grads {
-  acc_t* dq;          // (B, heads, n, D)
-  acc_t* dk;          // (B, heads, n, D)
+  acc_t* dq;          // (B, heads, n, D), or (B, heads, D, n) dim-major as q
+  acc_t* dk;          // as k
   acc_t* dlse;        // (B, heads, n)
   acc_t* dprobs;      // (B, n, C) or nullptr
   acc_t* dalpha;      // (B, heads, n) per-token partial sums of dL/dalpha_m
@@ -213,9 +248,10 @@ ASL_HOST_DEVICE int64_t backward_scratch_size(int64_t group, int64_t dim) {
 // keeping dq/dk accumulators for its own heads only. The CPU takes all heads in one group (scratch
 // is cheap there); the GPU one head at a time (its accumulators stay in thread-local memory).
 // scratch: backward_scratch_size(group, dim) values.
-template <typename acc_t>
+template <bool DM = false, typename acc_t>
 ASL_HOST_DEVICE void row_backward(const Args<acc_t>& a, const Grads<acc_t>& gr, int64_t b, int64_t t, int64_t group,
                                   acc_t* scratch) {
+  const int64_t step = qk_step<DM>(a);
   const acc_t g = a.sample_weight ? a.sample_weight[b] : acc_t(1);
   const Bounds w = bounds(a, t);
   const acc_t gamma_t = gr.grad_rows[b * a.n + t];
@@ -239,7 +275,7 @@ ASL_HOST_DEVICE void row_backward(const Args<acc_t>& a, const Grads<acc_t>& gr, 
         const int count = static_cast<int>(w.x1 - x + 1 < ASL_CHUNK ? w.x1 - x + 1 : ASL_CHUNK);
         const int64_t base = t + dy * a.w + x;
         acc_t z[ASL_CHUNK], diss[ASL_CHUNK], dz[ASL_CHUNK], fp[ASL_CHUNK], gam[ASL_CHUNK];
-        run_logits(a, b, t, base, count, m0, size, z, atu, aut);
+        run_logits<DM>(a, b, t, base, count, m0, size, z, atu, aut);
         run_dissimilarity(a, b, t, base, count, diss);
         for (int j = 0; j < ASL_CHUNK; ++j)
           gam[j] = gamma_t + (j < count ? gr.grad_rows[b * a.n + base + j] : acc_t(0));
@@ -264,15 +300,15 @@ ASL_HOST_DEVICE void row_backward(const Args<acc_t>& a, const Grads<acc_t>& gr, 
             rho[i] += e1[j] * e;
             dalpha[i] += acc_t(0.5) * dz[j] * (e1[j] + e2[j]);
           }
-          const int64_t ru = head_row(a, b, m0 + i, base);
           acc_t* aq = acc_q + i * a.dim;
           acc_t* ak = acc_k + i * a.dim;
           for (int j = 0; j < count; ++j) {
-            const acc_t* ku = a.k + (ru + j) * a.dim;
-            const acc_t* qu = a.q + (ru + j) * a.dim;
+            const int64_t u = qk_at<DM>(a, b, m0 + i, base + j);
+            const acc_t* ku = a.k + u;
+            const acc_t* qu = a.q + u;
             for (int64_t d = 0; d < a.dim; ++d) {
-              aq[d] += ct[j] * ku[d];
-              ak[d] += cu[j] * qu[d];
+              aq[d] += ct[j] * ku[d * step];
+              ak[d] += cu[j] * qu[d * step];
             }
           }
         }
@@ -285,10 +321,10 @@ ASL_HOST_DEVICE void row_backward(const Args<acc_t>& a, const Grads<acc_t>& gr, 
       }
     }
     for (int64_t i = 0; i < size; ++i) {
-      const int64_t rt = head_row(a, b, m0 + i, t);
+      const int64_t rt = head_row(a, b, m0 + i, t), at = qk_at<DM>(a, b, m0 + i, t);
       for (int64_t d = 0; d < a.dim; ++d) {
-        gr.dq[rt * a.dim + d] = acc_q[i * a.dim + d];
-        gr.dk[rt * a.dim + d] = acc_k[i * a.dim + d];
+        gr.dq[at + d * step] = acc_q[i * a.dim + d];
+        gr.dk[at + d * step] = acc_k[i * a.dim + d];
       }
       gr.dlse[rt] = -rho[i];
       gr.dalpha[rt] = dalpha[i];

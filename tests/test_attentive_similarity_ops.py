@@ -59,6 +59,73 @@ def test_opcheck_compiled_ops(device, requires_grad):
     torch.library.opcheck(OPS.attentive_similarity_fused_forward, tuple(fused))
 
 
+@pytest.fixture(scope="module")
+def window_emulator(tmp_path_factory):
+    """tests/cuda_emulation/attentive_similarity_emulate.cpp, built as a shared library."""
+    import ctypes
+
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler for the CUDA emulation")
+    out = tmp_path_factory.mktemp("cuda_emulation") / "attentive_similarity_emulate.so"
+    src = os.path.join(ROOT, "tests", "cuda_emulation", "attentive_similarity_emulate.cpp")
+    cmd = [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{os.path.join(ROOT, 'csrc')}", src, "-o", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return ctypes.CDLL(str(out))
+
+
+def _pointers(*tensors):
+    import ctypes
+
+    return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+
+
+@requires_compiled
+@pytest.mark.parametrize("heads, dim, grid, radius, gate", [
+    (1, 16, (5, 7), 2, False), (3, 37, (6, 5), 3, True), (2, 64, (9, 12), 5, True), (1, 8, (3, 4), 7, False)])
+def test_cuda_window_rows_dim_major_match_the_cpu_kernel(window_emulator, heads, dim, grid, radius, gate):
+    """The CUDA window kernels read q, k dim-major (coalesced) and take one head at a time; the
+    CPU kernel reads them token-major with every head at once. Both run the row functions of
+    csrc/attentive_similarity.h: here those of the GPU, emulated on the host in float64
+    (tests/cuda_emulation), against the CPU op. D = 37 leaves a tail past the dot's lanes;
+    radius 7 on a 3 x 4 grid clips the window at every border."""
+    import ctypes
+
+    batch, (h, w) = 2, grid
+    n = h * w
+    x = make_similarity_inputs(batch, heads, grid, dim, probs_factor=1, dtype=torch.float64, seed=heads + dim)
+    q, k, probs = x["q"], x["k"], x["probs"]
+    hw, hb = x["head_weight"].reshape(heads).contiguous(), x["head_bias"].reshape(1).contiguous()
+    lse = torch.logsumexp(1.1 * q @ k.transpose(-1, -2), -1)
+    sample_weight = torch.tensor([1.0, 0.0], dtype=torch.float64) if gate else None
+    sigma, scale = 2.5, 1.1
+    grad_rows = torch.randn(batch, n, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    rows = OPS.attentive_similarity_forward(q, k, lse, probs, hw, hb, sample_weight, radius, sigma, scale)
+    want = OPS.attentive_similarity_backward(grad_rows, q, k, lse, probs, hw, hb, sample_weight, radius, sigma,
+                                             scale)
+
+    ints = (ctypes.c_int64 * 9)(batch, heads, n, dim, probs.shape[1], h, w, min(radius, h - 1), min(radius, w - 1))
+    reals = (ctypes.c_double * 2)(scale, -0.5 / sigma ** 2)
+    qd, kd = (t.transpose(2, 3).contiguous() for t in (q, k))  # dim-major, as csrc/cuda hands them over
+    tokens = probs.permute(0, 2, 3, 1).contiguous()
+    inputs = _pointers(qd, kd, lse, tokens, hw, hb, sample_weight)
+    got_rows = torch.full((batch, n), float("nan"), dtype=torch.float64)
+    assert window_emulator.asl_emulate_forward(ints, reals, inputs, ctypes.c_void_p(got_rows.data_ptr())) == 0
+    outs = [torch.full_like(qd, float("nan")), torch.full_like(kd, float("nan")), torch.full_like(lse, float("nan")),
+            torch.full_like(tokens, float("nan")), torch.full_like(lse, float("nan")),
+            torch.full((batch, n), float("nan"), dtype=torch.float64)]
+    assert window_emulator.asl_emulate_backward(ints, reals, inputs, _pointers(grad_rows, *outs)) == 0
+    dq, dk, dlse, dprobs, dalpha, dbeta = outs
+    got = (dq.transpose(2, 3), dk.transpose(2, 3), dlse, dprobs.view(batch, h, w, -1).permute(0, 3, 1, 2),
+           dalpha.sum((0, 2)), dbeta.sum().reshape(1))
+    torch.testing.assert_close(got_rows, rows, rtol=1e-12, atol=1e-14)
+    assert rows.abs().sum() > 0
+    for name, g, w_ in zip(("dq", "dk", "dlse", "dprobs", "dalpha", "dbeta"), got, want):
+        torch.testing.assert_close(g, w_.reshape(g.shape), rtol=1e-12, atol=1e-14, msg=name)
+
+
 @pytest.mark.parametrize("device", COMPILED_DEVICES)
 def test_opcheck_compiled_backward_ops(device):
     q, k, v = _attention_args(device, requires_grad=False)

@@ -6,6 +6,10 @@
 // no atomics, deterministic. The backward takes one head at a time, its dq/dk accumulators in a
 // thread-local array of 2 * DMAX (32/64/128) values. Per-token partials of dL/dalpha, dL/dbeta are
 // summed by ATen.
+// q, k (and dq, dk) are handed to the kernels dim-major, (B, heads, D, n): the threads of a warp
+// are consecutive tokens, so each load of one dimension is 32 consecutive values (coalesced). In
+// the token-major layout the same load touched 32 rows D values apart. tests/cuda_emulation runs
+// the dim-major row functions on the host against the CPU kernel.
 //
 // Includes only CUDA and ATen/c10 core headers (compiled by `nvcc -c` in the test suite).
 #include <ATen/core/Tensor.h>
@@ -33,7 +37,7 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     attentive_similarity_forward_kernel(const window::Args<acc_t> a, acc_t* __restrict__ rows, int64_t total) {
   for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < total; i += int64_t(gridDim.x) * kThreads)
-    rows[i] = window::row_loss(a, i / a.n, i % a.n);
+    rows[i] = window::row_loss<true>(a, i / a.n, i % a.n);
 }
 
 template <typename acc_t, int DMAX>
@@ -42,12 +46,15 @@ __global__ void __launch_bounds__(kThreads)
   // one head at a time: its accumulators (2 * DMAX values) stay in thread-local memory
   acc_t scratch[2 * DMAX + 2 * ASL_CHUNK + 2];
   for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < total; i += int64_t(gridDim.x) * kThreads)
-    window::row_backward(a, g, i / a.n, i % a.n, int64_t(1), scratch);
+    window::row_backward<true>(a, g, i / a.n, i % a.n, int64_t(1), scratch);
 }
 
 unsigned blocks_for(int64_t total) {
   return static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535));
 }
+
+// q or k of the prepared inputs, dim-major: (B, heads, D, n) contiguous.
+at::Tensor dim_major(const at::Tensor& x) { return x.transpose(2, 3).contiguous(); }
 
 struct CudaWindow {
   using Sweeps = CudaSweeps;
@@ -57,8 +64,11 @@ struct CudaWindow {
     at::Tensor rows = at::empty({p.batch, p.n}, p.q.options());
     const int64_t total = p.batch * p.n;
     const cudaStream_t stream = current_stream(p.q.device());
+    const at::Tensor q = dim_major(p.q), k = dim_major(p.k);
     AT_DISPATCH_FLOATING_TYPES(p.acc, "attentive_similarity_forward_cuda", [&] {
-      const window::Args<scalar_t> a = make_args<scalar_t>(p, radius, sigma, logit_scale);
+      window::Args<scalar_t> a = make_args<scalar_t>(p, radius, sigma, logit_scale);
+      a.q = q.const_data_ptr<scalar_t>();
+      a.k = k.const_data_ptr<scalar_t>();
       attentive_similarity_forward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
           a, rows.data_ptr<scalar_t>(), total);
     });
@@ -70,15 +80,19 @@ struct CudaWindow {
                               double logit_scale) {
     TORCH_CHECK_VALUE(p.dim <= 128, "attentive_similarity (cuda): head dims up to 128 are supported, got ", p.dim);
     c10::DeviceGuard guard(p.q.device());
-    WindowGrads r{at::empty_like(p.q), at::empty_like(p.k), at::empty_like(p.lse),
+    WindowGrads r{at::Tensor(), at::Tensor(), at::empty_like(p.lse),
                   at::empty_like(p.probs), at::empty_like(p.lse), at::empty({p.batch, p.n}, p.q.options())};
+    const at::Tensor q = dim_major(p.q), k = dim_major(p.k);
+    at::Tensor dq = at::empty_like(q), dk = at::empty_like(k);  // dim-major as q, k
     const int64_t total = p.batch * p.n;
     const cudaStream_t stream = current_stream(p.q.device());
     AT_DISPATCH_FLOATING_TYPES(p.acc, "attentive_similarity_backward_cuda", [&] {
-      const window::Args<scalar_t> a = make_args<scalar_t>(p, radius, sigma, logit_scale);
+      window::Args<scalar_t> a = make_args<scalar_t>(p, radius, sigma, logit_scale);
+      a.q = q.const_data_ptr<scalar_t>();
+      a.k = k.const_data_ptr<scalar_t>();
       window::Grads<scalar_t> g;
-      g.dq = r.dq.data_ptr<scalar_t>();
-      g.dk = r.dk.data_ptr<scalar_t>();
+      g.dq = dq.data_ptr<scalar_t>();
+      g.dk = dk.data_ptr<scalar_t>();
       g.dlse = r.dlse.data_ptr<scalar_t>();
       g.dprobs = r.dprobs.data_ptr<scalar_t>();
       g.dalpha = r.dalpha.data_ptr<scalar_t>();
@@ -93,6 +107,8 @@ struct CudaWindow {
         attentive_similarity_backward_kernel<scalar_t, 128><<<blocks, kThreads, 0, stream>>>(a, g, total);
     });
     check_launch("attentive_similarity_backward");
+    r.dq = dim_major(dq);  // back to (B, heads, n, D) contiguous, as the callers take them
+    r.dk = dim_major(dk);
     return r;
   }
 };
