@@ -37,3 +37,22 @@ def _seed():
 
 
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def build_cuda_emulation(tmp_path_factory, source: str, *flags: str):
+    """tests/cuda_emulation/<source>: host code running a CUDA kernel's device functions, compiled
+    with the system C++ compiler as a shared library (skips when there is none) and loaded by
+    ctypes."""
+    import ctypes
+    import pathlib
+
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler for the CUDA emulation")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("cuda_emulation") / (pathlib.Path(source).stem + ".so")
+    cmd = [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", *flags, f"-I{root / 'csrc'}",
+           str(root / "tests" / "cuda_emulation" / source), "-o", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return ctypes.CDLL(str(out))

@@ -1,23 +1,18 @@
 """The operators behind attentive_similarity_loss and spatial_attention: torch.library.opcheck of
-the compiled and Triton ops, torch.compile(fullgraph=True), the CUDA sources through nvcc, the
-backends on a GPU when one is present, "auto" under deterministic mode, and the lean windowed path
-of compat.AttnGatedCRF."""
-import os
-import shutil
-import subprocess
+the compiled and Triton ops, torch.compile(fullgraph=True), the CUDA window kernels' rows emulated
+on the host, the backends on a GPU when one is present, "auto" under deterministic mode, and the
+lean windowed path of compat.AttnGatedCRF."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.cpp_extension import include_paths
 
 import attenscribble_ops as A
 from attenscribble_ops.compat import AttnGatedCRF, pre_compute_xy_mask
 from attenscribble_ops.testing import loss_backend_for, make_similarity_inputs, runnable_backends
 
-from conftest import requires_cuda
+from conftest import build_cuda_emulation, requires_cuda
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = torch.ops.attenscribble_ops
 COMPILED = "cpu" in runnable_backends("attentive_similarity", "cpu")
 TRITON = "triton" in runnable_backends("attentive_similarity", "cpu")
@@ -62,17 +57,7 @@ def test_opcheck_compiled_ops(device, requires_grad):
 @pytest.fixture(scope="module")
 def window_emulator(tmp_path_factory):
     """tests/cuda_emulation/attentive_similarity_emulate.cpp, built as a shared library."""
-    import ctypes
-
-    compiler = shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        pytest.skip("no C++ compiler for the CUDA emulation")
-    out = tmp_path_factory.mktemp("cuda_emulation") / "attentive_similarity_emulate.so"
-    src = os.path.join(ROOT, "tests", "cuda_emulation", "attentive_similarity_emulate.cpp")
-    cmd = [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{os.path.join(ROOT, 'csrc')}", src, "-o", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return ctypes.CDLL(str(out))
+    return build_cuda_emulation(tmp_path_factory, "attentive_similarity_emulate.cpp")
 
 
 def _pointers(*tensors):

@@ -1,39 +1,21 @@
-"""The CUDA masked CRF kernels without a GPU: csrc/cuda/masked_crf.cu compiled with nvcc, and its
-block program (csrc/cuda/masked_crf_tile.cuh) run on the CPU by a threaded emulation of the
-blocks (tests/cuda_emulation), against the reference. With a GPU, test_masked_crf.py and
-test_masked_crf_ops.py run the real kernels."""
+"""The CUDA masked CRF kernels without a GPU: their block program (csrc/cuda/masked_crf_tile.cuh)
+run on the CPU by a threaded emulation of the blocks (tests/cuda_emulation), against the
+reference (tests/test_extension.py compiles csrc/cuda/masked_crf.cu itself with nvcc). With a
+GPU, test_masked_crf.py and test_masked_crf_ops.py run the real kernels."""
 import ctypes
-import pathlib
-import shutil
-import subprocess
 
 import pytest
 import torch
 
+from conftest import build_cuda_emulation
 from crf_cases import Case, op_arguments
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRIO = (1.0, 6.0, 0.1), (0.5, 2.0, None), (2.0, None, (0.3, None))
-
-
-def _torch_includes():
-    from torch.utils import cpp_extension
-
-    return [f"-I{p}" for p in cpp_extension.include_paths()]
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    compiler = shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        pytest.skip("no C++ compiler for the CUDA emulation")
-    out = tmp_path_factory.mktemp("cuda_emulation") / "masked_crf_emulate.so"
-    src = ROOT / "tests" / "cuda_emulation" / "masked_crf_emulate.cpp"
-    cmd = [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{ROOT / 'csrc'}", str(src), "-o",
-           str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-4000:]
-    lib = ctypes.CDLL(str(out))
+    lib = build_cuda_emulation(tmp_path_factory, "masked_crf_emulate.cpp", "-pthread")
     lib.crf_emulate.restype = ctypes.c_int
     return lib
 
