@@ -52,8 +52,9 @@ TRITON_FP32_DOTS = ("ieee", "tf32x3", "tf32")
 # "tf32x3": each fp32 operand split into two TF32 parts and three tensor-core products summed in
 # fp32, the arithmetic torch's own memory-efficient SDPA kernel uses for fp32 on compute capability
 # 8.0 and later (CUTLASS's OpMultiplyAddFastF32), about 2^-21 relative per product. "ieee" forces
-# exact fp32 products on the FMA units (slower). fp16/bf16 operands and the Triton interpreter are
-# not affected. Read at every launch, so it may be changed at any time.
+# exact fp32 products on the FMA units (slower). GPUs without TF32 tensor cores (NVIDIA before
+# compute capability 8.0, ROCm) always take "ieee"; fp16/bf16 operands and the Triton interpreter
+# are not affected. Read at every launch, so it may be changed at any time.
 triton_fp32_dot: Optional[str] = None
 
 

@@ -20,7 +20,8 @@ Cases: the official size in fp32; on a GPU also
                U-Net's convolutions use TF32 in every case (cuDNN's default). The Triton attention
                then multiplies in TF32 instead of tf32x3.
   amp=fp16     the example's ``--amp`` on CUDA: the forward under ``torch.autocast`` in fp16, the
-               loss scaled by a GradScaler (scale, backward, ``scaler.step``, ``scaler.update``).
+               loss scaled by a GradScaler (scale, backward, ``scaler.step``, ``scaler.update``),
+               whose scale is settled by 20 untimed steps first.
 
 Mode "full" only: forward, backward and ``optimizer.step()`` (SGD, momentum 0.9, weight decay 1e-4,
 as the official run). The batch is a synthetic cardiac phantom with synthesised scribbles
@@ -43,6 +44,7 @@ _EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 
 STAGES = {"unet+pce": (False, 0.0, 0.0), "+attention": (True, 0.0, 0.0), "+crf": (True, 0.1, 0.0),
           "method": (True, 0.1, 0.1)}
+_SCALER_SETTLING_STEPS = 20  # amp=fp16: steps run before timing (see build)
 PROVIDERS = ("unet+pce", "+attention-reference", "+crf-reference", "method-reference", "+attention-fused",
              "+crf-fused", "method-fused", "+attention-aten", "method-aten", "method-triton", "method-cuda")
 
@@ -116,6 +118,15 @@ def build(provider: str, case: dict, device: torch.device) -> Workload:
     def after():
         scaler.step(opt)
         scaler.update()
+
+    if scaler.is_enabled():
+        # the scaler starts at 2**16 and halves on every overflowing step, whose optimizer step it
+        # skips: settle it first, so that the timed steps are those of a running training
+        for _ in range(_SCALER_SETTLING_STEPS):
+            opt.zero_grad(set_to_none=True)
+            step().backward()
+            after()
+        opt.zero_grad(set_to_none=True)
 
     return Workload(step, params, after_backward=after, modes=("full",), context=_matmul(case.get("matmul")))
 

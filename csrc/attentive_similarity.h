@@ -50,10 +50,13 @@ struct Args {
 
 // Independent partial sums: on the host they are what lets the compiler vectorise the loop
 // without reassociating floating-point additions; on the GPU a few break the dependency chain.
+// (Defined beforehand, e.g. -DASL_DOT_LANES=4: tests/cuda_emulation runs the GPU's count on the host.)
+#ifndef ASL_DOT_LANES
 #if defined(__CUDA_ARCH__)
 #define ASL_DOT_LANES 4
 #else
 #define ASL_DOT_LANES 16
+#endif
 #endif
 
 // Sum of `width` lanes in log2(width) dependent steps (not a chain of `width` additions), with
@@ -130,10 +133,12 @@ ASL_HOST_DEVICE acc_t qk_dot(const acc_t* x, const acc_t* y, int64_t len, int64_
 // Per-lane work (exp, sigmoid, products) then runs over a fixed number of lanes, which the CPU
 // compiler turns into vector code; padding lanes (j >= count) get exponent 0 and are masked by a
 // select (never by a product, which would turn an inf into NaN).
+#ifndef ASL_CHUNK  // as ASL_DOT_LANES
 #if defined(__CUDA_ARCH__)
 #define ASL_CHUNK 4
 #else
 #define ASL_CHUNK 16
+#endif
 #endif
 
 // Window bounds of token t, clipped at the grid border.

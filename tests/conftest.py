@@ -1,5 +1,6 @@
 """Test configuration. Without a GPU, Triton kernels run through the interpreter: TRITON_INTERPRET
 must be set before any @triton.jit module is imported, i.e. before attenscribble_ops."""
+import contextlib
 import os
 import shutil
 import subprocess
@@ -56,3 +57,24 @@ def build_cuda_emulation(tmp_path_factory, source: str, *flags: str):
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     return ctypes.CDLL(str(out))
+
+
+@contextlib.contextmanager
+def cuda_matmul_fp32(precision: str):
+    """torch's CUDA fp32 matmul precision ("ieee" or "tf32") for the block, then restored. Through
+    torch's newer setting only: reading the legacy allow_tf32 raises once the two disagree, and
+    neither is a plain attribute that monkeypatch could undo."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+@pytest.fixture
+def exact_fp32_matmul():
+    """torch's default for CUDA fp32 matmuls (no TF32) for the test, whatever the process set."""
+    with cuda_matmul_fp32("ieee"):
+        yield

@@ -11,7 +11,7 @@ import attenscribble_ops as A
 from attenscribble_ops.compat import AttnGatedCRF, pre_compute_xy_mask
 from attenscribble_ops.testing import loss_backend_for, make_similarity_inputs, runnable_backends
 
-from conftest import build_cuda_emulation, requires_cuda
+from conftest import build_cuda_emulation, cuda_matmul_fp32, requires_cuda
 
 OPS = torch.ops.attenscribble_ops
 COMPILED = "cpu" in runnable_backends("attentive_similarity", "cpu")
@@ -56,8 +56,10 @@ def test_opcheck_compiled_ops(device, requires_grad):
 
 @pytest.fixture(scope="module")
 def window_emulator(tmp_path_factory):
-    """tests/cuda_emulation/attentive_similarity_emulate.cpp, built as a shared library."""
-    return build_cuda_emulation(tmp_path_factory, "attentive_similarity_emulate.cpp")
+    """tests/cuda_emulation/attentive_similarity_emulate.cpp, built as a shared library with the
+    GPU's dot lanes and neighbour runs (4 and 4; the host's are 16 and 16)."""
+    return build_cuda_emulation(tmp_path_factory, "attentive_similarity_emulate.cpp", "-DASL_DOT_LANES=4",
+                                "-DASL_CHUNK=4")
 
 
 def _pointers(*tensors):
@@ -72,8 +74,8 @@ def _pointers(*tensors):
 def test_cuda_window_rows_dim_major_match_the_cpu_kernel(window_emulator, heads, dim, grid, radius, gate):
     """The CUDA window kernels read q, k dim-major (coalesced) and take one head at a time; the
     CPU kernel reads them token-major with every head at once. Both run the row functions of
-    csrc/attentive_similarity.h: here those of the GPU, emulated on the host in float64
-    (tests/cuda_emulation), against the CPU op. D = 37 leaves a tail past the dot's lanes;
+    csrc/attentive_similarity.h: here the GPU's instantiation (its layout, lane and run counts),
+    on the host in float64 (tests/cuda_emulation), against the CPU op. D = 37 leaves a tail past the dot's lanes;
     radius 7 on a 3 x 4 grid clips the window at every border."""
     import ctypes
 
@@ -244,10 +246,11 @@ def test_head_dims_above_128_skip_the_gpu_kernels():
 # ---- on a GPU -----------------------------------------------------------------------------------
 
 @requires_cuda
-@pytest.mark.parametrize("backend, dtype", [("cuda", torch.float32), ("cuda", torch.float64),
-                                            ("triton", torch.float32)])  # Triton computes in fp32
-def test_gpu_backends_match_reference(backend, dtype, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+@pytest.mark.parametrize("backend, dtype, fp32_dot", [("cuda", torch.float32, None), ("cuda", torch.float64, None),
+                                                      ("triton", torch.float32, None),  # Triton computes in fp32
+                                                      ("triton", torch.float32, "ieee")])
+def test_gpu_backends_match_reference(backend, dtype, fp32_dot, monkeypatch, exact_fp32_matmul):
+    monkeypatch.setattr(A.backends, "triton_fp32_dot", fp32_dot)
     x = make_similarity_inputs(2, 2, (13, 17), 32, device="cuda", dtype=torch.float64, seed=2)
     v = torch.randn_like(x["q"])
     gate = torch.tensor([1.0, 0.5], device="cuda", dtype=torch.float64)
@@ -268,9 +271,8 @@ def test_gpu_backends_match_reference(backend, dtype, monkeypatch):
 
 @pytest.mark.skipif("triton" not in A.available_backends()["spatial_attention"], reason="Triton is not importable")
 def test_triton_fp32_dot_precision_follows_torch_and_the_setting(monkeypatch):
-    """fp32 on a GPU: tf32x3 by default, tf32 where torch allows tf32, or what
-    backends.triton_fp32_dot names; 16-bit operands and the interpreter: plain dots."""
-    from attenscribble_ops import backends
+    """fp32 on a GPU with TF32 tensor cores: tf32x3 by default, tf32 where torch allows TF32, or what
+    backends.triton_fp32_dot names; "ieee" on other GPUs, for 16-bit operands and in the interpreter."""
     from attenscribble_ops.triton import _target
     from attenscribble_ops.triton.spatial_attention import precision
 
@@ -278,40 +280,59 @@ def test_triton_fp32_dot_precision_follows_torch_and_the_setting(monkeypatch):
     monkeypatch.setattr(_target, "for_gpu", lambda t: False)
     assert precision(q) == "ieee"  # the interpreter: exact fp32 whatever is asked
     monkeypatch.setattr(_target, "for_gpu", lambda t: True)
-    before = torch.backends.cuda.matmul.allow_tf32  # a torch flag monkeypatch cannot restore
-    try:
-        for allowed, setting, expected in ((False, None, "tf32x3"), (True, None, "tf32"), (False, "ieee", "ieee"),
-                                           (True, "ieee", "ieee"), (True, "tf32x3", "tf32x3"),
-                                           (False, "tf32", "tf32")):
-            torch.backends.cuda.matmul.allow_tf32 = allowed
-            monkeypatch.setattr(backends, "triton_fp32_dot", setting)
-            assert precision(q) == expected, (allowed, setting)
-            assert precision(q.half()) == "ieee"  # half operands run on tensor cores regardless
-        for bad in ("fp32", "TF32", 3):
-            monkeypatch.setattr(backends, "triton_fp32_dot", bad)
-            with pytest.raises(ValueError, match="triton_fp32_dot must be None or one of"):
-                precision(q)
-        monkeypatch.setattr(backends, "triton_fp32_dot", None)
-        # torch's newer setting, after a legacy one that disagrees (torch then raises on reading allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        assert precision(q) == "tf32"
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        assert precision(q) == "tf32x3"
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = "none"
-        torch.backends.cuda.matmul.allow_tf32 = before
+    with cuda_matmul_fp32("ieee"):  # torch's flags restored afterwards
+        _check_fp32_dot_policy(monkeypatch, precision, q)
+
+
+def _check_fp32_dot_policy(monkeypatch, precision, q):
+    from attenscribble_ops import backends
+    from attenscribble_ops.triton import _target
+
+    matmul = torch.backends.cuda.matmul
+    for torch_setting, setting, expected in (("ieee", None, "tf32x3"), ("tf32", None, "tf32"),
+                                             ("ieee", "ieee", "ieee"), ("tf32", "ieee", "ieee"),
+                                             ("tf32", "tf32x3", "tf32x3"), ("ieee", "tf32", "tf32")):
+        matmul.fp32_precision = torch_setting
+        monkeypatch.setattr(backends, "triton_fp32_dot", setting)
+        assert precision(q) == expected, (torch_setting, setting)
+        assert precision(q.half()) == "ieee"  # half operands run on tensor cores regardless
+    monkeypatch.setattr(_target, "tf32_tensor_cores", lambda t: False)  # e.g. a V100, or ROCm
+    assert precision(q) == "ieee"
+    monkeypatch.setattr(_target, "tf32_tensor_cores", lambda t: True)
+    for bad in ("fp32", "TF32", 3):
+        monkeypatch.setattr(backends, "triton_fp32_dot", bad)
+        with pytest.raises(ValueError, match="triton_fp32_dot must be None or one of"):
+            precision(q)
+    monkeypatch.setattr(backends, "triton_fp32_dot", None)
+    # torch's legacy switches: allow_tf32, and set_float32_matmul_precision
+    matmul.fp32_precision = "none"
+    matmul.allow_tf32 = True
+    assert precision(q) == "tf32"
+    matmul.allow_tf32 = False
+    assert precision(q) == "tf32x3"
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    assert precision(q) == "tf32"
+    torch.set_float32_matmul_precision(before)
+    assert precision(q) == "tf32x3"
+    # the newer setting after a legacy one that disagrees (torch then raises on reading allow_tf32)
+    matmul.fp32_precision = "tf32"
+    assert precision(q) == "tf32"
+    matmul.fp32_precision = "ieee"
+    matmul.allow_tf32 = False  # both switches agree again before cuda_matmul_fp32 restores the setting
 
 
 @requires_cuda
-@pytest.mark.parametrize("setting, bound", [(None, 1e-5), ("ieee", 1e-6)])
-def test_triton_fp32_dots_on_the_gpu(monkeypatch, setting, bound):
+@pytest.mark.parametrize("setting, expected, bound", [(None, "tf32x3", 1e-5), ("ieee", "ieee", 1e-6)])
+def test_triton_fp32_dots_on_the_gpu(monkeypatch, exact_fp32_matmul, setting, expected, bound):
     """The default tf32x3 dots, and exact ones, against the float64 LSE (plain tf32 is ~1e-3 off)."""
     from attenscribble_ops import backends
+    from attenscribble_ops.triton.spatial_attention import precision
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(backends, "triton_fp32_dot", setting)
     q = torch.rand(1, 1, 64, 32, device="cuda")
+    if torch.cuda.get_device_capability() >= (8, 0):
+        assert precision(q) == expected
     exact = torch.logsumexp(q.double() @ q.double().transpose(-1, -2), -1)
     _, lse = A.spatial_attention(q, q, q, backend="triton")
     torch.testing.assert_close(lse.double(), exact, rtol=bound, atol=bound)

@@ -135,9 +135,12 @@ LOW_PRECISION_CASES = [("cpu", b, d) for b in FUSED for d in (torch.float16, tor
 LOW_PRECISION_CASES += [("cuda", b, d) for b in GPU for d in (torch.float16, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("backend, case", [(b, c) for b in GPU for c in range(len(SHAPES))])
-def test_gpu_matches_reference(backend, case, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+@pytest.mark.parametrize("backend, case, fp32_dot", [(b, c, dot) for b in GPU for c in range(len(SHAPES))
+                                                     for dot in ((None, "ieee") if b == "triton" else (None,))])
+def test_gpu_matches_reference(backend, case, fp32_dot, monkeypatch, exact_fp32_matmul):
+    """fp32 as torch's default leaves it (no TF32); Triton with its default tf32x3 dots and with
+    exact ones ("ieee", its own tiles)."""
+    monkeypatch.setattr(A.backends, "triton_fp32_dot", fp32_dot)
     shape, dv = SHAPES[case]
     q, k, v = (t.cuda() for t in _inputs(shape, dv, seed=case))
     dout = torch.randn(shape[:3] + (dv or shape[3],), dtype=torch.float64, device="cuda")

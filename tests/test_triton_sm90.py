@@ -20,6 +20,8 @@ import torch
 import attenscribble_ops as ao
 from attenscribble_ops.testing import make_similarity_inputs, runnable_backends
 
+from conftest import cuda_matmul_fp32
+
 triton = pytest.importorskip("triton", minversion="3.6")  # tests/triton_sm90.py reads Triton 3.6's caches
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -47,26 +49,33 @@ def test_every_triton_kernel_compiles_for_sm90_and_fits(tmp_path):
     for dtype in ("fp32", "fp16", "bf16"):  # every dtype of every op compiled
         for kernel in KERNELS - {"_masked_crf_sum_kernel"}:
             assert any(v["kernel"] == kernel and f":*{dtype}" in v["variant"] for v in variants), (kernel, dtype)
-    assert any("PRECISION=tf32" in v["variant"] for v in variants)
+    for dot in ("tf32x3", "tf32", "ieee"):  # the fp32 attention in each dot precision
+        assert any(v["kernel"] == "_spatial_attention_fwd_kernel" and ":*fp32" in v["variant"]
+                   and f"PRECISION={dot} " in v["variant"] + " " for v in variants), dot
 
 
 TRITON_ON_CPU = "triton" in runnable_backends("attentive_similarity")
 
 
-def _tf32(x):
-    """fp32 rounded to TF32 (10 mantissa bits), to nearest with ties away from zero, as the GPU's
-    cvt.rna.tf32.f32 (which Triton's tf32x3 dots use) rounds."""
+def _tf32(x, truncate=False):
+    """fp32 rounded to TF32 (10 mantissa bits): to nearest with ties away from zero, as the GPU's
+    cvt.rna.tf32.f32 rounds (Triton's tf32x3 dots round the big parts so), or truncated, as a
+    tensor core reads an fp32 operand as TF32 (the small parts)."""
     import numpy as np
 
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+    if not truncate:
+        bits = bits + np.uint32(0x1000)
+    return (bits & np.uint32(0xFFFFE000)).view(np.float32)
 
 
 @pytest.fixture
 def emulated_tf32x3(monkeypatch):
-    """The interpreter's dots (exact fp32 there, whatever the precision) computed as a GPU computes
-    input_precision="tf32x3": each operand split into big = tf32(x) and small = tf32(x - big), and
-    big.big + big.small + small.big summed in fp32. Yields the count of such dots."""
+    """The interpreter's dots (exact fp32 there, whatever the precision) computed as Triton lowers
+    input_precision="tf32x3" on a GPU, up to the tensor cores' own summation order: each operand
+    split into big = tf32(x) (rounded) and small = x - big (read as TF32 by the tensor core:
+    truncated), then acc + small.big, + big.small, + big.big in fp32. Yields the count of such
+    dots."""
     import numpy as np
     from triton._C.libtriton import ir
     from triton.runtime import interpreter
@@ -79,10 +88,11 @@ def emulated_tf32x3(monkeypatch):
             return original(self, a, b, d, input_precision, max_num_imprecise_acc)
         calls.append(a.data.shape)
         a_big, b_big = _tf32(a.data), _tf32(b.data)
-        a_small, b_small = _tf32(a.data - a_big), _tf32(b.data - b_big)
-        out = (np.matmul(a_big, b_small, dtype=np.float32) + np.matmul(a_small, b_big, dtype=np.float32)
-               + np.matmul(a_big, b_big, dtype=np.float32))
-        return interpreter.TensorHandle(out + d.data, d.dtype.scalar)
+        a_small, b_small = _tf32(a.data - a_big, truncate=True), _tf32(b.data - b_big, truncate=True)
+        out = d.data + np.matmul(a_small, b_big, dtype=np.float32)
+        out = out + np.matmul(a_big, b_small, dtype=np.float32)
+        out = out + np.matmul(a_big, b_big, dtype=np.float32)
+        return interpreter.TensorHandle(out, d.dtype.scalar)
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
     yield calls
@@ -90,16 +100,12 @@ def emulated_tf32x3(monkeypatch):
 
 @pytest.fixture
 def gpu_tiles(monkeypatch):
-    """The GPU's tiles in the interpreter; torch's allow_tf32 restored afterwards."""
+    """The GPU's tiles in the interpreter."""
     from attenscribble_ops.triton import _target
 
     asked = []
     monkeypatch.setattr(_target, "for_gpu", lambda t: asked.append(t.shape) or True)
-    before = torch.backends.cuda.matmul.allow_tf32  # a torch flag monkeypatch cannot restore
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+    yield
     assert asked, "no launch path asked _target.for_gpu: the GPU tiles were not used"
 
 
@@ -110,6 +116,8 @@ def test_tf32_rounding_emulation():
                  dtype=np.float32)
     want = np.array([1.0, 1 + 2.0 ** -10, 1 + 2.0 ** -10, 1 + 2.0 ** -10, -(1 + 2.0 ** -10), 1.0], dtype=np.float32)
     assert np.array_equal(_tf32(x), want)  # to nearest, ties away from zero
+    down = np.array([1.0, 1 + 2.0 ** -10, 1.0, 1.0, -1.0, 1 - 2.0 ** -11], dtype=np.float32)
+    assert np.array_equal(_tf32(x, truncate=True), down)  # towards zero
 
 
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest)")
@@ -121,11 +129,15 @@ def test_gpu_tiles_match_the_reference(gpu_tiles, emulated_tf32x3, dot, dim, dim
     64-token tile (radius 2: the window's size is not what the tiles change, and the interpreter
     pays for every window offset).
 
-    "tf32": torch's allow_tf32 set, the 16-bit tiles (the interpreter computes these dots in exact
+    "tf32": torch's fp32 matmuls in TF32, the 16-bit tiles (the interpreter computes these dots in exact
     fp32). "tf32x3": the fp32 default, its own tiles, and its dots emulated as the GPU rounds them:
     errors within twice the fp32 reference's own (plain tf32 products, tried in this emulation while
     writing the test, were 600-950 times it)."""
-    torch.backends.cuda.matmul.allow_tf32 = dot == "tf32"
+    with cuda_matmul_fp32("tf32" if dot == "tf32" else "ieee"):
+        _gpu_tiles_match_the_reference(emulated_tf32x3, dot, dim, dim_v)
+
+
+def _gpu_tiles_match_the_reference(emulated_tf32x3, dot, dim, dim_v):
     x = make_similarity_inputs(2, 2, (9, 12), dim, seed=11)
     v0 = torch.randn(2, 2, 108, dim_v, generator=torch.Generator().manual_seed(12))
     weights = torch.linspace(-1, 1, 2 * 2 * 108 * dim_v).view(2, 2, 108, dim_v)

@@ -139,8 +139,9 @@ def _attention_case(dtype, heads, dim, dim_v, grid=(9, 12)):
 
 def cases():
     """(name, thunk): the launch paths of the three ops, in each dtype (for fp32 the attention's
-    dots in each precision: tf32x3 by default, tf32 as torch's allow_tf32 asks, exact "ieee"). Token counts of 108 and 256: Triton specialises
-    on sizes divisible by 16, so the two compile differently."""
+    dots in each precision: tf32x3 by default, tf32 where torch allows TF32, exact "ieee"). Token
+    counts of 108 and 256: Triton specialises on sizes divisible by 16, so the two compile
+    differently."""
     out = []
     for dtype, tag in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         out += [
@@ -176,17 +177,18 @@ def cases():
 
 
 def _fp32_dot(dot, fn, *args):
-    """Run ``fn`` with the fp32 dots ``dot`` ("tf32": as torch's allow_tf32 gives them; "ieee":
+    """Run ``fn`` with the fp32 dots ``dot`` ("tf32": torch's fp32 matmuls allowed TF32; "ieee":
     forced exact) or, for None, the default (tf32x3)."""
     from attenscribble_ops import backends
 
-    before = torch.backends.cuda.matmul.allow_tf32, backends.triton_fp32_dot
-    torch.backends.cuda.matmul.allow_tf32 = dot == "tf32"
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision, backends.triton_fp32_dot
+    matmul.fp32_precision = "tf32" if dot == "tf32" else "ieee"
     backends.triton_fp32_dot = "ieee" if dot == "ieee" else None
     try:
         fn(*args)
     finally:
-        torch.backends.cuda.matmul.allow_tf32, backends.triton_fp32_dot = before
+        matmul.fp32_precision, backends.triton_fp32_dot = before
 
 
 def package_kernels() -> dict:

@@ -211,11 +211,13 @@ def _spatial_attention_bwd_dkdv_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DL
 
 
 def precision(x: torch.Tensor) -> str:
-    """``tl.dot``'s input precision for x's operands: fp32 on a GPU as ``backends.triton_fp32_dot``
-    says (tf32x3 by default, tf32 when torch allows tf32); "ieee" for 16-bit operands (their dots run
-    on tensor cores with fp32 accumulation regardless) and in the interpreter (exact fp32 there)."""
+    """``tl.dot``'s input precision for x's operands: fp32 on a GPU with TF32 tensor cores (NVIDIA,
+    compute capability >= 8.0) as ``backends.triton_fp32_dot`` says (tf32x3 by default, tf32 when
+    torch allows TF32); "ieee" for fp32 on other GPUs, for 16-bit operands (their dots run on
+    tensor cores with fp32 accumulation regardless) and in the interpreter (exact fp32 there)."""
     if x.dtype == torch.float32 and _target.for_gpu(x):
-        return backends.triton_fp32_dot_precision()
+        chosen = backends.triton_fp32_dot_precision()  # a bad setting is an error on every GPU
+        return chosen if _target.tf32_tensor_cores(x) else "ieee"
     return "ieee"
 
 

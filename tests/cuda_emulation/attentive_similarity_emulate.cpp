@@ -2,9 +2,10 @@
 // csrc/attentive_similarity.h as csrc/cuda/attentive_similarity.cu calls them, with q, k (and dq,
 // dk) dim-major, (B, heads, D, n), and the backward one head at a time, for every token in turn
 // (the kernels' grid-stride loop, one token per thread; no thread shares anything). Built by
-// tests/test_attentive_similarity_ops.py with
-//   c++ -std=c++20 -O1 -shared -fPIC -I csrc
-// and called through ctypes in float64 (the device code runs the same templates in float32).
+// tests/test_attentive_similarity_ops.py with the GPU's lane and run counts,
+//   c++ -std=c++20 -O1 -shared -fPIC -DASL_DOT_LANES=4 -DASL_CHUNK=4 -I csrc
+// and called through ctypes in float64 (the device code runs the same templates in float32). The
+// test transposes q, k in Python, as csrc/cuda/attentive_similarity.cu does in ATen.
 #include <cstdint>
 #include <vector>
 
