@@ -82,7 +82,7 @@ struct CudaWindow {
     c10::DeviceGuard guard(p.q.device());
     WindowGrads r{at::Tensor(), at::Tensor(), at::empty_like(p.lse),
                   at::empty_like(p.probs), at::empty_like(p.lse), at::empty({p.batch, p.n}, p.q.options())};
-    const at::Tensor q = dim_major(p.q), k = dim_major(p.k);
+    at::Tensor q = dim_major(p.q), k = dim_major(p.k);
     at::Tensor dq = at::empty_like(q), dk = at::empty_like(k);  // dim-major as q, k
     const int64_t total = p.batch * p.n;
     const cudaStream_t stream = current_stream(p.q.device());
@@ -107,7 +107,13 @@ struct CudaWindow {
         attentive_similarity_backward_kernel<scalar_t, 128><<<blocks, kThreads, 0, stream>>>(a, g, total);
     });
     check_launch("attentive_similarity_backward");
-    r.dq = dim_major(dq);  // back to (B, heads, n, D) contiguous, as the callers take them
+    // back to (B, heads, n, D) contiguous, as the callers take them. Each buffer is released as
+    // soon as it is done with (stream-ordered, so before the kernel has finished is fine): the
+    // peak stays at the caller's q, k plus two more pairs of buffers of their size.
+    q.reset();
+    k.reset();
+    r.dq = dim_major(dq);
+    dq.reset();
     r.dk = dim_major(dk);
     return r;
   }
