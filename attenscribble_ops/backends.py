@@ -59,14 +59,10 @@ triton_fp32_dot: Optional[str] = None
 
 
 def _torch_allows_tf32() -> bool:
-    """Whether torch lets its CUDA fp32 matmuls use TF32. The newer setting (fp32_precision,
-    torch >= 2.9) reflects the legacy ones as well; reading the legacy allow_tf32 raises once a
-    program has set the two differently."""
-    matmul = torch.backends.cuda.matmul
-    try:
-        return matmul.fp32_precision == "tf32"
-    except AttributeError:  # an older torch
-        return bool(matmul.allow_tf32)
+    """Whether torch lets its CUDA fp32 matmuls use TF32. The newer setting (fp32_precision) reflects
+    the legacy ones as well; reading the legacy allow_tf32 raises once a program has set the two
+    differently."""
+    return torch.backends.cuda.matmul.fp32_precision == "tf32"
 
 
 def triton_fp32_dot_precision() -> str:

@@ -3,6 +3,7 @@ can run here, and time / peak-memory measurement (CUDA allocator statistics on t
 process's peak resident set on Linux CPUs)."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import platform
 import statistics
@@ -78,6 +79,20 @@ def make_similarity_inputs(batch: int = 2, heads: int = 1, grid: Sequence[int] =
                                                                                           dtype=dtype),
         "grid": (h, w),
     }
+
+
+@contextlib.contextmanager
+def cuda_matmul_fp32(precision: str):
+    """torch's CUDA fp32 matmul precision ("ieee" or "tf32") for the block, then restored. Through
+    torch's newer setting only: reading the legacy allow_tf32 raises once the two disagree, and
+    neither is a plain attribute that pytest's monkeypatch could undo."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
 
 
 def device_name(device="cpu") -> str:

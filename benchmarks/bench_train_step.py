@@ -31,12 +31,14 @@ as the official run). The batch is a synthetic cardiac phantom with synthesised 
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 import sys
 
 import numpy as np
 import torch
+
+from attenscribble_ops.testing import cuda_matmul_fp32
 
 from .common import Suite, Unavailable, Workload
 
@@ -128,25 +130,9 @@ def build(provider: str, case: dict, device: torch.device) -> Workload:
             after()
         opt.zero_grad(set_to_none=True)
 
-    return Workload(step, params, after_backward=after, modes=("full",), context=_matmul(case.get("matmul")))
-
-
-def _matmul(setting):
-    """A context with torch's CUDA fp32 matmul precision ``setting`` ("tf32"), or None."""
-    if setting is None:
-        return None
-
-    @contextlib.contextmanager
-    def context():
-        matmul = torch.backends.cuda.matmul
-        before = matmul.fp32_precision
-        matmul.fp32_precision = setting
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = before
-
-    return context
+    matmul = case.get("matmul")
+    context = None if matmul is None else functools.partial(cuda_matmul_fp32, matmul)
+    return Workload(step, params, after_backward=after, modes=("full",), context=context)
 
 
 SUITE = Suite("train_step", cases, providers, build, reference="unet+pce", modes=("full",))

@@ -1,6 +1,5 @@
 """Test configuration. Without a GPU, Triton kernels run through the interpreter: TRITON_INTERPRET
 must be set before any @triton.jit module is imported, i.e. before attenscribble_ops."""
-import contextlib
 import os
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ if not _gpu_visible():
 import torch  # noqa: E402
 
 import attenscribble_ops  # noqa: E402,F401
+from attenscribble_ops.testing import cuda_matmul_fp32  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -57,20 +57,6 @@ def build_cuda_emulation(tmp_path_factory, source: str, *flags: str):
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     return ctypes.CDLL(str(out))
-
-
-@contextlib.contextmanager
-def cuda_matmul_fp32(precision: str):
-    """torch's CUDA fp32 matmul precision ("ieee" or "tf32") for the block, then restored. Through
-    torch's newer setting only: reading the legacy allow_tf32 raises once the two disagree, and
-    neither is a plain attribute that monkeypatch could undo."""
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = precision
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = before
 
 
 @pytest.fixture

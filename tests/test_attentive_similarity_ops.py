@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 import attenscribble_ops as A
 from attenscribble_ops.compat import AttnGatedCRF, pre_compute_xy_mask
-from attenscribble_ops.testing import loss_backend_for, make_similarity_inputs, runnable_backends
+from attenscribble_ops.testing import cuda_matmul_fp32, loss_backend_for, make_similarity_inputs, runnable_backends
 
-from conftest import build_cuda_emulation, cuda_matmul_fp32, requires_cuda
+from conftest import build_cuda_emulation, requires_cuda
 
 OPS = torch.ops.attenscribble_ops
 COMPILED = "cpu" in runnable_backends("attentive_similarity", "cpu")

@@ -95,17 +95,15 @@ def test_workload_context_wraps_every_measurement():
 
 
 def test_train_step_tf32_case_sets_and_restores_torch_matmul_precision():
-    from benchmarks import bench_train_step
-
     matmul = torch.backends.cuda.matmul
     assert "matmul=tf32" in " ".join(common.case_label(dict(c, suite="", provider="", mode=""))
                                      for c in TRAIN.cases(False, "cuda"))
     assert all("matmul" not in c for c in TRAIN.cases(False, "cpu"))
     before = matmul.fp32_precision
-    with bench_train_step._matmul("tf32")():
+    with TRAIN.build("unet+pce", dict(B=2, size=64, matmul="tf32"), CPU).context():
         assert matmul.fp32_precision == "tf32"
     assert matmul.fp32_precision == before
-    assert bench_train_step._matmul(None) is None
+    assert TRAIN.build("unet+pce", dict(B=2, size=64), CPU).context is None
     assert "amp=fp16" in " ".join(common.case_label(dict(c, suite="", provider="", mode=""))
                                   for c in TRAIN.cases(False, "cuda"))
     rows = common.run_suite(TRAIN, CPU, quick=True, modes=["full"], providers=["method-triton", "method-cuda"],

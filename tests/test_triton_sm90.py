@@ -18,9 +18,7 @@ import pytest
 import torch
 
 import attenscribble_ops as ao
-from attenscribble_ops.testing import make_similarity_inputs, runnable_backends
-
-from conftest import cuda_matmul_fp32
+from attenscribble_ops.testing import cuda_matmul_fp32, make_similarity_inputs, runnable_backends
 
 triton = pytest.importorskip("triton", minversion="3.6")  # tests/triton_sm90.py reads Triton 3.6's caches
 

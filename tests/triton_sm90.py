@@ -180,15 +180,15 @@ def _fp32_dot(dot, fn, *args):
     """Run ``fn`` with the fp32 dots ``dot`` ("tf32": torch's fp32 matmuls allowed TF32; "ieee":
     forced exact) or, for None, the default (tf32x3)."""
     from attenscribble_ops import backends
+    from attenscribble_ops.testing import cuda_matmul_fp32
 
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision, backends.triton_fp32_dot
-    matmul.fp32_precision = "tf32" if dot == "tf32" else "ieee"
+    before = backends.triton_fp32_dot
     backends.triton_fp32_dot = "ieee" if dot == "ieee" else None
     try:
-        fn(*args)
+        with cuda_matmul_fp32("tf32" if dot == "tf32" else "ieee"):
+            fn(*args)
     finally:
-        matmul.fp32_precision, backends.triton_fp32_dot = before
+        backends.triton_fp32_dot = before
 
 
 def package_kernels() -> dict:
