@@ -66,7 +66,14 @@ TRITON_CASES = [
     Case(shape=(3, 4), image_factor=2, spacing=(0.8, 1.5), sigma_xy=2.0),
     Case(shape=(2, 3, 4), radius=1, compat=True, masks=("dst", "src")),
     Case(shape=(2, 3, 3), radius=(1, 1, 2), batch=1, padding="valid", spacing=(2.0, 1.0, 1.0)),
+] + [  # with tiles whose whole window is inside the image (the kernel's loop without masks)
+    Case(shape=(36, 68), batch=1, classes=4, radius=2, masks=("dst", "src")),
+    Case(shape=(36, 68), batch=1, classes=5, radius=1, compat=True, masks=("dst",)),
+    Case(shape=(3, 34, 66), batch=1, classes=2, radius=1, kernels=TRIO, channels=2, masks=("src",)),
 ]
+# Image sizes whose tiles (16 x 32 pixels for 2 to 4 classes, 8 x 32 with compatibility and 5
+# classes) include one whose whole window lies inside the image.
+INTERIOR = TRITON_CASES[-3:]
 
 
 def _compiled(device="cpu"):
@@ -108,9 +115,37 @@ def test_triton(case):
 
 @_triton()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_triton_low_precision(dtype):
+@pytest.mark.parametrize("case", [Case(shape=(4, 5), masks=("dst", "src")), INTERIOR[0]], ids=["small", "interior"])
+def test_triton_low_precision(dtype, case):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    assert_matches_reference("triton", Case(shape=(4, 5), masks=("dst", "src")), dtype, device)
+    assert_matches_reference("triton", case, dtype, device)
+
+
+@_triton()
+@pytest.mark.parametrize("case", [TRITON_CASES[0], INTERIOR[2]], ids=_ids([TRITON_CASES[0], INTERIOR[2]]))
+def test_triton_int64_offsets_path(case, monkeypatch):
+    """The kernel's int64 indexing (taken for samples of 2^31 elements or more) on small inputs."""
+    from attenscribble_ops.triton import masked_crf as triton_crf
+
+    monkeypatch.setattr(triton_crf, "_INT32_OFFSETS_BELOW", 1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert_matches_reference("triton", case, torch.float64, device)
+
+
+def test_triton_cases_include_interior_tiles():
+    """The INTERIOR cases really have a tile whose window lies inside the image, with the tile
+    sizes the Triton kernel launches with."""
+    from attenscribble_ops.triton.masked_crf import _launch_geometry
+
+    for case in INTERIOR:
+        probs = torch.empty((case.batch, case.classes) + case.shape)
+        radius = (case.radius,) * len(case.shape)
+        geo = _launch_geometry(probs, radius, case.compat)
+        bh, bw = geo["BLOCK_H"], geo["BLOCK_W"]
+        rows = [y0 for y0 in range(0, geo["H"], bh) if y0 >= geo["EY"] and y0 + bh - 1 + geo["EY"] < geo["H"]]
+        cols = [x0 for x0 in range(0, geo["W"], bw) if x0 >= geo["EX"] and x0 + bw - 1 + geo["EX"] < geo["W"]]
+        planes = [z for z in range(geo["D"]) if z >= geo["EZ"] and z + geo["EZ"] < geo["D"]]
+        assert rows and cols and planes, case
 
 
 @_compiled("cuda")

@@ -47,6 +47,8 @@ def test_every_triton_kernel_compiles_for_sm90_and_fits(tmp_path):
     for dtype in ("fp32", "fp16", "bf16"):  # every dtype of every op compiled
         for kernel in KERNELS - {"_masked_crf_sum_kernel"}:
             assert any(v["kernel"] == kernel and f":*{dtype}" in v["variant"] for v in variants), (kernel, dtype)
+    for idx64 in (True, False):  # the masked CRF indexing a sample in int32 and in int64
+        assert any(v["kernel"] == "_masked_crf_kernel" and f"IDX64={idx64}" in v["variant"] for v in variants)
     for dot in ("tf32x3", "tf32", "ieee"):  # the fp32 attention in each dot precision
         assert any(v["kernel"] == "_spatial_attention_fwd_kernel" and ":*fp32" in v["variant"]
                    and f"PRECISION={dot} " in v["variant"] + " " for v in variants), dot

@@ -170,10 +170,25 @@ def cases():
                         _fp32_dot(t, _attention_case, dt, *a)))
     out += [
         ("crf 2-D C=4 r=5 fp64", lambda: _crf_case(torch.float64, 4, (37, 29), 5)),
+        ("crf 2-D C=4 r=5 64x64 (interior tiles) fp32", lambda: _crf_case(torch.float32, 4, (64, 64), 5)),
+        ("crf 2-D C=4 r=5 int64 offsets fp32", lambda: _int64_offsets(_crf_case, torch.float32, 4, (37, 29), 5)),
         ("crf 3-D C=3 r=(1,3,3) fp64", lambda: _crf_case(torch.float64, 3, (5, 17, 15), (1, 3, 3))),
         ("crf 2-D C=64 compatibility fp32", lambda: _crf_case(torch.float32, 64, (9, 11), 1, compat=True)),
     ]
     return out
+
+
+def _int64_offsets(fn, *args):
+    """Run ``fn`` with the masked CRF kernel indexing in int64, as it does for samples of 2^31
+    elements or more."""
+    from attenscribble_ops.triton import masked_crf
+
+    before = masked_crf._INT32_OFFSETS_BELOW
+    masked_crf._INT32_OFFSETS_BELOW = 1
+    try:
+        fn(*args)
+    finally:
+        masked_crf._INT32_OFFSETS_BELOW = before
 
 
 def _fp32_dot(dot, fn, *args):

@@ -31,154 +31,224 @@ from .. import _crf_ops, backends
 from .._checks import accumulate_dtype
 from .._crf_params import CRFParams
 
-_PARAMS = tl.constexpr(4)  # sd, sh, sw, window size; the (K, 2 + F) descriptor table follows
-
-
-@triton.jit
-def _window_sums(probs_ptr, image_ptr, mdst_ptr, msrc_ptr, params_ptr, b, z, y, x, inside, cls, cmask,
-                 C, F, K, D, H, W, PLANE, VOLUME, EZ, EY, EX,
-                 HAS_MDST: tl.constexpr, HAS_MSRC: tl.constexpr, SECOND: tl.constexpr,
-                 CB: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """S, A and (if SECOND) B of the pixels (b, z, y, x): see the module docstring. Indices are
-    int64 because b, z, y, x are."""
-    plane = PLANE
-    volume = VOLUME
-    sd = tl.load(params_ptr)
-    sh = tl.load(params_ptr + 1)
-    sw = tl.load(params_ptr + 2)
-    table = params_ptr + _PARAMS
-    centre = z * plane + y * W + x
-    ksum = tl.zeros([BLOCK], dtype=ACC)
-    acc_a = tl.zeros([CB, BLOCK], dtype=ACC)
-    acc_b = tl.zeros([CB, BLOCK], dtype=ACC)
-    for dz in range(-EZ, EZ + 1):
-        zz = z + dz
-        for dy in range(-EY, EY + 1):
-            yy = y + dy
-            for dx in range(-EX, EX + 1):
-                xx = x + dx
-                nb = inside & (zz >= 0) & (zz < D) & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-                nb = nb & ((dz != 0) | (dy != 0) | (dx != 0))
-                nidx = zz * plane + yy * W + xx
-                d2 = (dz * sd) * (dz * sd) + (dy * sh) * (dy * sh) + (dx * sw) * (dx * sw)
-                g = tl.zeros([BLOCK], dtype=ACC)
-                for k in range(K):
-                    row = table + k * (2 + F)
-                    inv_xy = tl.load(row + 1)
-                    q = tl.zeros([BLOCK], dtype=ACC) + inv_xy * inv_xy * d2
-                    for f in range(F):
-                        s = tl.load(row + 2 + f)
-                        channel = image_ptr + (b * F + f) * volume
-                        diff = tl.load(channel + centre, mask=inside, other=0.0) - tl.load(channel + nidx, mask=nb,
-                                                                                           other=0.0)
-                        q += s * s * diff * diff
-                    g += tl.load(row) * tl.exp(-0.5 * q)
-                g = tl.where(nb, g, 0.0)
-                ga = g
-                if HAS_MSRC:
-                    ga = g * tl.load(msrc_ptr + b * volume + nidx, mask=nb, other=0.0)
-                pj = tl.load(probs_ptr + (b * C + cls[:, None]) * volume + nidx[None, :],
-                             mask=cmask[:, None] & nb[None, :], other=0.0).to(ACC)
-                ksum += ga
-                acc_a += ga[None, :] * pj
-                if SECOND:
-                    gb = g
-                    if HAS_MDST:
-                        gb = g * tl.load(mdst_ptr + b * volume + nidx, mask=nb, other=0.0)
-                    acc_b += gb[None, :] * pj
-    return ksum, acc_a, acc_b
+_PARAMS = tl.constexpr(4)  # sd, sh, sw, window size; the (K, 2 + F) exponent table follows
+_HALF_LOG2E = 0.5 * math.log2(math.e)
+_INT32_OFFSETS_BELOW = 2 ** 31  # elements per sample from which the kernel indexes in int64
 
 
 @triton.jit
 def _tile(pid, D, H, W, TILES_W, TILES_PLANE, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Coordinates (int64) of the pixels of the program's tile, and which are inside the image."""
+    """The program's plane (b, z: scalars), its tile's pixel rows and columns (int32 vectors) and
+    which of them are inside the image."""
     plane_id = pid // TILES_PLANE
     tile = pid % TILES_PLANE
-    b = (plane_id // D).to(tl.int64)
-    z = (plane_id % D).to(tl.int64)
     offs = tl.arange(0, BLOCK_H * BLOCK_W)
-    y = ((tile // TILES_W) * BLOCK_H + offs // BLOCK_W).to(tl.int64)
-    x = ((tile % TILES_W) * BLOCK_W + offs % BLOCK_W).to(tl.int64)
-    return b, z, y, x, (y < H) & (x < W)
+    y = (tile // TILES_W) * BLOCK_H + offs // BLOCK_W
+    x = (tile % TILES_W) * BLOCK_W + offs % BLOCK_W
+    return plane_id // D, plane_id % D, y, x, (y < H) & (x < W)
 
 
 @triton.jit
-def _mix(mu_ptr, C, acc, cls, cmask, TRANSPOSE: tl.constexpr):
-    """(mu acc)_c = sum_c' mu_cc' acc_c', or (mu^T acc)_c with TRANSPOSE, per pixel."""
-    mu = tl.load(mu_ptr + cls[:, None] * C + cls[None, :], mask=cmask[:, None] & cmask[None, :], other=0.0)
-    if TRANSPOSE:
-        return tl.sum(mu[:, :, None] * acc[:, None, :], axis=0)
-    return tl.sum(mu[:, :, None] * acc[None, :, :], axis=1)
+def _feature(img, f: tl.constexpr, c0, c1, c2, centre, inside, VOLUME):
+    """Feature f of the tile's own pixels: the first three were loaded before the window loop."""
+    if f == 0:
+        return c0
+    elif f == 1:
+        return c1
+    elif f == 2:
+        return c2
+    else:
+        return tl.load(img + f * VOLUME + centre, mask=inside, other=0.0)
 
 
 @triton.jit
-def _border(image_ptr, params_ptr, b, z, y, x, inside, F, K, D, H, W, VOLUME, EZ, EY, EX,
-            BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """The original's zero padding: every out-of-image window cell is a neighbour with features 0
-    and probability 0; their number is the window minus the in-image cells."""
-    n_in = ((tl.minimum(z + EZ, D - 1) - tl.maximum(z - EZ, 0) + 1)
-            * (tl.minimum(y + EY, H - 1) - tl.maximum(y - EY, 0) + 1)
-            * (tl.minimum(x + EX, W - 1) - tl.maximum(x - EX, 0) + 1))
-    sd = tl.load(params_ptr)
-    sh = tl.load(params_ptr + 1)
-    sw = tl.load(params_ptr + 2)
-    pos2 = (z * sd) * (z * sd) + (y * sh) * (y * sh) + (x * sw) * (x * sw)
-    centre = (z * H + y) * W + x
-    k0 = tl.zeros([BLOCK], dtype=ACC)
-    for k in range(K):
-        row = params_ptr + _PARAMS + k * (2 + F)
-        inv_xy = tl.load(row + 1)
-        e = inv_xy * inv_xy * pos2
-        for f in range(F):
-            s = tl.load(row + 2 + f)
-            v = tl.load(image_ptr + (b * F + f) * VOLUME + centre, mask=inside, other=0.0)
-            e += s * s * v * v
-        k0 += tl.load(row) * tl.exp(-0.5 * e)
-    return (tl.load(params_ptr + 3) - n_in.to(ACC)) * k0
+def _centre_feature(img, f: tl.constexpr, F: tl.constexpr, centre, inside, VOLUME, BLOCK: tl.constexpr,
+                    ACC: tl.constexpr):
+    if f < F:
+        return tl.load(img + f * VOLUME + centre, mask=inside, other=0.0)
+    return tl.zeros([BLOCK], dtype=ACC)
+
+
+@triton.jit
+def _window(probs, img, mdst, msrc, table, sd, sh, sw, c0, c1, c2, centre, inside, z, y, x, cls, cmask,
+            D, H, W, PLANE, VOLUME, EZ, EY, EX, F: tl.constexpr, K: tl.constexpr, HAS_MDST: tl.constexpr,
+            HAS_MSRC: tl.constexpr, SECOND: tl.constexpr, CLASS_MASK: tl.constexpr, MASKED: tl.constexpr,
+            IDX64: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, ACC: tl.constexpr):
+    """S, A and (if SECOND) B of the tile's pixels: see the module docstring. MASKED: some window
+    cells may lie outside the image (or some pixels outside the tile's image part), so loads are
+    masked and out-of-image neighbours get G = 0; without it every load is in bounds."""
+    ksum = tl.zeros([BLOCK], dtype=ACC)
+    acc_a = tl.zeros([BLOCK, CB], dtype=ACC)
+    acc_b = tl.zeros([BLOCK, CB], dtype=ACC)
+    for dz in range(-EZ, EZ + 1):
+        zz = z + dz
+        z_in = (zz >= 0) & (zz < D)
+        for dy in range(-EY, EY + 1):
+            yy = y + dy
+            row_in = inside & z_in & (yy >= 0) & (yy < H)
+            if IDX64:
+                row = centre + (tl.cast(dz, tl.int64) * PLANE + tl.cast(dy, tl.int64) * W)
+            else:
+                row = centre + (dz * PLANE + dy * W)
+            dzy2 = (dz * sd) * (dz * sd) + (dy * sh) * (dy * sh)
+            for dx in range(-EX, EX + 1):
+                if (dz != 0) | (dy != 0) | (dx != 0):  # uniform: the centre is not its own neighbour
+                    nidx = row + dx
+                    nb = row_in
+                    if MASKED:
+                        xx = x + dx
+                        nb = row_in & (xx >= 0) & (xx < W)
+                    d2 = dzy2 + (dx * sw) * (dx * sw)
+                    g = tl.zeros([BLOCK], dtype=ACC)
+                    for k in tl.static_range(K):
+                        desc = table + k * (2 + F)
+                        t = tl.zeros([BLOCK], dtype=ACC) + tl.load(desc + 1) * d2
+                        for f in tl.static_range(F):
+                            if MASKED:
+                                nf = tl.load(img + f * VOLUME + nidx, mask=nb, other=0.0)
+                            else:
+                                nf = tl.load(img + f * VOLUME + nidx)
+                            diff = _feature(img, f, c0, c1, c2, centre, inside, VOLUME) - nf
+                            t += tl.load(desc + 2 + f) * diff * diff
+                        g += tl.load(desc) * tl.exp2(t)
+                    if MASKED:
+                        g = tl.where(nb, g, 0.0)
+                    ga = g
+                    if HAS_MSRC:
+                        ga = g * _load_row(msrc, nidx, nb, MASKED)
+                    if CLASS_MASK:
+                        pj = tl.load(probs + cls[None, :] * VOLUME + nidx[:, None], mask=nb[:, None] & cmask[None, :],
+                                     other=0.0).to(ACC)
+                    elif MASKED:
+                        pj = tl.load(probs + cls[None, :] * VOLUME + nidx[:, None], mask=nb[:, None],
+                                     other=0.0).to(ACC)
+                    else:
+                        pj = tl.load(probs + cls[None, :] * VOLUME + nidx[:, None]).to(ACC)
+                    ksum += ga
+                    acc_a += ga[:, None] * pj
+                    if SECOND:
+                        gb = g
+                        if HAS_MDST:
+                            gb = g * _load_row(mdst, nidx, nb, MASKED)
+                        acc_b += gb[:, None] * pj
+    return ksum, acc_a, acc_b
+
+
+@triton.jit
+def _load_row(ptr, idx, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + idx, mask=mask, other=0.0)
+    return tl.load(ptr + idx)
 
 
 @triton.jit
 def _masked_crf_kernel(probs_ptr, image_ptr, mdst_ptr, msrc_ptr, mu_ptr, params_ptr, partial_ptr, grad_ptr,
-                       C, F, K, D, H, W, PLANE, VOLUME, EZ, EY, EX, TILES_W, TILES_PLANE,
-                       HAS_MDST: tl.constexpr, HAS_MSRC: tl.constexpr, COMPAT: tl.constexpr,
-                       ZERO_PAD: tl.constexpr, WITH_GRAD: tl.constexpr, CB: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_W: tl.constexpr, ACC: tl.constexpr):
+                       C, D, H, W, PLANE, VOLUME, EZ, EY, EX, TILES_W, TILES_PLANE,
+                       F: tl.constexpr, K: tl.constexpr, HAS_MDST: tl.constexpr, HAS_MSRC: tl.constexpr,
+                       COMPAT: tl.constexpr, ZERO_PAD: tl.constexpr, WITH_GRAD: tl.constexpr, CB: tl.constexpr,
+                       CLASS_MASK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, IDX64: tl.constexpr,
+                       ACC: tl.constexpr):
+    """One tile of one (b, z) plane: S, A (and B) over the window, then the loss partial and the
+    gradient of the tile's pixels. Pointers are moved to the program's sample once (int64
+    scalars); pixel offsets inside a sample are int32 unless a sample's probabilities or image
+    reach 2^31 elements (IDX64); CLASS_MASK: C is not a power of two. Tiles whose whole window lies inside the image (most of a large
+    image) take a loop without masks."""
     pid = tl.program_id(0)
     BLOCK: tl.constexpr = BLOCK_H * BLOCK_W
     SECOND: tl.constexpr = WITH_GRAD and (HAS_MDST or HAS_MSRC)
     b, z, y, x, inside = _tile(pid, D, H, W, TILES_W, TILES_PLANE, BLOCK_H, BLOCK_W)
+    tile = pid % TILES_PLANE
+    y0 = (tile // TILES_W) * BLOCK_H
+    x0 = (tile % TILES_W) * BLOCK_W
+    interior = ((z >= EZ) & (z + EZ < D) & (y0 >= EY) & (y0 + (BLOCK_H - 1) + EY < H)
+                & (x0 >= EX) & (x0 + (BLOCK_W - 1) + EX < W))
+    if IDX64:
+        y = y.to(tl.int64)
+        x = x.to(tl.int64)
+        z = z.to(tl.int64)
+    b64 = b.to(tl.int64)
+    probs = probs_ptr + b64 * C * VOLUME
+    grads = grad_ptr + b64 * C * VOLUME
+    img = image_ptr + b64 * F * VOLUME
+    mdst = mdst_ptr + b64 * VOLUME
+    msrc = msrc_ptr + b64 * VOLUME
+    sd = tl.load(params_ptr)
+    sh = tl.load(params_ptr + 1)
+    sw = tl.load(params_ptr + 2)
+    table = params_ptr + _PARAMS
     cls = tl.arange(0, CB)
     cmask = cls < C
-    ksum, acc_a, acc_b = _window_sums(probs_ptr, image_ptr, mdst_ptr, msrc_ptr, params_ptr, b, z, y, x, inside, cls,
-                                      cmask, C, F, K, D, H, W, PLANE, VOLUME, EZ, EY, EX, HAS_MDST, HAS_MSRC, SECOND,
-                                      CB, BLOCK, ACC)
     centre = z * PLANE + y * W + x
-    at = (b * C + cls[:, None]) * VOLUME + centre[None, :]
-    lanes = cmask[:, None] & inside[None, :]
-    pc = tl.load(probs_ptr + at, mask=lanes, other=0.0).to(ACC)
+    c0 = _centre_feature(img, 0, F, centre, inside, VOLUME, BLOCK, ACC)
+    c1 = _centre_feature(img, 1, F, centre, inside, VOLUME, BLOCK, ACC)
+    c2 = _centre_feature(img, 2, F, centre, inside, VOLUME, BLOCK, ACC)
+    if interior:
+        ksum, acc_a, acc_b = _window(probs, img, mdst, msrc, table, sd, sh, sw, c0, c1, c2, centre, inside, z, y, x,
+                                     cls, cmask, D, H, W, PLANE, VOLUME, EZ, EY, EX, F, K, HAS_MDST, HAS_MSRC, SECOND,
+                                     CLASS_MASK, False, IDX64, BLOCK, CB, ACC)
+    else:
+        ksum, acc_a, acc_b = _window(probs, img, mdst, msrc, table, sd, sh, sw, c0, c1, c2, centre, inside, z, y, x,
+                                     cls, cmask, D, H, W, PLANE, VOLUME, EZ, EY, EX, F, K, HAS_MDST, HAS_MSRC, SECOND,
+                                     CLASS_MASK, True, IDX64, BLOCK, CB, ACC)
+    at = cls[None, :] * VOLUME + centre[:, None]
+    lanes = inside[:, None] & cmask[None, :]
+    pc = tl.load(probs + at, mask=lanes, other=0.0).to(ACC)
     md = tl.full([BLOCK], 1.0, ACC)
     if HAS_MDST:
-        md = tl.load(mdst_ptr + b * VOLUME + centre, mask=inside, other=0.0)
+        md = tl.load(mdst + centre, mask=inside, other=0.0)
     if COMPAT:
         mixed = _mix(mu_ptr, C, acc_a, cls, cmask, False)
-        loss = tl.sum(pc * mixed, axis=0)
+        loss = tl.sum(pc * mixed, axis=1)
     else:
-        loss = ksum - tl.sum(pc * acc_a, axis=0)
+        loss = ksum - tl.sum(pc * acc_a, axis=1)
         if ZERO_PAD and not HAS_MSRC:
-            loss += _border(image_ptr, params_ptr, b, z, y, x, inside, F, K, D, H, W, VOLUME, EZ, EY, EX, BLOCK, ACC)
+            loss += _border(table, sd, sh, sw, c0, c1, c2, img, centre, inside, z, y, x, params_ptr, F, K, D, H, W,
+                            VOLUME, EZ, EY, EX, BLOCK, ACC)
     loss = tl.where(inside, loss * md, 0.0)
     tl.store(partial_ptr + pid, tl.sum(loss, axis=0))
     if WITH_GRAD:
         ms = tl.full([BLOCK], 1.0, ACC)
         if HAS_MSRC:
-            ms = tl.load(msrc_ptr + b * VOLUME + centre, mask=inside, other=0.0)
+            ms = tl.load(msrc + centre, mask=inside, other=0.0)
         if not SECOND:
             acc_b = acc_a
         if COMPAT:
-            grad = md[None, :] * mixed + ms[None, :] * _mix(mu_ptr, C, acc_b, cls, cmask, True)
+            grad = md[:, None] * mixed + ms[:, None] * _mix(mu_ptr, C, acc_b, cls, cmask, True)
         else:
-            grad = -(md[None, :] * acc_a + ms[None, :] * acc_b)
-        tl.store(grad_ptr + at, grad, mask=lanes)
+            grad = -(md[:, None] * acc_a + ms[:, None] * acc_b)
+        tl.store(grads + at, grad, mask=lanes)
+
+
+@triton.jit
+def _mix(mu_ptr, C, acc, cls, cmask, TRANSPOSE: tl.constexpr):
+    """(mu acc)_c = sum_c' mu_cc' acc_c', or (mu^T acc)_c with TRANSPOSE, per pixel (acc: (BLOCK, CB))."""
+    mu = tl.load(mu_ptr + cls[:, None] * C + cls[None, :], mask=cmask[:, None] & cmask[None, :], other=0.0)
+    if TRANSPOSE:
+        return tl.sum(mu[None, :, :] * acc[:, :, None], axis=1)
+    return tl.sum(mu[None, :, :] * acc[:, None, :], axis=2)
+
+
+@triton.jit
+def _border(table, sd, sh, sw, c0, c1, c2, img, centre, inside, z, y, x, params_ptr, F: tl.constexpr,
+            K: tl.constexpr, D, H, W, VOLUME, EZ, EY, EX, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """The original's zero padding: every out-of-image window cell is a neighbour with features 0
+    and probability 0; their number is the window minus the in-image cells."""
+    n_in = ((tl.minimum(z + EZ, D - 1) - tl.maximum(z - EZ, 0) + 1)
+            * (tl.minimum(y + EY, H - 1) - tl.maximum(y - EY, 0) + 1)
+            * (tl.minimum(x + EX, W - 1) - tl.maximum(x - EX, 0) + 1))
+    zf = z.to(ACC) * sd
+    yf = y.to(ACC) * sh
+    xf = x.to(ACC) * sw
+    pos2 = zf * zf + yf * yf + xf * xf
+    k0 = tl.zeros([BLOCK], dtype=ACC)
+    for k in tl.static_range(K):
+        desc = table + k * (2 + F)
+        t = tl.load(desc + 1) * pos2
+        for f in tl.static_range(F):
+            v = _feature(img, f, c0, c1, c2, centre, inside, VOLUME)
+            t += tl.load(desc + 2 + f) * v * v
+        k0 += tl.load(desc) * tl.exp2(t)
+    return (tl.load(params_ptr + 3) - n_in.to(ACC)) * k0
 
 
 @triton.jit
@@ -195,12 +265,19 @@ _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 @functools.lru_cache(maxsize=64)
-def _params(table: tuple, radius: tuple, spacing: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """[sd, sh, sw, window size, table...] on the device, built once per option set (no host to
-    device copy per call)."""
+def _params(table: tuple, channels: int, radius: tuple, spacing: tuple, device: torch.device,
+            dtype: torch.dtype) -> torch.Tensor:
+    """[sd, sh, sw, window size, then per descriptor: weight, a, b_0 .. b_F-1] on the device, built
+    once per option set (no host to device copy per call). a and b_f turn the table's inverse
+    sigmas into base-2 exponent factors, -log2(e)/2 / sigma^2, so the kernel's exponent is
+    a |dpos|^2 + sum_f b_f dI_f^2 and its Gaussian one exp2 (computed here in float64)."""
     sd, sh, sw = (1.0,) * (3 - len(spacing)) + tuple(spacing)
     window = float(math.prod(2 * r + 1 for r in radius))
-    return torch.tensor((sd, sh, sw, window) + table, dtype=dtype, device=device)
+    rows = list(table)
+    for i, v in enumerate(rows):
+        if i % (2 + channels) != 0:
+            rows[i] = -_HALF_LOG2E * v * v
+    return torch.tensor((sd, sh, sw, window, *rows), dtype=dtype, device=device)
 
 
 def _launch_geometry(probs: torch.Tensor, radius, compat: bool) -> dict:
@@ -209,9 +286,9 @@ def _launch_geometry(probs: torch.Tensor, radius, compat: bool) -> dict:
     rd, rh, rw = (0,) * (5 - probs.dim()) + tuple(radius)
     # loops run over the window clipped to the image; the border term counts the rest
     cb = triton.next_power_of_2(classes)
-    # (CB, BLOCK) accumulators, and (CB, CB, BLOCK) for the compatibility mixing: fewer pixels
+    # (BLOCK, CB) accumulators, and (BLOCK, CB, CB) for the compatibility mixing: fewer pixels
     # per program as the classes grow
-    block = max(16, min(256, 4096 // cb, 16384 // (cb * cb) if compat else 256))
+    block = max(16, min(512, 4096 // cb, 16384 // (cb * cb) if compat else 512))
     block_w = min(32, triton.next_power_of_2(width), block)
     block_h = min(block // block_w, triton.next_power_of_2(height))
     tiles_w = triton.cdiv(width, block_w)
@@ -232,12 +309,16 @@ def _common(probs, image, mask_dst, mask_src, compat, table, radius, spacing):
             placeholder if mask_dst is None else mask_dst.contiguous(),
             placeholder if mask_src is None else mask_src.contiguous(),
             placeholder if compat is None else compat.contiguous(),
-            _params(tuple(table), tuple(radius), tuple(spacing), probs.device, acc)]
+            _params(tuple(table), channels, tuple(radius), tuple(spacing), probs.device, acc)]
+    # offsets inside one sample (the kernel moves its pointers to the sample first) fit int32
+    # unless the sample's probabilities or image reach 2^31 elements
+    idx64 = max(geo["C"], channels) * geo["VOLUME"] >= _INT32_OFFSETS_BELOW
     scalars = dict(C=geo["C"], F=channels, K=len(table) // (2 + channels), D=geo["D"], H=geo["H"], W=geo["W"],
                    PLANE=geo["PLANE"], VOLUME=geo["VOLUME"], EZ=geo["EZ"], EY=geo["EY"], EX=geo["EX"],
                    TILES_W=geo["TILES_W"], TILES_PLANE=geo["TILES_PLANE"], HAS_MDST=mask_dst is not None,
                    HAS_MSRC=mask_src is not None, COMPAT=compat is not None, CB=geo["CB"],
-                   BLOCK_H=geo["BLOCK_H"], BLOCK_W=geo["BLOCK_W"], ACC=_TL_ACC[acc])
+                   CLASS_MASK=geo["CB"] != geo["C"],
+                   BLOCK_H=geo["BLOCK_H"], BLOCK_W=geo["BLOCK_W"], IDX64=idx64, ACC=_TL_ACC[acc])
     return probs, args, scalars, geo["grid"], acc
 
 
