@@ -13,6 +13,7 @@ names the image).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple, Optional, Sequence, Union
 
 from . import _checks
@@ -114,7 +115,37 @@ def _finish(weight, sxy, simg, weight_name, sxy_name, simg_name, where):
 def canonical(*, nd: int, radius, spacing, padding: str, kernels, weight, sigma_xy, sigma_image,
               channels: Optional[int]) -> CRFParams:
     """Validate the CRF options and resolve per-channel image sigmas (``channels`` = image channels,
-    None when no image was given)."""
+    None when no image was given). Options made only of ints, floats, strings, None and tuples of
+    them (a training loop's, every step) are validated once and remembered by value and type."""
+    options = dict(nd=nd, radius=radius, spacing=spacing, padding=padding, kernels=kernels, weight=weight,
+                   sigma_xy=sigma_xy, sigma_image=sigma_image, channels=channels)
+    key = _typed_key(tuple(options.values()))
+    if key is None:
+        return _canonical(**options)
+    return _canonical_cached(key, **options)
+
+
+_PLAIN = (int, float, str, type(None))
+
+
+def _typed_key(x):
+    """A hashable key that tells 1, 1.0 and True apart (so a remembered result never answers for an
+    input that validation would refuse), or None for anything but plain values and tuples of them."""
+    if type(x) in _PLAIN or type(x) is bool:
+        return (type(x), x)
+    if type(x) is tuple:
+        parts = tuple(_typed_key(v) for v in x)
+        return None if any(p is None for p in parts) else (tuple, parts)
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _canonical_cached(key, **options) -> CRFParams:
+    return _canonical(**options)
+
+
+def _canonical(*, nd: int, radius, spacing, padding: str, kernels, weight, sigma_xy, sigma_image,
+               channels: Optional[int]) -> CRFParams:
     radius = _checks.radius(radius, nd)
     spacing = (1.0,) * nd if spacing is None else _checks.per_axis(
         spacing, "spacing", nd, lambda v, n: _checks.number(v, n, positive=True, invertible=True))

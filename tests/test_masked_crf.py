@@ -138,9 +138,8 @@ def test_triton_cases_include_interior_tiles():
     from attenscribble_ops.triton.masked_crf import _launch_geometry
 
     for case in INTERIOR:
-        probs = torch.empty((case.batch, case.classes) + case.shape)
         radius = (case.radius,) * len(case.shape)
-        geo = _launch_geometry(probs, radius, case.compat)
+        geo = _launch_geometry((case.batch, case.classes) + case.shape, radius, case.compat)
         bh, bw = geo["BLOCK_H"], geo["BLOCK_W"]
         rows = [y0 for y0 in range(0, geo["H"], bh) if y0 >= geo["EY"] and y0 + bh - 1 + geo["EY"] < geo["H"]]
         cols = [x0 for x0 in range(0, geo["W"], bw) if x0 >= geo["EX"] and x0 + bw - 1 + geo["EX"] < geo["W"]]

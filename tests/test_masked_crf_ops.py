@@ -227,3 +227,19 @@ def test_int64_offsets_past_2_31_elements(kind, device):
     k = torch.exp(-0.5 * torch.tensor([1.0, 2.0], dtype=torch.float64) / 1.5 ** 2)
     interior = grad[0, 0, h // 2, 1:-1].cpu().double()
     torch.testing.assert_close(interior, torch.full_like(interior, -8 * float(k.sum())), rtol=1e-5, atol=1e-5)
+
+
+def test_options_remembered_by_value_and_type():
+    """canonical() remembers plain option sets, but never lets a remembered result answer for an
+    input that validation refuses (True == 1 and hash(True) == hash(1) in Python)."""
+    opts = dict(nd=2, spacing=None, padding="zeros", kernels=None, weight=1.0, sigma_xy=6.0, sigma_image=0.1,
+                channels=1)
+    first = _crf_params.canonical(radius=1, **opts)
+    assert _crf_params.canonical(radius=1, **opts) is first  # remembered
+    with pytest.raises(TypeError, match="radius"):
+        _crf_params.canonical(radius=True, **opts)
+    with pytest.raises(TypeError, match="radius"):
+        _crf_params.canonical(radius=(1, True), **opts)
+    assert _crf_params.canonical(radius=[1, 1], **opts) == first  # lists: validated every time
+    with pytest.raises(ValueError, match="sigma_xy"):
+        _crf_params.canonical(radius=1, **dict(opts, sigma_xy=float("nan")))

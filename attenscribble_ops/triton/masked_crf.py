@@ -280,10 +280,13 @@ def _params(table: tuple, channels: int, radius: tuple, spacing: tuple, device: 
     return torch.tensor((sd, sh, sw, window, *rows), dtype=dtype, device=device)
 
 
-def _launch_geometry(probs: torch.Tensor, radius, compat: bool) -> dict:
-    batch, classes = probs.shape[:2]
-    depth, height, width = (1,) * (5 - probs.dim()) + tuple(probs.shape[2:])
-    rd, rh, rw = (0,) * (5 - probs.dim()) + tuple(radius)
+@functools.lru_cache(maxsize=256)
+def _launch_geometry(shape: tuple, radius: tuple, compat: bool) -> dict:
+    """Tiles, grid and loop bounds for probabilities of ``shape`` (B, C, *spatial) (remembered:
+    a training loop asks for the same few shapes every step; callers must not modify the dict)."""
+    batch, classes = shape[:2]
+    depth, height, width = (1,) * (5 - len(shape)) + tuple(shape[2:])
+    rd, rh, rw = (0,) * (5 - len(shape)) + tuple(radius)
     # loops run over the window clipped to the image; the border term counts the rest
     cb = triton.next_power_of_2(classes)
     # (BLOCK, CB) accumulators, and (BLOCK, CB, CB) for the compatibility mixing: fewer pixels
@@ -303,7 +306,7 @@ def _common(probs, image, mask_dst, mask_src, compat, table, radius, spacing):
     acc = accumulate_dtype(probs.dtype)
     probs = probs.contiguous()
     placeholder = probs  # never read: the matching HAS_* flag is off
-    geo = _launch_geometry(probs, radius, compat is not None)
+    geo = _launch_geometry(tuple(probs.shape), tuple(radius), compat is not None)
     channels = 0 if image is None else image.shape[1]
     args = [probs, placeholder if image is None else image.contiguous(),
             placeholder if mask_dst is None else mask_dst.contiguous(),
