@@ -41,8 +41,9 @@ def test_every_triton_kernel_compiles_for_sm90_and_fits(tmp_path):
     variants = report["variants"]
     assert {v["kernel"] for v in variants} == KERNELS
     assert all(v["fits"] for v in variants)
-    # the GPU's tiles, not the interpreter's (BLOCK_M and BLOCK_T 32)
-    assert all("BLOCK_T=64" in v["variant"] for v in variants if v["kernel"].startswith("_attentive"))
+    # the GPU's tiles, not the interpreter's (BLOCK_M 32, BLOCK_T 32)
+    assert all("BLOCK_T=16" in v["variant"] and v["num_warps"] == 1 for v in variants
+               if v["kernel"].startswith("_attentive"))
     assert any("BLOCK_M=64" in v["variant"] for v in variants if v["kernel"] == "_spatial_attention_fwd_kernel")
     for dtype in ("fp32", "fp16", "bf16"):  # every dtype of every op compiled
         for kernel in KERNELS - {"_masked_crf_sum_kernel"}:
@@ -160,3 +161,55 @@ def _gpu_tiles_match_the_reference(emulated_tf32x3, dot, dim, dim_v):
         exact = run("reference", torch.float64)
         for g, w, e in zip(got, want, exact):
             assert (g.double() - e).abs().max() <= 2 * (w.double() - e).abs().max() + 1e-7 * e.abs().max()
+
+
+@pytest.fixture
+def emulated_tf32(monkeypatch):
+    """The interpreter's dots with input_precision="tf32" computed as a tensor core does: both fp32
+    operands read as TF32 (their low 13 mantissa bits dropped), products accumulated in fp32.
+    Yields the count of such dots."""
+    import numpy as np
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+    calls = []
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if input_precision != ir.INPUT_PRECISION.TF32 or a.data.dtype != np.float32 or b.data.dtype != np.float32:
+            return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+        calls.append(a.data.shape)
+        out = d.data + np.matmul(_tf32(a.data, truncate=True), _tf32(b.data, truncate=True), dtype=np.float32)
+        return interpreter.TensorHandle(out, d.dtype.scalar)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    yield calls
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest)")
+@pytest.mark.parametrize("heads,dim,grid", [(1, 64, (9, 12)), (2, 40, (6, 8))])
+def test_similarity_window_split_products_as_accurate_as_fp32(gpu_tiles, emulated_tf32, emulated_tf32x3, heads, dim,
+                                                              grid):
+    """The similarity window kernels split their fp32 tiles for tf32x3 themselves (once per tile,
+    then three "tf32" tensor-core products). With GPU tiles, the tensor cores' TF32 reads emulated
+    (truncation), loss and gradients from a given LSE and from the fused op stay within twice the
+    fp32 reference's own error against float64."""
+    x = make_similarity_inputs(2, heads, grid, dim, seed=21)
+    lse0 = torch.logsumexp(torch.einsum("bhid,bhjd->bhij", x["q"].double(), x["k"].double()), -1).float()
+
+    def run(backend, dtype=torch.float32):
+        q, k = (t.clone().to(dtype).requires_grad_() for t in (x["q"], x["k"]))
+        lse = lse0.to(dtype)  # the reference computes its own normaliser from q, k
+        probs, hw, hb = (x[name].to(dtype).requires_grad_() for name in ("probs", "head_weight", "head_bias"))
+        loss = ao.attentive_similarity_loss(q, k, probs, hw, hb, grid=x["grid"], radius=2, lse=lse,
+                                            sample_weight=torch.tensor([1.0, 0.25], dtype=dtype), backend=backend)
+        fused = ao.attentive_similarity_loss(q, k, probs, hw, hb, grid=x["grid"], radius=2, backend=backend)
+        total = loss + 0.5 * fused
+        return [loss.detach(), fused.detach(), *torch.autograd.grad(total, [q, k, probs, hw, hb])]
+
+    with cuda_matmul_fp32("ieee"):  # fp32 dots: tf32x3, the default
+        got = run("triton")
+    assert emulated_tf32, "the window kernels ran no tf32 products"
+    want, exact = run("reference"), run("reference", torch.float64)
+    for g, w, e in zip(got, want, exact):
+        assert (g.double() - e).abs().max() <= 2 * (w.double() - e).abs().max() + 1e-7 * e.abs().max()

@@ -13,10 +13,15 @@ dlse completes dq, dk through the backward of whatever produced the LSE; the fus
 over) runs the dense LSE sweep itself, adding into the window terms' dq, dk buffers.
 
 Layout: q, k (B, heads, n, D), lse (B, heads, n) fp32, probs (B, C, n); every tensor contiguous.
-Decomposition: one program per (block of BLOCK_T consecutive tokens, sample); a program loops
-over the window offsets (a neighbour block is the token block shifted by dy * w + dx, so loads
-stay contiguous) and, in the backward, over heads outermost so one head's dq/dk accumulators
-suffice. Each program writes only its own tokens' outputs: no atomics, deterministic.
+Decomposition: one program per (block of BLOCK_T consecutive tokens, sample). For each window row
+offset dy, the neighbours of the block lie in a band of BLOCK_T + 2 rx consecutive tokens (the
+block shifted by dy * w); the program walks that band in tiles of BLOCK_N tokens, gets the
+logits of the whole (block x tile) from two tensor-core products (q_t k_u^T and k_t q_u^T), and
+keeps the entries that are window pairs (|dx| <= rx, inside the grid, not the token itself). The
+backward's dq, dk are products of the masked coefficient tiles with the band's k_u, q_u rows, and
+loops over heads outermost so one head's dq/dk accumulators suffice. fp32 products run as 3xTF32
+(tf32x3) by default on a GPU, with each tile split into its TF32 parts once (`_split`). Each
+program writes only its own tokens' outputs: no atomics, deterministic.
 """
 from __future__ import annotations
 
@@ -32,60 +37,152 @@ from .._composite import fused_loss, fused_similarity_autograd
 from .spatial_attention import _backward as _attention_backward
 from .spatial_attention import _forward as _attention_forward
 from .spatial_attention import check as _attention_check
+from .spatial_attention import fp32_precision
 from .spatial_attention import grid_chunks
 
 
 @triton.jit
-def _window_logit(Q, K, Lse, qk_base, lse_base, t, u, t_ok, u_ok, dims, n, D, s):
-    """exp(s q_t.k_u - lse_t) and exp(s q_u.k_t - lse_u) for one head; 0 on invalid lanes."""
-    dmask = dims[None, :] < D
-    q_t = tl.load(Q + qk_base + t[:, None] * D + dims[None, :], mask=t_ok[:, None] & dmask, other=0.0).to(tl.float32)
-    k_t = tl.load(K + qk_base + t[:, None] * D + dims[None, :], mask=t_ok[:, None] & dmask, other=0.0).to(tl.float32)
-    q_u = tl.load(Q + qk_base + u[:, None] * D + dims[None, :], mask=u_ok[:, None] & dmask, other=0.0).to(tl.float32)
-    k_u = tl.load(K + qk_base + u[:, None] * D + dims[None, :], mask=u_ok[:, None] & dmask, other=0.0).to(tl.float32)
-    lse_t = tl.load(Lse + lse_base + t, mask=t_ok, other=0.0)
-    lse_u = tl.load(Lse + lse_base + u, mask=u_ok, other=0.0)
-    # exponents of invalid lanes are forced to 0 so no inf can reach a later product
-    a_tu = tl.exp(tl.where(u_ok, s * tl.sum(q_t * k_u, 1) - lse_t, 0.0))
-    a_ut = tl.exp(tl.where(u_ok, s * tl.sum(q_u * k_t, 1) - lse_u, 0.0))
-    return a_tu, a_ut, q_u, k_u
+def _sigmoid(z):
+    """1 / (1 + exp(-z)) with the GPU's approximate division (2 ulp): z is a sum of positive
+    exponentials plus a bias, never NaN unless an input is."""
+    return tl.fdiv(tl.full(z.shape, 1.0, tl.float32), 1.0 + tl.exp(-z), ieee_rounding=False)
 
 
 @triton.jit
-def _window_pair(Q, K, Lse, P, HW, head_bias, b, t, u, t_ok, u_ok, dims, cls, n, D, C, HEADS, s):
-    """Mixed logit z over all heads, 1 - p_t.p_u, and p_u."""
-    z = tl.zeros(t.shape, tl.float32) + head_bias
-    for m in range(HEADS):
-        row = (b * HEADS + m).to(tl.int64)
-        a_tu, a_ut, _, _ = _window_logit(Q, K, Lse, row * n * D, row * n, t, u, t_ok, u_ok, dims, n, D, s)
-        z += tl.load(HW + m) * (a_tu + a_ut)
-    cmask = cls[None, :] < C
-    p_base = b.to(tl.int64) * C * n
-    p_t = tl.load(P + p_base + cls[None, :] * n + t[:, None], mask=t_ok[:, None] & cmask, other=0.0)
-    p_u = tl.load(P + p_base + cls[None, :] * n + u[:, None], mask=u_ok[:, None] & cmask, other=0.0)
-    diss = 1.0 - tl.sum(p_t * p_u, 1)
-    return z, diss, p_u
+def _band(t0, i, jt, dy, c_lo, c_hi, row_ok, n, w, RX, BLOCK_N: tl.constexpr):
+    """One band tile of the window at row offset dy: columns c = jt .. jt + BLOCK_N - 1 of the token
+    band u = t0 + dy * w - RX + c, which holds the neighbour (dy, dx) of the block's token t0 + i at
+    c = i + dx + RX. Returns u, whether u is a token, dx per (i, c), and which (i, c) are window
+    pairs: c in the token's clipped window [c_lo, c_hi] (row_ok: its row + dy is in the grid), and
+    not the token itself."""
+    c = jt + tl.arange(0, BLOCK_N)
+    u = t0 + dy * w - RX + c
+    u_in = (u >= 0) & (u < n)
+    cc = c[None, :]
+    pair = (cc >= c_lo[:, None]) & (cc <= c_hi[:, None]) & row_ok[:, None]
+    if dy == 0:
+        pair = pair & (cc != (i + RX)[:, None])
+    return u, u_in, cc - (i + RX)[:, None], pair
 
 
 @triton.jit
-def _attentive_similarity_fwd_kernel(Q, K, Lse, P, HW, HB, G, Rows, n, h, w, D, C, HEADS, RY, RX, s, neg_c,
-                                     HAS_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                                     BLOCK_C: tl.constexpr):
+def _window_columns(i, col, t_ok, w, RX):
+    """Per token: the band columns of its window clipped to its grid row (empty for padding tokens)."""
+    c_lo = i + RX + tl.maximum(-RX, -col)
+    c_hi = tl.where(t_ok, i + RX + tl.minimum(RX, w - 1 - col), -1)
+    return c_lo, c_hi
+
+
+@triton.jit
+def _split(x, SPLIT: tl.constexpr):
+    """x (fp32) as big + small: big rounded to TF32 (to nearest, ties away, as cvt.rna.tf32 does),
+    small the rest, which a tensor core reads truncated to TF32: the operands of a 3xTF32 product
+    (Triton's tf32x3), split here once per tile so that a tile used in several products, or in
+    every iteration, is not split again. Without SPLIT: (x, x)."""
+    if SPLIT:
+        big = ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        return big, x - big
+    return x, x
+
+
+@triton.jit
+def _mm(a_big, a_small, b_big, b_small, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b in fp32: three TF32 tensor-core products of the split operands (small terms first),
+    or one product in PRECISION."""
+    if SPLIT:
+        acc = tl.dot(a_small, b_big, input_precision="tf32")
+        acc = tl.dot(a_big, b_small, acc, input_precision="tf32")
+        return tl.dot(a_big, b_big, acc, input_precision="tf32")
+    return tl.dot(a_big, b_big, input_precision=PRECISION)
+
+
+@triton.jit
+def _tiles(X, base, rows, ok, dims, D, SPLIT: tl.constexpr):
+    """Rows ``rows`` of one head's (n, D) matrix at ``base``, fp32, split for tf32x3."""
+    x = tl.load(X + base + rows[:, None] * D + dims[None, :], mask=ok[:, None] & (dims[None, :] < D),
+                other=0.0).to(tl.float32)
+    return _split(x, SPLIT)
+
+
+@triton.jit
+def _band_exps(qt_b, qt_s, kt_b, kt_s, qu_b, qu_s, ku_b, ku_s, lse_t, lse_u, pair, s, SPLIT: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """exp(s q_t.k_u - lse_t) and exp(s q_u.k_t - lse_u) of one head on a band tile, from two products
+    of the token block with the band; exponents outside the window pairs are forced to 0 so no
+    inf reaches a later product."""
+    logit_tu = _mm(qt_b, qt_s, tl.trans(ku_b), tl.trans(ku_s), SPLIT, PRECISION)
+    logit_ut = _mm(kt_b, kt_s, tl.trans(qu_b), tl.trans(qu_s), SPLIT, PRECISION)
+    a_tu = tl.exp(tl.where(pair, s * logit_tu - lse_t[:, None], 0.0))
+    a_ut = tl.exp(tl.where(pair, s * logit_ut - lse_u[None, :], 0.0))
+    return a_tu, a_ut
+
+
+@triton.jit
+def _head_band(Q, K, Lse, hrow, t, t_ok, u, u_in, pair, dims, n, D, s, qt_b, qt_s, kt_b, kt_s, lse_t,
+               LOAD_T: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """One head on a band tile: a_tu, a_ut and the band's q_u, k_u rows (split). The token block's
+    tiles are given (one head: loaded once per program) or, with LOAD_T, loaded here."""
+    base = hrow * n * D
+    if LOAD_T:
+        qt_b, qt_s = _tiles(Q, base, t, t_ok, dims, D, SPLIT)
+        kt_b, kt_s = _tiles(K, base, t, t_ok, dims, D, SPLIT)
+        lse_t = tl.load(Lse + hrow * n + t, mask=t_ok, other=0.0)
+    qu_b, qu_s = _tiles(Q, base, u, u_in, dims, D, SPLIT)
+    ku_b, ku_s = _tiles(K, base, u, u_in, dims, D, SPLIT)
+    lse_u = tl.load(Lse + hrow * n + u, mask=u_in, other=0.0)
+    a_tu, a_ut = _band_exps(qt_b, qt_s, kt_b, kt_s, qu_b, qu_s, ku_b, ku_s, lse_t, lse_u, pair, s, SPLIT, PRECISION)
+    return a_tu, a_ut, qu_b, qu_s, ku_b, ku_s
+
+
+@triton.jit
+def _dissimilarity(P, p_base, t, t_ok, u, u_in, n, C):
+    """1 - p_t.p_u on a band tile (exact fp32, one outer product per class)."""
+    dot = tl.zeros([t.shape[0], u.shape[0]], tl.float32)
+    for c in range(C):
+        p_t = tl.load(P + p_base + c * n + t, mask=t_ok, other=0.0)
+        p_u = tl.load(P + p_base + c * n + u, mask=u_in, other=0.0)
+        dot += p_t[:, None] * p_u[None, :]
+    return 1.0 - dot
+
+
+@triton.jit
+def _attentive_similarity_fwd_kernel(Q, K, Lse, P, HW, HB, G, Rows, n, h, w, D, C, RY, RX, s, neg_c,
+                                     HEADS: tl.constexpr, HAS_G: tl.constexpr, BLOCK_T: tl.constexpr,
+                                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    SPLIT: tl.constexpr = PRECISION == "tf32x3"
     b = tl.program_id(1)
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t0 = tl.program_id(0) * BLOCK_T
+    i = tl.arange(0, BLOCK_T)
+    t = t0 + i
     t_ok = t < n
     row, col = t // w, t % w
     dims = tl.arange(0, BLOCK_D)
-    cls = tl.arange(0, BLOCK_C)
     head_bias = tl.load(HB)
+    p_base = b.to(tl.int64) * C * n
+    c_lo, c_hi = _window_columns(i, col, t_ok, w, RX)
+    if HEADS == 1:  # the token block's tiles, loaded and split once
+        hrow = b.to(tl.int64) * HEADS
+        qt_b, qt_s = _tiles(Q, hrow * n * D, t, t_ok, dims, D, SPLIT)
+        kt_b, kt_s = _tiles(K, hrow * n * D, t, t_ok, dims, D, SPLIT)
+        lse_t = tl.load(Lse + hrow * n + t, mask=t_ok, other=0.0)
     acc = tl.zeros([BLOCK_T], tl.float32)
     for dy in range(-RY, RY + 1):
-        for dx in range(-RX, RX + 1):
-            u = t + dy * w + dx
-            u_ok = t_ok & (row + dy >= 0) & (row + dy < h) & (col + dx >= 0) & (col + dx < w) & ((dy != 0) | (dx != 0))
-            z, diss, _ = _window_pair(Q, K, Lse, P, HW, head_bias, b, t, u, t_ok, u_ok, dims, cls, n, D, C, HEADS, s)
-            decay = tl.exp(tl.zeros([BLOCK_T], tl.float32) + neg_c * (dy * dy + dx * dx))
-            acc += tl.where(u_ok, decay * tl.sigmoid(z) * diss, 0.0)
+        row_ok = (row + dy >= 0) & (row + dy < h)
+        for jt in range(0, BLOCK_T + 2 * RX, BLOCK_N):
+            u, u_in, dx, pair = _band(t0, i, jt, dy, c_lo, c_hi, row_ok, n, w, RX, BLOCK_N)
+            z = tl.zeros([BLOCK_T, BLOCK_N], tl.float32) + head_bias
+            if HEADS == 1:
+                a_tu, a_ut, _, _, _, _ = _head_band(Q, K, Lse, b.to(tl.int64), t, t_ok, u, u_in, pair, dims, n, D, s,
+                                                    qt_b, qt_s, kt_b, kt_s, lse_t, False, SPLIT, PRECISION)
+                z += tl.load(HW) * (a_tu + a_ut)
+            else:  # a loop, not unrolled: one set of staging buffers for every head
+                for m in range(HEADS):
+                    a_tu, a_ut, _, _, _, _ = _head_band(Q, K, Lse, b.to(tl.int64) * HEADS + m, t, t_ok, u, u_in, pair,
+                                                        dims, n, D, s, z, z, z, z, z, True, SPLIT, PRECISION)
+                    z += tl.load(HW + m) * (a_tu + a_ut)
+            decay = tl.exp(neg_c * (dy * dy + dx * dx).to(tl.float32))
+            diss = _dissimilarity(P, p_base, t, t_ok, u, u_in, n, C)
+            acc += tl.sum(tl.where(pair, decay * _sigmoid(z) * diss, 0.0), 1)
     if HAS_G:
         acc = acc * tl.load(G + b)
     tl.store(Rows + b.to(tl.int64) * n + t, acc, mask=t_ok)
@@ -93,10 +190,14 @@ def _attentive_similarity_fwd_kernel(Q, K, Lse, P, HW, HB, G, Rows, n, h, w, D, 
 
 @triton.jit
 def _attentive_similarity_bwd_kernel(Q, K, Lse, P, HW, HB, G, Gamma, DQ, DK, DLse, DP, DAlpha, DBeta,
-                                     n, h, w, D, C, HEADS, RY, RX, s, neg_c, HAS_G: tl.constexpr,
-                                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+                                     n, h, w, D, C, RY, RX, s, neg_c, HEADS: tl.constexpr, HAS_G: tl.constexpr,
+                                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                     BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+    SPLIT: tl.constexpr = PRECISION == "tf32x3"
     b = tl.program_id(1)
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t0 = tl.program_id(0) * BLOCK_T
+    i = tl.arange(0, BLOCK_T)
+    t = t0 + i
     t_ok = t < n
     row, col = t // w, t % w
     dims = tl.arange(0, BLOCK_D)
@@ -105,42 +206,72 @@ def _attentive_similarity_bwd_kernel(Q, K, Lse, P, HW, HB, G, Gamma, DQ, DK, DLs
     g = 1.0
     if HAS_G:
         g = tl.load(G + b)
+    p_base = b.to(tl.int64) * C * n
     gamma_t = tl.load(Gamma + b.to(tl.int64) * n + t, mask=t_ok, other=0.0)
+    c_lo, c_hi = _window_columns(i, col, t_ok, w, RX)
+    if HEADS == 1:  # the token block's tiles, loaded and split once
+        hrow = b.to(tl.int64) * HEADS
+        qt_b, qt_s = _tiles(Q, hrow * n * D, t, t_ok, dims, D, SPLIT)
+        kt_b, kt_s = _tiles(K, hrow * n * D, t, t_ok, dims, D, SPLIT)
+        lse_t = tl.load(Lse + hrow * n + t, mask=t_ok, other=0.0)
     dbeta = tl.zeros([BLOCK_T], tl.float32)
     dp = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    # heads outermost, so that one head's dq, dk accumulators suffice; the mixed logit over every
+    # head is recomputed for each
     for m in range(HEADS):
         alpha = tl.load(HW + m)
-        hrow = (b * HEADS + m).to(tl.int64)
+        hrow_m = b.to(tl.int64) * HEADS + m
         dq = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         dk = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         rho = tl.zeros([BLOCK_T], tl.float32)
         dalpha = tl.zeros([BLOCK_T], tl.float32)
         for dy in range(-RY, RY + 1):
-            for dx in range(-RX, RX + 1):
-                u = t + dy * w + dx
-                u_ok = t_ok & (row + dy >= 0) & (row + dy < h) & (col + dx >= 0) & (col + dx < w) & \
-                    ((dy != 0) | (dx != 0))
-                z, diss, p_u = _window_pair(Q, K, Lse, P, HW, head_bias, b, t, u, t_ok, u_ok, dims, cls, n, D, C,
-                                            HEADS, s)
-                a_tu, a_ut, q_u, k_u = _window_logit(Q, K, Lse, hrow * n * D, hrow * n, t, u, t_ok, u_ok, dims, n,
-                                                     D, s)
-                decay = tl.exp(tl.zeros([BLOCK_T], tl.float32) + neg_c * (dy * dy + dx * dx))
-                wgt = tl.sigmoid(z)
-                gam = gamma_t + tl.load(Gamma + b.to(tl.int64) * n + u, mask=u_ok, other=0.0)
-                dz = tl.where(u_ok, g * decay * diss * wgt * (1.0 - wgt) * gam, 0.0)
+            row_ok = (row + dy >= 0) & (row + dy < h)
+            for jt in range(0, BLOCK_T + 2 * RX, BLOCK_N):
+                u, u_in, dx, pair = _band(t0, i, jt, dy, c_lo, c_hi, row_ok, n, w, RX, BLOCK_N)
+                z = tl.zeros([BLOCK_T, BLOCK_N], tl.float32) + head_bias
+                if HEADS == 1:
+                    a_tu, a_ut, qu_b, qu_s, ku_b, ku_s = _head_band(Q, K, Lse, hrow_m, t, t_ok, u, u_in, pair, dims, n,
+                                                                    D, s, qt_b, qt_s, kt_b, kt_s, lse_t, False, SPLIT,
+                                                                    PRECISION)
+                    z += alpha * (a_tu + a_ut)
+                else:  # a loop, not unrolled: one set of staging buffers for every head
+                    a_tu = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+                    a_ut = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+                    for mm in range(HEADS):
+                        a_tu_mm, a_ut_mm, _, _, _, _ = _head_band(Q, K, Lse, b.to(tl.int64) * HEADS + mm, t, t_ok, u,
+                                                                  u_in, pair, dims, n, D, s, z, z, z, z, z, True, SPLIT,
+                                                                  PRECISION)
+                        z += tl.load(HW + mm) * (a_tu_mm + a_ut_mm)
+                        a_tu = tl.where(mm == m, a_tu_mm, a_tu)
+                        a_ut = tl.where(mm == m, a_ut_mm, a_ut)
+                    # head m's band rows
+                    qu_b, qu_s = _tiles(Q, hrow_m * n * D, u, u_in, dims, D, SPLIT)
+                    ku_b, ku_s = _tiles(K, hrow_m * n * D, u, u_in, dims, D, SPLIT)
+                decay = tl.exp(neg_c * (dy * dy + dx * dx).to(tl.float32))
+                wgt = _sigmoid(z)
+                diss = _dissimilarity(P, p_base, t, t_ok, u, u_in, n, C)
+                gamma_u = tl.load(Gamma + b.to(tl.int64) * n + u, mask=u_in, other=0.0)
+                gam = gamma_t[:, None] + gamma_u[None, :]
+                dz = tl.where(pair, g * decay * diss * wgt * (1.0 - wgt) * gam, 0.0)
                 e = alpha * dz
-                dq += (s * a_tu * e)[:, None] * k_u
-                dk += (s * a_ut * e)[:, None] * q_u
-                rho += a_tu * e
-                dalpha += 0.5 * dz * (a_tu + a_ut)
-                first = m == 0
-                dbeta += tl.where(first, 0.5 * dz, 0.0)
-                dp += tl.where(first & u_ok, -g * decay * wgt * gam, 0.0)[:, None] * p_u
+                wq_b, wq_s = _split(s * a_tu * e, SPLIT)
+                dq += _mm(wq_b, wq_s, ku_b, ku_s, SPLIT, PRECISION)
+                wk_b, wk_s = _split(s * a_ut * e, SPLIT)
+                dk += _mm(wk_b, wk_s, qu_b, qu_s, SPLIT, PRECISION)
+                rho += tl.sum(a_tu * e, 1)
+                dalpha += tl.sum(0.5 * dz * (a_tu + a_ut), 1)
+                if m == 0:
+                    dbeta += tl.sum(0.5 * dz, 1)
+                    pu_b, pu_s = _split(tl.load(P + p_base + cls[None, :] * n + u[:, None],
+                                                mask=u_in[:, None] & (cls[None, :] < C), other=0.0), SPLIT)
+                    wp_b, wp_s = _split(tl.where(pair, -g * decay * wgt * gam, 0.0), SPLIT)
+                    dp += _mm(wp_b, wp_s, pu_b, pu_s, SPLIT, PRECISION)
         dmask = t_ok[:, None] & (dims[None, :] < D)
-        tl.store(DQ + hrow * n * D + t[:, None] * D + dims[None, :], dq, mask=dmask)
-        tl.store(DK + hrow * n * D + t[:, None] * D + dims[None, :], dk, mask=dmask)
-        tl.store(DLse + hrow * n + t, -rho, mask=t_ok)
-        tl.store(DAlpha + hrow * n + t, dalpha, mask=t_ok)
+        tl.store(DQ + hrow_m * n * D + t[:, None] * D + dims[None, :], dq, mask=dmask)
+        tl.store(DK + hrow_m * n * D + t[:, None] * D + dims[None, :], dk, mask=dmask)
+        tl.store(DLse + hrow_m * n + t, -rho, mask=t_ok)
+        tl.store(DAlpha + hrow_m * n + t, dalpha, mask=t_ok)
     tl.store(DBeta + b.to(tl.int64) * n + t, dbeta, mask=t_ok)
     tl.store(DP + b.to(tl.int64) * C * n + cls[None, :] * n + t[:, None], dp,
              mask=t_ok[:, None] & (cls[None, :] < C))
@@ -158,13 +289,24 @@ class _Prepared:
         self.head_weight = head_weight.float().reshape(self.heads).contiguous()
         self.head_bias = head_bias.float().reshape(1).contiguous()
         self.sample_weight = None if sample_weight is None else sample_weight.float().reshape(self.batch).contiguous()
-        self.scalars = (self.n, self.h, self.w, self.dim, self.classes, self.heads, min(radius, self.h - 1),
+        self.scalars = (self.n, self.h, self.w, self.dim, self.classes, min(radius, self.h - 1),
                         min(radius, self.w - 1), float(logit_scale), -0.5 / float(sigma) ** 2)
-        block_t = 64 if _target.for_gpu(q) else 32
+        gpu = _target.for_gpu(q)
+        # A program is BLOCK_T consecutive tokens; for each window row dy it multiplies them with
+        # the band of BLOCK_T + 2 rx tokens holding their neighbours, in tiles of BLOCK_N, on tensor
+        # cores (fp32 operands, whatever q's dtype, in the dot precision of fp32: tf32x3 by default
+        # on a GPU, exact in the interpreter). Only 2 rx + 1 entries of a tile row are window pairs,
+        # so small tiles waste least: on a GPU 16 tokens x 16 band columns on one warp (compiled for
+        # sm_90 at D = 64: about 380 thread-instructions per window pair in the forward window loop
+        # and 880 in the backward, against 1340 and 1680 for the 64-token tiles of per-pair dot
+        # products these kernels replaced); the interpreter takes 32 tokens.
+        block_t = 16 if gpu else 32
         self.tiles = triton.cdiv(self.n, block_t)
-        self.meta = dict(HAS_G=sample_weight is not None, BLOCK_T=block_t,
-                         BLOCK_D=max(16, triton.next_power_of_2(self.dim)),
-                         BLOCK_C=max(2, triton.next_power_of_2(self.classes)))
+        common = dict(HEADS=self.heads, HAS_G=sample_weight is not None, BLOCK_T=block_t, BLOCK_N=16,
+                      BLOCK_D=max(16, triton.next_power_of_2(self.dim)), PRECISION=fp32_precision(q),
+                      **(dict(num_warps=1) if gpu else {}))
+        self.meta = {_attentive_similarity_fwd_kernel: common,
+                     _attentive_similarity_bwd_kernel: dict(common, BLOCK_C=max(16, triton.next_power_of_2(self.classes)))}
 
     def launch(self, kernel, *per_sample: torch.Tensor) -> None:
         """``kernel[(token tiles, batch)](inputs, *per_sample, scalars)``; per_sample: tensors with
@@ -173,7 +315,7 @@ class _Prepared:
             g = self.sample_weight[c] if self.sample_weight is not None else self.head_bias
             kernel[(self.tiles, c.stop - c.start)](self.q[c], self.k[c], self.lse[c], self.probs[c], self.head_weight,
                                                    self.head_bias, g, *(t[c] for t in per_sample), *self.scalars,
-                                                   **self.meta)
+                                                   **self.meta[kernel])
 
 
 @torch.library.custom_op("attenscribble_ops::attentive_similarity_forward_triton", mutates_args=())

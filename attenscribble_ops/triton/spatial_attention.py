@@ -215,7 +215,13 @@ def precision(x: torch.Tensor) -> str:
     compute capability >= 8.0) as ``backends.triton_fp32_dot`` says (tf32x3 by default, tf32 when
     torch allows TF32); "ieee" for fp32 on other GPUs, for 16-bit operands (their dots run on
     tensor cores with fp32 accumulation regardless) and in the interpreter (exact fp32 there)."""
-    if x.dtype == torch.float32 and _target.for_gpu(x):
+    return fp32_precision(x) if x.dtype == torch.float32 else "ieee"
+
+
+def fp32_precision(x: torch.Tensor) -> str:
+    """``tl.dot``'s input precision for fp32 operands of a launch on x's device, whatever x's own
+    dtype (kernels that widen their inputs to fp32 before a product)."""
+    if _target.for_gpu(x):
         chosen = backends.triton_fp32_dot_precision()  # a bad setting is an error on every GPU
         return chosen if _target.tf32_tensor_cores(x) else "ieee"
     return "ieee"
