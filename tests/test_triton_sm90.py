@@ -187,19 +187,21 @@ def emulated_tf32(monkeypatch):
 
 
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest)")
-@pytest.mark.parametrize("heads,dim,grid", [(1, 64, (9, 12)), (2, 40, (6, 8))])
+@pytest.mark.parametrize("heads,dim,grid,dtype", [(1, 64, (9, 12), torch.float32), (2, 40, (6, 8), torch.float32),
+                                                   (1, 64, (6, 8), torch.float16)], ids=["1x64", "2x40", "1x64-fp16"])
 def test_similarity_window_split_products_as_accurate_as_fp32(gpu_tiles, emulated_tf32, emulated_tf32x3, heads, dim,
-                                                              grid):
+                                                              grid, dtype):
     """The similarity window kernels split their fp32 tiles for tf32x3 themselves (once per tile,
-    then three "tf32" tensor-core products). With GPU tiles, the tensor cores' TF32 reads emulated
-    (truncation), loss and gradients from a given LSE and from the fused op stay within twice the
-    fp32 reference's own error against float64."""
+    then three "tf32" tensor-core products; fp16 q, k are exact in TF32, so their products skip
+    the small parts). With GPU tiles, the tensor cores' TF32 reads emulated (truncation), loss and
+    gradients from a given LSE and from the fused op stay within twice the reference's own error
+    in that dtype against float64."""
     x = make_similarity_inputs(2, heads, grid, dim, seed=21)
     lse0 = torch.logsumexp(torch.einsum("bhid,bhjd->bhij", x["q"].double(), x["k"].double()), -1).float()
 
     def run(backend, dtype=torch.float32):
         q, k = (t.clone().to(dtype).requires_grad_() for t in (x["q"], x["k"]))
-        lse = lse0.to(dtype)  # the reference computes its own normaliser from q, k
+        lse = lse0  # the reference computes its own normaliser from q, k
         probs, hw, hb = (x[name].to(dtype).requires_grad_() for name in ("probs", "head_weight", "head_bias"))
         loss = ao.attentive_similarity_loss(q, k, probs, hw, hb, grid=x["grid"], radius=2, lse=lse,
                                             sample_weight=torch.tensor([1.0, 0.25], dtype=dtype), backend=backend)
@@ -208,8 +210,8 @@ def test_similarity_window_split_products_as_accurate_as_fp32(gpu_tiles, emulate
         return [loss.detach(), fused.detach(), *torch.autograd.grad(total, [q, k, probs, hw, hb])]
 
     with cuda_matmul_fp32("ieee"):  # fp32 dots: tf32x3, the default
-        got = run("triton")
+        got = run("triton", dtype)
     assert emulated_tf32, "the window kernels ran no tf32 products"
-    want, exact = run("reference"), run("reference", torch.float64)
+    want, exact = run("reference", dtype), run("reference", torch.float64)
     for g, w, e in zip(got, want, exact):
         assert (g.double() - e).abs().max() <= 2 * (w.double() - e).abs().max() + 1e-7 * e.abs().max()

@@ -86,12 +86,18 @@ def _split(x, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _mm(a_big, a_small, b_big, b_small, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
-    """a @ b in fp32: three TF32 tensor-core products of the split operands (small terms first),
-    or one product in PRECISION."""
-    if SPLIT:
-        acc = tl.dot(a_small, b_big, input_precision="tf32")
-        acc = tl.dot(a_big, b_small, acc, input_precision="tf32")
+def _mm(a_big, a_small, b_big, b_small, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, X3: tl.constexpr,
+        PRECISION: tl.constexpr):
+    """a @ b in fp32. X3 (fp32 products as tf32x3): tensor-core "tf32" products of the split
+    operands, small terms first; an operand that is not split (SPLIT_A/B false) is exact in TF32
+    (q, k from 16-bit inputs), so its small part, zero, is skipped. Otherwise one product in
+    PRECISION."""
+    if X3:
+        acc = tl.zeros([a_big.shape[0], b_big.shape[1]], tl.float32)
+        if SPLIT_A:
+            acc = tl.dot(a_small, b_big, acc, input_precision="tf32")
+        if SPLIT_B:
+            acc = tl.dot(a_big, b_small, acc, input_precision="tf32")
         return tl.dot(a_big, b_big, acc, input_precision="tf32")
     return tl.dot(a_big, b_big, input_precision=PRECISION)
 
@@ -106,12 +112,12 @@ def _tiles(X, base, rows, ok, dims, D, SPLIT: tl.constexpr):
 
 @triton.jit
 def _band_exps(qt_b, qt_s, kt_b, kt_s, qu_b, qu_s, ku_b, ku_s, lse_t, lse_u, pair, s, SPLIT: tl.constexpr,
-               PRECISION: tl.constexpr):
+               X3: tl.constexpr, PRECISION: tl.constexpr):
     """exp(s q_t.k_u - lse_t) and exp(s q_u.k_t - lse_u) of one head on a band tile, from two products
     of the token block with the band; exponents outside the window pairs are forced to 0 so no
     inf reaches a later product."""
-    logit_tu = _mm(qt_b, qt_s, tl.trans(ku_b), tl.trans(ku_s), SPLIT, PRECISION)
-    logit_ut = _mm(kt_b, kt_s, tl.trans(qu_b), tl.trans(qu_s), SPLIT, PRECISION)
+    logit_tu = _mm(qt_b, qt_s, tl.trans(ku_b), tl.trans(ku_s), SPLIT, SPLIT, X3, PRECISION)
+    logit_ut = _mm(kt_b, kt_s, tl.trans(qu_b), tl.trans(qu_s), SPLIT, SPLIT, X3, PRECISION)
     a_tu = tl.exp(tl.where(pair, s * logit_tu - lse_t[:, None], 0.0))
     a_ut = tl.exp(tl.where(pair, s * logit_ut - lse_u[None, :], 0.0))
     return a_tu, a_ut
@@ -119,7 +125,7 @@ def _band_exps(qt_b, qt_s, kt_b, kt_s, qu_b, qu_s, ku_b, ku_s, lse_t, lse_u, pai
 
 @triton.jit
 def _head_band(Q, K, Lse, hrow, t, t_ok, u, u_in, pair, dims, n, D, s, qt_b, qt_s, kt_b, kt_s, lse_t,
-               LOAD_T: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+               LOAD_T: tl.constexpr, SPLIT: tl.constexpr, X3: tl.constexpr, PRECISION: tl.constexpr):
     """One head on a band tile: a_tu, a_ut and the band's q_u, k_u rows (split). The token block's
     tiles are given (one head: loaded once per program) or, with LOAD_T, loaded here."""
     base = hrow * n * D
@@ -130,7 +136,8 @@ def _head_band(Q, K, Lse, hrow, t, t_ok, u, u_in, pair, dims, n, D, s, qt_b, qt_
     qu_b, qu_s = _tiles(Q, base, u, u_in, dims, D, SPLIT)
     ku_b, ku_s = _tiles(K, base, u, u_in, dims, D, SPLIT)
     lse_u = tl.load(Lse + hrow * n + u, mask=u_in, other=0.0)
-    a_tu, a_ut = _band_exps(qt_b, qt_s, kt_b, kt_s, qu_b, qu_s, ku_b, ku_s, lse_t, lse_u, pair, s, SPLIT, PRECISION)
+    a_tu, a_ut = _band_exps(qt_b, qt_s, kt_b, kt_s, qu_b, qu_s, ku_b, ku_s, lse_t, lse_u, pair, s, SPLIT, X3,
+                            PRECISION)
     return a_tu, a_ut, qu_b, qu_s, ku_b, ku_s
 
 
@@ -148,8 +155,10 @@ def _dissimilarity(P, p_base, t, t_ok, u, u_in, n, C):
 @triton.jit
 def _attentive_similarity_fwd_kernel(Q, K, Lse, P, HW, HB, G, Rows, n, h, w, D, C, RY, RX, s, neg_c,
                                      HEADS: tl.constexpr, HAS_G: tl.constexpr, BLOCK_T: tl.constexpr,
-                                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    SPLIT: tl.constexpr = PRECISION == "tf32x3"
+                                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                                     QK_TF32: tl.constexpr):
+    X3: tl.constexpr = PRECISION == "tf32x3"
+    SPLIT: tl.constexpr = X3 and not QK_TF32  # q, k tiles split (16-bit q, k are exact in TF32)
     b = tl.program_id(1)
     t0 = tl.program_id(0) * BLOCK_T
     i = tl.arange(0, BLOCK_T)
@@ -173,12 +182,12 @@ def _attentive_similarity_fwd_kernel(Q, K, Lse, P, HW, HB, G, Rows, n, h, w, D, 
             z = tl.zeros([BLOCK_T, BLOCK_N], tl.float32) + head_bias
             if HEADS == 1:
                 a_tu, a_ut, _, _, _, _ = _head_band(Q, K, Lse, b.to(tl.int64), t, t_ok, u, u_in, pair, dims, n, D, s,
-                                                    qt_b, qt_s, kt_b, kt_s, lse_t, False, SPLIT, PRECISION)
+                                                    qt_b, qt_s, kt_b, kt_s, lse_t, False, SPLIT, X3, PRECISION)
                 z += tl.load(HW) * (a_tu + a_ut)
             else:  # a loop, not unrolled: one set of staging buffers for every head
                 for m in range(HEADS):
                     a_tu, a_ut, _, _, _, _ = _head_band(Q, K, Lse, b.to(tl.int64) * HEADS + m, t, t_ok, u, u_in, pair,
-                                                        dims, n, D, s, z, z, z, z, z, True, SPLIT, PRECISION)
+                                                        dims, n, D, s, z, z, z, z, z, True, SPLIT, X3, PRECISION)
                     z += tl.load(HW + m) * (a_tu + a_ut)
             decay = tl.exp(neg_c * (dy * dy + dx * dx).to(tl.float32))
             diss = _dissimilarity(P, p_base, t, t_ok, u, u_in, n, C)
@@ -192,8 +201,9 @@ def _attentive_similarity_fwd_kernel(Q, K, Lse, P, HW, HB, G, Rows, n, h, w, D, 
 def _attentive_similarity_bwd_kernel(Q, K, Lse, P, HW, HB, G, Gamma, DQ, DK, DLse, DP, DAlpha, DBeta,
                                      n, h, w, D, C, RY, RX, s, neg_c, HEADS: tl.constexpr, HAS_G: tl.constexpr,
                                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                                     BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
-    SPLIT: tl.constexpr = PRECISION == "tf32x3"
+                                     BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, QK_TF32: tl.constexpr):
+    X3: tl.constexpr = PRECISION == "tf32x3"
+    SPLIT: tl.constexpr = X3 and not QK_TF32  # q, k tiles split (16-bit q, k are exact in TF32)
     b = tl.program_id(1)
     t0 = tl.program_id(0) * BLOCK_T
     i = tl.arange(0, BLOCK_T)
@@ -233,7 +243,7 @@ def _attentive_similarity_bwd_kernel(Q, K, Lse, P, HW, HB, G, Gamma, DQ, DK, DLs
                 if HEADS == 1:
                     a_tu, a_ut, qu_b, qu_s, ku_b, ku_s = _head_band(Q, K, Lse, hrow_m, t, t_ok, u, u_in, pair, dims, n,
                                                                     D, s, qt_b, qt_s, kt_b, kt_s, lse_t, False, SPLIT,
-                                                                    PRECISION)
+                                                                    X3, PRECISION)
                     z += alpha * (a_tu + a_ut)
                 else:  # a loop, not unrolled: one set of staging buffers for every head
                     a_tu = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
@@ -241,7 +251,7 @@ def _attentive_similarity_bwd_kernel(Q, K, Lse, P, HW, HB, G, Gamma, DQ, DK, DLs
                     for mm in range(HEADS):
                         a_tu_mm, a_ut_mm, _, _, _, _ = _head_band(Q, K, Lse, b.to(tl.int64) * HEADS + mm, t, t_ok, u,
                                                                   u_in, pair, dims, n, D, s, z, z, z, z, z, True, SPLIT,
-                                                                  PRECISION)
+                                                                  X3, PRECISION)
                         z += tl.load(HW + mm) * (a_tu_mm + a_ut_mm)
                         a_tu = tl.where(mm == m, a_tu_mm, a_tu)
                         a_ut = tl.where(mm == m, a_ut_mm, a_ut)
@@ -255,18 +265,18 @@ def _attentive_similarity_bwd_kernel(Q, K, Lse, P, HW, HB, G, Gamma, DQ, DK, DLs
                 gam = gamma_t[:, None] + gamma_u[None, :]
                 dz = tl.where(pair, g * decay * diss * wgt * (1.0 - wgt) * gam, 0.0)
                 e = alpha * dz
-                wq_b, wq_s = _split(s * a_tu * e, SPLIT)
-                dq += _mm(wq_b, wq_s, ku_b, ku_s, SPLIT, PRECISION)
-                wk_b, wk_s = _split(s * a_ut * e, SPLIT)
-                dk += _mm(wk_b, wk_s, qu_b, qu_s, SPLIT, PRECISION)
+                wq_b, wq_s = _split(s * a_tu * e, X3)
+                dq += _mm(wq_b, wq_s, ku_b, ku_s, X3, SPLIT, X3, PRECISION)
+                wk_b, wk_s = _split(s * a_ut * e, X3)
+                dk += _mm(wk_b, wk_s, qu_b, qu_s, X3, SPLIT, X3, PRECISION)
                 rho += tl.sum(a_tu * e, 1)
                 dalpha += tl.sum(0.5 * dz * (a_tu + a_ut), 1)
                 if m == 0:
                     dbeta += tl.sum(0.5 * dz, 1)
                     pu_b, pu_s = _split(tl.load(P + p_base + cls[None, :] * n + u[:, None],
-                                                mask=u_in[:, None] & (cls[None, :] < C), other=0.0), SPLIT)
-                    wp_b, wp_s = _split(tl.where(pair, -g * decay * wgt * gam, 0.0), SPLIT)
-                    dp += _mm(wp_b, wp_s, pu_b, pu_s, SPLIT, PRECISION)
+                                                mask=u_in[:, None] & (cls[None, :] < C), other=0.0), X3)
+                    wp_b, wp_s = _split(tl.where(pair, -g * decay * wgt * gam, 0.0), X3)
+                    dp += _mm(wp_b, wp_s, pu_b, pu_s, X3, X3, X3, PRECISION)
         dmask = t_ok[:, None] & (dims[None, :] < D)
         tl.store(DQ + hrow_m * n * D + t[:, None] * D + dims[None, :], dq, mask=dmask)
         tl.store(DK + hrow_m * n * D + t[:, None] * D + dims[None, :], dk, mask=dmask)
@@ -304,9 +314,11 @@ class _Prepared:
         self.tiles = triton.cdiv(self.n, block_t)
         common = dict(HEADS=self.heads, HAS_G=sample_weight is not None, BLOCK_T=block_t, BLOCK_N=16,
                       BLOCK_D=max(16, triton.next_power_of_2(self.dim)), PRECISION=fp32_precision(q),
+                      QK_TF32=q.dtype in (torch.float16, torch.bfloat16),
                       **(dict(num_warps=1) if gpu else {}))
+        block_c = max(16, triton.next_power_of_2(self.classes))  # dprobs is a product: 16 columns at least
         self.meta = {_attentive_similarity_fwd_kernel: common,
-                     _attentive_similarity_bwd_kernel: dict(common, BLOCK_C=max(16, triton.next_power_of_2(self.classes)))}
+                     _attentive_similarity_bwd_kernel: dict(common, BLOCK_C=block_c)}
 
     def launch(self, kernel, *per_sample: torch.Tensor) -> None:
         """``kernel[(token tiles, batch)](inputs, *per_sample, scalars)``; per_sample: tensors with

@@ -151,8 +151,8 @@ def _masked_crf_kernel(probs_ptr, image_ptr, mdst_ptr, msrc_ptr, mu_ptr, params_
     """One tile of one (b, z) plane: S, A (and B) over the window, then the loss partial and the
     gradient of the tile's pixels. Pointers are moved to the program's sample once (int64
     scalars); pixel offsets inside a sample are int32 unless a sample's probabilities or image
-    reach 2^31 elements (IDX64); CLASS_MASK: C is not a power of two. Tiles whose whole window lies inside the image (most of a large
-    image) take a loop without masks."""
+    reach 2^31 elements (IDX64); CLASS_MASK: C is not a power of two. Tiles whose whole window
+    lies inside the image (most of a large image) take a loop without masks."""
     pid = tl.program_id(0)
     BLOCK: tl.constexpr = BLOCK_H * BLOCK_W
     SECOND: tl.constexpr = WITH_GRAD and (HAS_MDST or HAS_MSRC)
