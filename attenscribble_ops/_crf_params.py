@@ -16,6 +16,8 @@ import dataclasses
 import functools
 from typing import NamedTuple, Optional, Sequence, Union
 
+import torch
+
 from . import _checks
 
 
@@ -119,7 +121,7 @@ def canonical(*, nd: int, radius, spacing, padding: str, kernels, weight, sigma_
     them (a training loop's, every step) are validated once and remembered by value and type."""
     options = dict(nd=nd, radius=radius, spacing=spacing, padding=padding, kernels=kernels, weight=weight,
                    sigma_xy=sigma_xy, sigma_image=sigma_image, channels=channels)
-    key = _typed_key(tuple(options.values()))
+    key = None if torch.compiler.is_compiling() else _typed_key(tuple(options.values()))  # dynamo: no cache
     if key is None:
         return _canonical(**options)
     return _canonical_cached(key, **options)

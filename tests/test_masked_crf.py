@@ -66,14 +66,17 @@ TRITON_CASES = [
     Case(shape=(3, 4), image_factor=2, spacing=(0.8, 1.5), sigma_xy=2.0),
     Case(shape=(2, 3, 4), radius=1, compat=True, masks=("dst", "src")),
     Case(shape=(2, 3, 3), radius=(1, 1, 2), batch=1, padding="valid", spacing=(2.0, 1.0, 1.0)),
-] + [  # with tiles whose whole window is inside the image (the kernel's loop without masks)
+    Case(shape=(4, 5), channels=4, sigma_image=(0.2, 0.5, 0.1, 0.3), radius=2),  # features past the 3 hoisted
+]
+# Image sizes whose tiles (16 x 32 pixels for 2 to 4 classes, 8 x 32 with compatibility and 5
+# classes) include one whose whole window lies inside the image (the kernel's loop without masks).
+INTERIOR = [
     Case(shape=(36, 68), batch=1, classes=4, radius=2, masks=("dst", "src")),
     Case(shape=(36, 68), batch=1, classes=5, radius=1, compat=True, masks=("dst",)),
     Case(shape=(3, 34, 66), batch=1, classes=2, radius=1, kernels=TRIO, channels=2, masks=("src",)),
+    Case(shape=(36, 68), batch=1, classes=2, radius=1, channels=4, masks=()),
 ]
-# Image sizes whose tiles (16 x 32 pixels for 2 to 4 classes, 8 x 32 with compatibility and 5
-# classes) include one whose whole window lies inside the image.
-INTERIOR = TRITON_CASES[-3:]
+TRITON_CASES += INTERIOR
 
 
 def _compiled(device="cpu"):

@@ -213,7 +213,28 @@ def test_int64_offsets_past_2_31_elements(kind, device):
     probs = torch.ones(1, 1, h, w, dtype=torch.float16, device=device)
     probs[..., -3:, :] = 0.5
     probs[..., -1, -5:] = 0.25
-    assert probs.numel() > 2 ** 31
+    _assert_tail_matches_crop(kind, probs, tail)
+
+
+@pytest.mark.parametrize("kind,device", [p for p in _big_backends() if p.values[1] == "cuda"])
+def test_int64_class_offsets_past_2_31_elements(kind, device):
+    """Three classes on a plane of 2^30 + 2^15 pixels: each class fits int32 offsets, the sample
+    does not (class 2 starts past element 2^31). One-hot class 0 except near the end, where class
+    2 takes over: only pixels of the last rows, at offsets past 2^31 in class 2, carry loss and
+    gradient. About 18 GiB (fp16 probabilities, fp32 gradient)."""
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2 ** 30:
+        pytest.skip("needs a GPU with 24 GiB")
+    h, w, tail = 2 ** 15 + 1, 2 ** 15, 6
+    probs = torch.zeros(1, 3, h, w, dtype=torch.float16, device=device)
+    probs[:, 0] = 1.0
+    probs[:, :, -3:, :] = torch.tensor([0.5, 0.0, 0.5], dtype=torch.float16, device=device).view(1, 3, 1, 1)
+    probs[:, :, -1, -5:] = torch.tensor([0.25, 0.25, 0.5], dtype=torch.float16, device=device).view(1, 3, 1)
+    assert probs.numel() > 2 ** 31 and probs[0, 0].numel() < 2 ** 31
+    _assert_tail_matches_crop(kind, probs, tail)
+
+
+def _assert_tail_matches_crop(kind, probs, tail):
+    h, w = probs.shape[2:]
     options = dict(radius=1, sigma_xy=1.5, sigma_image=None, padding="valid")
     params = _crf_params.canonical(nd=2, spacing=None, kernels=None, weight=1.0, channels=None, **options)
     args = _crf_ops.op_arguments(probs.requires_grad_(), None, None, None, None, params)
@@ -223,10 +244,12 @@ def test_int64_offsets_past_2_31_elements(kind, device):
     ref.backward()
     torch.testing.assert_close(raw.cpu().double(), ref, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(grad[..., -tail + 1:, :].cpu().double(), crop.grad[..., 1:, :], rtol=1e-5, atol=1e-5)
-    # far from the tail every neighbour has P = 1: dP_k = -2 sum_j K_kj
+    # far from the tail every neighbour is class 0 with P = 1: dP_k0 = -2 sum_j K_kj, 0 for the others
     k = torch.exp(-0.5 * torch.tensor([1.0, 2.0], dtype=torch.float64) / 1.5 ** 2)
-    interior = grad[0, 0, h // 2, 1:-1].cpu().double()
-    torch.testing.assert_close(interior, torch.full_like(interior, -8 * float(k.sum())), rtol=1e-5, atol=1e-5)
+    interior = grad[0, :, h // 2, 1:-1].cpu().double()
+    want = torch.zeros_like(interior)
+    want[0] = -8 * float(k.sum())
+    torch.testing.assert_close(interior, want, rtol=1e-5, atol=1e-5)
 
 
 def test_options_remembered_by_value_and_type():

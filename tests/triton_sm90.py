@@ -172,6 +172,8 @@ def cases():
         ("crf 2-D C=4 r=5 fp64", lambda: _crf_case(torch.float64, 4, (37, 29), 5)),
         ("crf 2-D C=4 r=5 64x64 (interior tiles) fp32", lambda: _crf_case(torch.float32, 4, (64, 64), 5)),
         ("crf 2-D C=4 r=5 int64 offsets fp32", lambda: _int64_offsets(_crf_case, torch.float32, 4, (37, 29), 5)),
+        ("crf 2-D C=2 4 image channels 64x64 fp32",
+         lambda: _crf_case(torch.float32, 2, (64, 64), 2, channels=4, mask_src=True)),
         ("crf 3-D C=3 r=(1,3,3) fp64", lambda: _crf_case(torch.float64, 3, (5, 17, 15), (1, 3, 3))),
         ("crf 2-D C=64 compatibility fp32", lambda: _crf_case(torch.float32, 64, (9, 11), 1, compat=True)),
     ]

@@ -9,18 +9,21 @@ Same maths as csrc/cpu/masked_crf.cpp. For a centre i and its in-image neighbour
 (one pass gives both; autograd scales the gradient, attenscribble_ops/_crf_ops.py).
 
 Layout: contiguous (B, C, D, H, W) probabilities (2-D inputs get D = 1), image (B, F, ...), masks
-(B, 1, ...); a small parameter vector [sd, sh, sw, window, table...] in the accumulate dtype, so
-that float64 runs never round spacings or sigmas to float32.
-Parallel: one program per tile of BLOCK_H x BLOCK_W pixels of one (b, z) plane, all classes in
-a (CB, BLOCK) accumulator; the window is a loop over offsets with masked loads (the GPU caches
-serve the reuse between neighbouring pixels). The gradient is a gather (each program writes only
-its own pixels), so nothing is atomic; each program writes one loss partial and a single
-program sums them in a fixed order.
+(B, 1, ...); a small parameter vector [sd, sh, sw, window, then per descriptor: weight, a, b_f]
+in the accumulate dtype (a, b_f: the exponent factors -log2(e)/2 / sigma^2, computed in float64,
+so that float64 runs never round spacings or sigmas to float32).
+Parallel: one program per tile of BLOCK_H x BLOCK_W pixels of one (b, z) plane, with all classes
+of a pixel in one thread's (BLOCK, CB) accumulators; the window is a loop over offsets (the GPU
+caches serve the reuse between neighbouring pixels), without masks on tiles whose whole window
+lies inside the image, with masked loads on the others. The gradient is a gather (each program
+writes only its own pixels), so nothing is atomic; each program writes one loss partial and a
+single program sums them in a fixed order.
 """
 from __future__ import annotations
 
 import functools
 import math
+import types
 from typing import Optional
 
 import torch
@@ -162,10 +165,13 @@ def _masked_crf_kernel(probs_ptr, image_ptr, mdst_ptr, msrc_ptr, mu_ptr, params_
     x0 = (tile % TILES_W) * BLOCK_W
     interior = ((z >= EZ) & (z + EZ < D) & (y0 >= EY) & (y0 + (BLOCK_H - 1) + EY < H)
                 & (x0 >= EX) & (x0 + (BLOCK_W - 1) + EX < W))
-    if IDX64:
+    if IDX64:  # every offset in int64, class and channel strides (c * VOLUME) included
         y = y.to(tl.int64)
         x = x.to(tl.int64)
         z = z.to(tl.int64)
+        VOLUME = tl.cast(VOLUME, tl.int64)
+        PLANE = tl.cast(PLANE, tl.int64)
+        W = tl.cast(W, tl.int64)
     b64 = b.to(tl.int64)
     probs = probs_ptr + b64 * C * VOLUME
     grads = grad_ptr + b64 * C * VOLUME
@@ -283,7 +289,7 @@ def _params(table: tuple, channels: int, radius: tuple, spacing: tuple, device: 
 @functools.lru_cache(maxsize=256)
 def _launch_geometry(shape: tuple, radius: tuple, compat: bool) -> dict:
     """Tiles, grid and loop bounds for probabilities of ``shape`` (B, C, *spatial) (remembered:
-    a training loop asks for the same few shapes every step; callers must not modify the dict)."""
+    a training loop asks for the same few shapes every step; read-only)."""
     batch, classes = shape[:2]
     depth, height, width = (1,) * (5 - len(shape)) + tuple(shape[2:])
     rd, rh, rw = (0,) * (5 - len(shape)) + tuple(radius)
@@ -296,10 +302,10 @@ def _launch_geometry(shape: tuple, radius: tuple, compat: bool) -> dict:
     block_h = min(block // block_w, triton.next_power_of_2(height))
     tiles_w = triton.cdiv(width, block_w)
     tiles_plane = tiles_w * triton.cdiv(height, block_h)
-    return dict(grid=(tiles_plane * batch * depth,), C=classes, D=depth, H=height, W=width, PLANE=height * width,
-                VOLUME=depth * height * width, EZ=min(rd, depth - 1), EY=min(rh, height - 1),
-                EX=min(rw, width - 1), TILES_W=tiles_w, TILES_PLANE=tiles_plane,
-                CB=cb, BLOCK_H=block_h, BLOCK_W=block_w)
+    return types.MappingProxyType(dict(
+        grid=(tiles_plane * batch * depth,), C=classes, D=depth, H=height, W=width, PLANE=height * width,
+        VOLUME=depth * height * width, EZ=min(rd, depth - 1), EY=min(rh, height - 1), EX=min(rw, width - 1),
+        TILES_W=tiles_w, TILES_PLANE=tiles_plane, CB=cb, BLOCK_H=block_h, BLOCK_W=block_w))
 
 
 def _common(probs, image, mask_dst, mask_src, compat, table, radius, spacing):
