@@ -70,6 +70,28 @@ def _tf32(x, truncate=False):
     return (bits & np.uint32(0xFFFFE000)).view(np.float32)
 
 
+def _emulate_dots(monkeypatch, precision: str, product) -> list:
+    """Patch the interpreter's fp32 dots of one input precision ("TF32x3", "TF32") to compute
+    ``product(a, b, acc)`` with numpy; returns the list of their operand shapes, one per dot.
+    Patches stack: a dot of another precision goes to whatever create_dot was there before."""
+    import numpy as np
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    wanted = getattr(ir.INPUT_PRECISION, precision)
+    original = interpreter.InterpreterBuilder.create_dot
+    calls = []
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if input_precision != wanted or a.data.dtype != np.float32 or b.data.dtype != np.float32:
+            return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+        calls.append(a.data.shape)
+        return interpreter.TensorHandle(product(a.data, b.data, d.data), d.dtype.scalar)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    return calls
+
+
 @pytest.fixture
 def emulated_tf32x3(monkeypatch):
     """The interpreter's dots (exact fp32 there, whatever the precision) computed as Triton lowers
@@ -78,25 +100,15 @@ def emulated_tf32x3(monkeypatch):
     truncated), then acc + small.big, + big.small, + big.big in fp32. Yields the count of such
     dots."""
     import numpy as np
-    from triton._C.libtriton import ir
-    from triton.runtime import interpreter
 
-    original = interpreter.InterpreterBuilder.create_dot
-    calls = []
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if input_precision != ir.INPUT_PRECISION.TF32x3 or a.data.dtype != np.float32 or b.data.dtype != np.float32:
-            return original(self, a, b, d, input_precision, max_num_imprecise_acc)
-        calls.append(a.data.shape)
-        a_big, b_big = _tf32(a.data), _tf32(b.data)
-        a_small, b_small = _tf32(a.data - a_big, truncate=True), _tf32(b.data - b_big, truncate=True)
-        out = d.data + np.matmul(a_small, b_big, dtype=np.float32)
+    def product(a, b, acc):
+        a_big, b_big = _tf32(a), _tf32(b)
+        a_small, b_small = _tf32(a - a_big, truncate=True), _tf32(b - b_big, truncate=True)
+        out = acc + np.matmul(a_small, b_big, dtype=np.float32)
         out = out + np.matmul(a_big, b_small, dtype=np.float32)
-        out = out + np.matmul(a_big, b_big, dtype=np.float32)
-        return interpreter.TensorHandle(out, d.dtype.scalar)
+        return out + np.matmul(a_big, b_big, dtype=np.float32)
 
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
-    yield calls
+    yield _emulate_dots(monkeypatch, "TF32x3", product)
 
 
 @pytest.fixture
@@ -169,21 +181,9 @@ def emulated_tf32(monkeypatch):
     operands read as TF32 (their low 13 mantissa bits dropped), products accumulated in fp32.
     Yields the count of such dots."""
     import numpy as np
-    from triton._C.libtriton import ir
-    from triton.runtime import interpreter
 
-    original = interpreter.InterpreterBuilder.create_dot
-    calls = []
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if input_precision != ir.INPUT_PRECISION.TF32 or a.data.dtype != np.float32 or b.data.dtype != np.float32:
-            return original(self, a, b, d, input_precision, max_num_imprecise_acc)
-        calls.append(a.data.shape)
-        out = d.data + np.matmul(_tf32(a.data, truncate=True), _tf32(b.data, truncate=True), dtype=np.float32)
-        return interpreter.TensorHandle(out, d.dtype.scalar)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
-    yield calls
+    yield _emulate_dots(monkeypatch, "TF32", lambda a, b, acc: acc + np.matmul(
+        _tf32(a, truncate=True), _tf32(b, truncate=True), dtype=np.float32))
 
 
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest)")

@@ -111,6 +111,14 @@ def _tiles(X, base, rows, ok, dims, D, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _token_tiles(Q, K, Lse, hrow, t, t_ok, dims, n, D, SPLIT: tl.constexpr):
+    """The token block's q and k rows of one head (split) and its LSE."""
+    qt_b, qt_s = _tiles(Q, hrow * n * D, t, t_ok, dims, D, SPLIT)
+    kt_b, kt_s = _tiles(K, hrow * n * D, t, t_ok, dims, D, SPLIT)
+    return qt_b, qt_s, kt_b, kt_s, tl.load(Lse + hrow * n + t, mask=t_ok, other=0.0)
+
+
+@triton.jit
 def _band_exps(qt_b, qt_s, kt_b, kt_s, qu_b, qu_s, ku_b, ku_s, lse_t, lse_u, pair, s, SPLIT: tl.constexpr,
                X3: tl.constexpr, PRECISION: tl.constexpr):
     """exp(s q_t.k_u - lse_t) and exp(s q_u.k_t - lse_u) of one head on a band tile, from two products
@@ -130,9 +138,7 @@ def _head_band(Q, K, Lse, hrow, t, t_ok, u, u_in, pair, dims, n, D, s, qt_b, qt_
     tiles are given (one head: loaded once per program) or, with LOAD_T, loaded here."""
     base = hrow * n * D
     if LOAD_T:
-        qt_b, qt_s = _tiles(Q, base, t, t_ok, dims, D, SPLIT)
-        kt_b, kt_s = _tiles(K, base, t, t_ok, dims, D, SPLIT)
-        lse_t = tl.load(Lse + hrow * n + t, mask=t_ok, other=0.0)
+        qt_b, qt_s, kt_b, kt_s, lse_t = _token_tiles(Q, K, Lse, hrow, t, t_ok, dims, n, D, SPLIT)
     qu_b, qu_s = _tiles(Q, base, u, u_in, dims, D, SPLIT)
     ku_b, ku_s = _tiles(K, base, u, u_in, dims, D, SPLIT)
     lse_u = tl.load(Lse + hrow * n + u, mask=u_in, other=0.0)
@@ -170,10 +176,7 @@ def _attentive_similarity_fwd_kernel(Q, K, Lse, P, HW, HB, G, Rows, n, h, w, D, 
     p_base = b.to(tl.int64) * C * n
     c_lo, c_hi = _window_columns(i, col, t_ok, w, RX)
     if HEADS == 1:  # the token block's tiles, loaded and split once
-        hrow = b.to(tl.int64) * HEADS
-        qt_b, qt_s = _tiles(Q, hrow * n * D, t, t_ok, dims, D, SPLIT)
-        kt_b, kt_s = _tiles(K, hrow * n * D, t, t_ok, dims, D, SPLIT)
-        lse_t = tl.load(Lse + hrow * n + t, mask=t_ok, other=0.0)
+        qt_b, qt_s, kt_b, kt_s, lse_t = _token_tiles(Q, K, Lse, b.to(tl.int64), t, t_ok, dims, n, D, SPLIT)
     acc = tl.zeros([BLOCK_T], tl.float32)
     for dy in range(-RY, RY + 1):
         row_ok = (row + dy >= 0) & (row + dy < h)
@@ -220,10 +223,7 @@ def _attentive_similarity_bwd_kernel(Q, K, Lse, P, HW, HB, G, Gamma, DQ, DK, DLs
     gamma_t = tl.load(Gamma + b.to(tl.int64) * n + t, mask=t_ok, other=0.0)
     c_lo, c_hi = _window_columns(i, col, t_ok, w, RX)
     if HEADS == 1:  # the token block's tiles, loaded and split once
-        hrow = b.to(tl.int64) * HEADS
-        qt_b, qt_s = _tiles(Q, hrow * n * D, t, t_ok, dims, D, SPLIT)
-        kt_b, kt_s = _tiles(K, hrow * n * D, t, t_ok, dims, D, SPLIT)
-        lse_t = tl.load(Lse + hrow * n + t, mask=t_ok, other=0.0)
+        qt_b, qt_s, kt_b, kt_s, lse_t = _token_tiles(Q, K, Lse, b.to(tl.int64), t, t_ok, dims, n, D, SPLIT)
     dbeta = tl.zeros([BLOCK_T], tl.float32)
     dp = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
     # heads outermost, so that one head's dq, dk accumulators suffice; the mixed logit over every
