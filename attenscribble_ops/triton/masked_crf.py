@@ -41,14 +41,16 @@ _INT32_OFFSETS_BELOW = 2 ** 31  # elements per sample from which the kernel inde
 
 @triton.jit
 def _tile(pid, D, H, W, TILES_W, TILES_PLANE, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """The program's plane (b, z: scalars), its tile's pixel rows and columns (int32 vectors) and
-    which of them are inside the image."""
+    """The program's plane (b, z) and tile origin (y0, x0) as scalars, its tile's pixel rows and
+    columns (int32 vectors) and which of them are inside the image."""
     plane_id = pid // TILES_PLANE
     tile = pid % TILES_PLANE
+    y0 = (tile // TILES_W) * BLOCK_H
+    x0 = (tile % TILES_W) * BLOCK_W
     offs = tl.arange(0, BLOCK_H * BLOCK_W)
-    y = (tile // TILES_W) * BLOCK_H + offs // BLOCK_W
-    x = (tile % TILES_W) * BLOCK_W + offs % BLOCK_W
-    return plane_id // D, plane_id % D, y, x, (y < H) & (x < W)
+    y = y0 + offs // BLOCK_W
+    x = x0 + offs % BLOCK_W
+    return plane_id // D, plane_id % D, y0, x0, y, x, (y < H) & (x < W)
 
 
 @triton.jit
@@ -159,10 +161,7 @@ def _masked_crf_kernel(probs_ptr, image_ptr, mdst_ptr, msrc_ptr, mu_ptr, params_
     pid = tl.program_id(0)
     BLOCK: tl.constexpr = BLOCK_H * BLOCK_W
     SECOND: tl.constexpr = WITH_GRAD and (HAS_MDST or HAS_MSRC)
-    b, z, y, x, inside = _tile(pid, D, H, W, TILES_W, TILES_PLANE, BLOCK_H, BLOCK_W)
-    tile = pid % TILES_PLANE
-    y0 = (tile // TILES_W) * BLOCK_H
-    x0 = (tile % TILES_W) * BLOCK_W
+    b, z, y0, x0, y, x, inside = _tile(pid, D, H, W, TILES_W, TILES_PLANE, BLOCK_H, BLOCK_W)
     interior = ((z >= EZ) & (z + EZ < D) & (y0 >= EY) & (y0 + (BLOCK_H - 1) + EY < H)
                 & (x0 >= EX) & (x0 + (BLOCK_W - 1) + EX < W))
     if IDX64:  # every offset in int64, class and channel strides (c * VOLUME) included
