@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attenscribble_ops as ops
 from attenscribble_ops import _crf_ops, _crf_params, backends
@@ -131,6 +132,42 @@ def test_gpu_backends_bitwise_repeatable(backend):
     first = loss_and_grad(backend, tensors, options, 1.1)
     second = loss_and_grad(backend, tensors, options, 1.1)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind,device", _op_pairs(), ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_eager_autograd_matches_registered_formula(kind, device, dtype):
+    """The backends' eager path (_crf_ops.loss: the operator inside a plain autograd.Function)
+    gives the loss and gradient of the operator's registered autograd formula, bitwise, in probs'
+    dtype, and still dispatches the operator (dispatch modes see it)."""
+    probs, image, mask_dst, mask_src, compat, params = op_arguments(Case(shape=(6, 7), masks=("dst",)), dtype,
+                                                                    device)
+    results = []
+    for path in ("registered", "eager"):
+        p = probs.detach().clone().requires_grad_()
+        if path == "registered":
+            raw = _op(kind)(*_crf_ops.op_arguments(p, image, mask_dst, mask_src, compat, params))[0]
+        else:
+            with _RecordOps() as seen:
+                raw = _crf_ops.loss(_op(kind), p, image, mask_dst, mask_src, compat, params)
+            assert _op(kind).default.name() in seen.names
+        (raw * 0.7).backward()
+        assert p.grad.dtype == dtype
+        results.append((raw.detach(), p.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    with torch.no_grad():  # no gradient wanted: the operator alone, asked for none
+        raw = _crf_ops.loss(_op(kind), probs.detach().requires_grad_(), image, mask_dst, mask_src, compat, params)
+    assert raw.grad_fn is None and torch.equal(raw, results[0][0])
 
 
 BAD = [

@@ -27,9 +27,8 @@ def _masked_crf_compiled(probs: torch.Tensor, image: Optional[torch.Tensor], mas
                          mask_src: Optional[torch.Tensor], compat: Optional[torch.Tensor],
                          params: CRFParams) -> torch.Tensor:
     """Un-normalised loss from the compiled kernels; the dispatcher picks CPU or CUDA."""
-    raw, _ = torch.ops.attenscribble_ops.masked_crf_forward(
-        *_crf_ops.op_arguments(probs, image, mask_dst, mask_src, compat, params))
-    return raw
+    return _crf_ops.loss(torch.ops.attenscribble_ops.masked_crf_forward, probs, image, mask_dst, mask_src, compat,
+                         params)
 
 
 backends.register("masked_crf", "cpu", check=_check)(_masked_crf_compiled)

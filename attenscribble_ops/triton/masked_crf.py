@@ -360,5 +360,4 @@ def masked_crf_triton(probs: torch.Tensor, image: Optional[torch.Tensor], mask_d
                       mask_src: Optional[torch.Tensor], compat: Optional[torch.Tensor],
                       params: CRFParams) -> torch.Tensor:
     """Un-normalised loss from the Triton kernels (the interpreter on CPU tensors)."""
-    raw, _ = masked_crf_forward_triton(*_crf_ops.op_arguments(probs, image, mask_dst, mask_src, compat, params))
-    return raw
+    return _crf_ops.loss(masked_crf_forward_triton, probs, image, mask_dst, mask_src, compat, params)
