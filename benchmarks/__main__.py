@@ -35,7 +35,12 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-providers", nargs="+", default=[], metavar="PROVIDER",
                         help="providers left out (e.g. reference-compile, whose compiles take the longest)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=10,
+                        help=f"samples per row at least; sub-millisecond rows take more, up to about "
+                             f"{common.MIN_SECONDS} s of them ({common.MAX_REPEAT} at most)")
+    parser.add_argument("--timing", default="queued", choices=common.TIMINGS,
+                        help="GPU: 'queued' launches ahead (a training loop's pace: GPU time, or host time where "
+                             "longer), 'synced' synchronises before each sample (adds the host path)")
     parser.add_argument("--out", default=common.RESULTS_DIR, help="directory for JSON/CSV results")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--json-only", action="store_true", help="no CSV next to the JSON")
@@ -63,7 +68,7 @@ def main(argv=None) -> int:
             print(f"suite {name}: none of its providers {suite.providers(device.type)} was chosen")
             continue
         rows = common.run_suite(suite, device, quick=args.quick, modes=args.modes, providers=chosen,
-                                warmup=args.warmup, repeat=args.repeat, on_row=save_so_far)
+                                warmup=args.warmup, repeat=args.repeat, timing=args.timing, on_row=save_so_far)
         common.add_ratios(rows, suite.reference)
         print(common.table(rows))
         path = common.write_results(rows, name, device, args.out, csv=not args.json_only)

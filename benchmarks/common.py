@@ -120,31 +120,63 @@ def _clear_grads(leaves) -> None:
         t.grad = None
 
 
+# How the GPU rows are timed (recorded in each row as "timing"):
+# "queued": launches queued ahead, one pair of CUDA events around each iteration and one
+#   synchronisation at the end, as triton.testing.do_bench and torch.utils.benchmark time GPU work.
+#   An iteration's host work overlaps the kernels of the one before, as in a training loop, so a
+#   sample is the iteration's GPU time, or its host time where that is longer.
+# "synced": a synchronisation before each iteration (results up to git 1ca6462b42b4). Every
+#   sample then also holds the host path up to the first launch, which dominates sub-millisecond
+#   workloads (a masked CRF call: about 0.2 ms of Python and launches).
+TIMINGS = ("queued", "synced")
+# Sub-millisecond workloads repeat until their samples add up to about this long (at most
+# MAX_REPEAT samples), so that their median is not ten samples of launch jitter.
+MIN_SECONDS = 0.1
+MAX_REPEAT = 500
+
+
 def _median_time(step: Callable[[], None], device: torch.device, warmup: int, repeat: int,
-                 setup: Optional[Callable[[], None]] = None) -> float:
-    """Median seconds of ``step`` (CUDA events on the GPU, a synchronised clock on the CPU)."""
+                 setup: Optional[Callable[[], None]] = None, timing: str = "queued",
+                 min_seconds: float = MIN_SECONDS) -> tuple[float, int]:
+    """(median seconds of ``step``, samples taken): CUDA events on the GPU (``timing`` above), a
+    synchronised clock on the CPU. At least ``repeat`` samples, more for short steps (up to
+    ``min_seconds`` of them in all, at most MAX_REPEAT)."""
+    if timing not in TIMINGS:
+        raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
     for _ in range(warmup):
         if setup:
             setup()
         step()
     _sync(device)
-    times = []
-    for _ in range(repeat):
-        if setup:
-            setup()
-        _sync(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
+    if setup:
+        setup()
+    t0 = time.perf_counter()
+    step()  # one more, timed on the host, to size the run
+    _sync(device)
+    estimate = time.perf_counter() - t0
+    count = repeat if estimate <= 0 else max(repeat, min(MAX_REPEAT, int(min_seconds / estimate)))
+    if device.type != "cuda":
+        times = []
+        for _ in range(count):
+            if setup:
+                setup()
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return statistics.median(times), count
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)]
+    for start, end in events:
+        if setup:
+            setup()
+        if timing == "synced":
+            _sync(device)
+        start.record()
+        step()
+        end.record()
+        if timing == "synced":
+            end.synchronize()
+    _sync(device)
+    return statistics.median(start.elapsed_time(end) / 1e3 for start, end in events), count
 
 
 def steps(work: Workload):
@@ -167,44 +199,47 @@ def steps(work: Workload):
     return forward, backward, full, state
 
 
-def measure(work: Workload, mode: str, device: torch.device, *, warmup: int, repeat: int) -> dict:
-    """Median time (ms) and peak extra memory (MiB) of one mode of a workload."""
+def measure(work: Workload, mode: str, device: torch.device, *, warmup: int, repeat: int,
+            timing: str = "queued") -> dict:
+    """Median time (ms), samples taken and peak extra memory (MiB) of one mode of a workload."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode != "full" and _DONATED_BUFFER is not None:
         torch._functorch.config.donated_buffer = False
     try:
         with work.context() if work.context is not None else contextlib.nullcontext():
-            return _measure_mode(work, mode, device, warmup, repeat)
+            return _measure_mode(work, mode, device, warmup, repeat, timing)
     finally:
         if _DONATED_BUFFER is not None:
             torch._functorch.config.donated_buffer = _DONATED_BUFFER
 
 
-def _measure_mode(work: Workload, mode: str, device: torch.device, warmup: int, repeat: int) -> dict:
+def _measure_mode(work: Workload, mode: str, device: torch.device, warmup: int, repeat: int, timing: str) -> dict:
     leaves = work.leaves
     forward, backward, full, state = steps(work)
     try:
         if mode == "forward":
-            seconds = _median_time(forward, device, warmup, repeat)
+            seconds, count = _median_time(forward, device, warmup, repeat, timing=timing)
             peak = peak_memory(forward, device)
         elif mode == "backward":
             forward()
-            seconds = _median_time(backward, device, warmup, repeat, setup=lambda: _clear_grads(leaves))
+            seconds, count = _median_time(backward, device, warmup, repeat, setup=lambda: _clear_grads(leaves),
+                                          timing=timing)
             _clear_grads(leaves)
             peak = peak_memory(backward, device)
         else:
-            seconds = _median_time(full, device, warmup, repeat)
+            seconds, count = _median_time(full, device, warmup, repeat, timing=timing)
             _clear_grads(leaves)
             peak = peak_memory(full, device)
     finally:
         state.clear()
-    return {"median_ms": seconds * 1e3, "peak_mib": None if peak is None else peak / 2**20}
+    return {"median_ms": seconds * 1e3, "samples": count, "peak_mib": None if peak is None else peak / 2**20,
+            **({"timing": timing} if device.type == "cuda" else {})}
 
 
 def run_suite(suite: Suite, device: torch.device, *, quick: bool, modes: Iterable[str],
               providers: Optional[Sequence[str]] = None, warmup: int = 2, repeat: int = 10,
-              log: Callable[[str], None] = print,
+              timing: str = "queued", log: Callable[[str], None] = print,
               on_row: Optional[Callable[[list[dict]], None]] = None) -> list[dict]:
     """Measure every case x provider x mode of ``suite``; ``on_row(rows)`` after each row (the
     command line saves the rows so far as partial results, so a run stopped by a time limit keeps
@@ -222,7 +257,7 @@ def run_suite(suite: Suite, device: torch.device, *, quick: bool, modes: Iterabl
                     if mode not in work.modes:
                         raise Unavailable(f"this workload is timed in the modes {tuple(work.modes)} only")
                     row.update(work.info)
-                    row.update(measure(work, mode, device, warmup=warmup, repeat=repeat))
+                    row.update(measure(work, mode, device, warmup=warmup, repeat=repeat, timing=timing))
                     grads = sum(t.numel() * t.element_size() for t in work.leaves) if mode != "forward" else 0
                     inputs = sum(t.numel() * t.element_size() for t in work.leaves)
                     if row["peak_mib"] is not None and inputs:
@@ -245,7 +280,7 @@ def run_suite(suite: Suite, device: torch.device, *, quick: bool, modes: Iterabl
 
 def case_label(row: dict) -> str:
     skip = {"suite", "provider", "mode", "median_ms", "peak_mib", "skipped", "speedup", "memory_ratio",
-            "extra_over_inputs", "series"}
+            "extra_over_inputs", "series", "samples", "timing"}
     skip |= set(environment_keys())
     return " ".join(f"{k}={v}" for k, v in row.items() if k not in skip)
 

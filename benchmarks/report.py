@@ -90,6 +90,17 @@ def plot_results(path: str) -> list[str]:
     return written
 
 
+# rows without "timing" were all timed with a synchronisation before each sample
+_TIMING_NOTES = {"queued": " of CUDA-event samples with the launches queued ahead",
+                 "synced": " of CUDA-event samples, each after a synchronisation (host path included)"}
+
+
+def _timing_note(row: dict) -> str:
+    if row.get("device_type") != "cuda":
+        return ""
+    return _TIMING_NOTES[row.get("timing", "synced")]
+
+
 def markdown_table(rows: list[dict], mode: str = "full", reference: str = "reference",
                    relative_time: bool = False) -> str:
     """The rows of one mode as a markdown table; providers that did not run are listed below it
@@ -104,7 +115,7 @@ def markdown_table(rows: list[dict], mode: str = "full", reference: str = "refer
             "forward": "forward (autograd recording)", "backward": "backward alone"}[mode]
     first = "time vs" if relative_time else "speed-up vs"
     lines = [f"Measured on {device}, torch {rows[0]['torch']}, git {rows[0]['git']} ({rows[0]['date'][:10]}); "
-             f"{mode} = {what}, median.", "",
+             f"{mode} = {what}, median{_timing_note(rows[0])}.", "",
              f"| case | provider | time (ms) | peak extra memory (MiB) | {first} {reference} | memory vs {reference} |",
              "|---|---|---:|---:|---:|---:|"]
     skipped = {}

@@ -193,3 +193,61 @@ def test_a_case_on_two_series_is_plotted_on_both(tmp_path):
     path.write_text(json.dumps(rows))
     written = sorted(os.path.basename(p) for p in report.plot_results(str(path)))
     assert written == ["masked_crf-test-radius-full.png", "masked_crf-test-size-full.png"]
+
+
+def test_short_steps_take_more_samples_up_to_the_cap(monkeypatch):
+    """At least ``repeat`` samples; a step far shorter than MIN_SECONDS takes more, at most
+    MAX_REPEAT; the row says how many, and its case label does not depend on it."""
+    calls = []
+
+    def step():
+        calls.append(None)
+
+    seconds, count = common._median_time(step, CPU, warmup=1, repeat=3, min_seconds=0.0)
+    assert count == 3 and len(calls) == 1 + 1 + 3 and seconds >= 0  # warm-up, sizing, samples
+    monkeypatch.setattr(common, "MAX_REPEAT", 40)
+    _, count = common._median_time(step, CPU, warmup=0, repeat=3, min_seconds=10.0)
+    assert count == 40
+    x = torch.rand(8, requires_grad=True)
+    row = common.measure(common.Workload(lambda: (x * x).sum(), [x]), "full", CPU, warmup=0, repeat=2)
+    assert 2 <= row["samples"] <= 40 and "timing" not in row  # CPU rows: a synchronised clock
+    label = common.case_label(dict(row, suite="s", provider="p", mode="full"))
+    assert "samples" not in label
+
+
+def test_timing_must_be_known():
+    with pytest.raises(ValueError, match="timing"):
+        common._median_time(lambda: None, CPU, warmup=0, repeat=1, timing="async")
+
+
+def test_table_header_names_the_gpu_timing():
+    row = dict(suite="masked_crf", provider="reference", mode="full", device="NVIDIA X", device_type="cuda",
+               torch="2", git="abc", date="2026-11-27T00:00:00Z", median_ms=1.0, peak_mib=1.0)
+    assert "each after a synchronisation" in report.markdown_table([row])  # rows from before "timing"
+    assert "queued ahead" in report.markdown_table([dict(row, timing="queued")])
+    assert "CUDA-event" not in report.markdown_table([dict(row, device_type="cpu")])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("timing", common.TIMINGS)
+def test_gpu_timings_measure_the_kernels(timing):
+    """A GPU-bound step (matmuls of a few ms): either timing gives its kernel time, within 25 % of
+    the time of the same chain measured by one pair of events around 20 steps."""
+    a = torch.randn(4096, 4096, device="cuda")
+
+    def step():
+        for _ in range(4):
+            a @ a
+
+    step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        step()
+    end.record()
+    end.synchronize()
+    per_step = start.elapsed_time(end) / 20 / 1e3
+    seconds, count = common._median_time(step, torch.device("cuda"), warmup=1, repeat=5, timing=timing)
+    assert count >= 5
+    assert 0.75 * per_step <= seconds <= 1.25 * per_step
