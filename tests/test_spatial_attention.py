@@ -76,6 +76,25 @@ def test_zero_and_negative_logit_scale(backend, logit_scale):
     _compare(got, want, _dtype_for(backend))
 
 
+@pytest.mark.skipif("triton" not in FUSED, reason="needs the Triton interpreter")
+@pytest.mark.parametrize("logit_scale", [1.3, -0.6, 0.0])
+@pytest.mark.parametrize("dv", [None, 8])
+def test_triton_tiles_dividing_the_tokens(logit_scale, dv):
+    """n = 64 tokens: every tile full, the kernels' path without row and key masks, with and
+    without column masks (Dv = 8 is narrower than its tile), the similarity's running maximum
+    shared with the attention's (logit_scale > 0) or its own."""
+    from attenscribble_ops.triton import spatial_attention as kernels
+
+    shape = (2, 2, 64, 16)
+    q, k, v = _inputs(shape, dv, seed=5)
+    assert all(kernels._even(cfg, 64) for cfg in kernels._configs(q.float(), 16, dv or 16))
+    dout = torch.randn(shape[:3] + (dv or 16,), dtype=torch.float64)
+    dlse = torch.randn(shape[:3], dtype=torch.float64)
+    want = _run("reference", torch.float64, q, k, v, logit_scale, dout, dlse)
+    got = _run("triton", torch.float32, q, k, v, logit_scale, dout, dlse)
+    _compare(got, want, torch.float32)
+
+
 @pytest.mark.skipif("cpu" not in FUSED, reason="the cpu backend is not built")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("logit_scale", [1.3, -0.6])

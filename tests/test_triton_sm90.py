@@ -134,33 +134,42 @@ def test_tf32_rounding_emulation():
 
 
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest)")
-@pytest.mark.parametrize("dot", ["tf32", "tf32x3"])
-@pytest.mark.parametrize("dim,dim_v", [(64, 64), (128, 24)])
-def test_gpu_tiles_match_the_reference(gpu_tiles, emulated_tf32x3, dot, dim, dim_v):
+@pytest.mark.parametrize("dot,dim,dim_v,grid", [("tf32", 64, 64, (9, 12)), ("tf32", 128, 24, (9, 12)),
+                                               ("tf32x3", 64, 64, (9, 12)), ("tf32x3", 128, 24, (9, 12)),
+                                               ("tf32x3", 64, 64, (16, 16))],
+                         ids=["tf32-64", "tf32-128x24", "tf32x3-64", "tf32x3-128x24", "tf32x3-64-256tokens"])
+def test_gpu_tiles_match_the_reference(request, gpu_tiles, emulated_tf32x3, dot, dim, dim_v, grid):
     """Attention (tie_qk, so the similarity loss's dq, dk accumulate into the attention's) and the
-    loss with GPU tiles against the reference: n = 9 x 12 = 108 tokens, one full and one partial
-    64-token tile (radius 2: the window's size is not what the tiles change, and the interpreter
-    pays for every window offset).
+    loss with GPU tiles against the reference: n = 9 x 12 = 108 tokens, partial tiles (and full
+    ones where a tile is shorter), or 16 x 16 = 256, which every tile divides (the kernels' path
+    without row and key masks). Radius 2: the window's size is not what the tiles change, and the
+    interpreter pays for every window offset.
 
     "tf32": torch's fp32 matmuls in TF32, the 16-bit tiles (the interpreter computes these dots in exact
-    fp32). "tf32x3": the fp32 default, its own tiles, and its dots emulated as the GPU rounds them:
-    errors within twice the fp32 reference's own (plain tf32 products, tried in this emulation while
-    writing the test, were 600-950 times it)."""
+    fp32). "tf32x3": the fp32 default, its own tiles; the kernels split their fp32 tiles and run
+    three "tf32" products, whose operands are read here as a tensor core reads them (truncated to
+    TF32): errors within twice the fp32 reference's own (plain tf32 products, tried in this
+    emulation while writing the test, were 600-950 times it)."""
+    emulated_tf32 = request.getfixturevalue("emulated_tf32") if dot == "tf32x3" else None
     with cuda_matmul_fp32("tf32" if dot == "tf32" else "ieee"):
-        _gpu_tiles_match_the_reference(emulated_tf32x3, dot, dim, dim_v)
+        _gpu_tiles_match_the_reference(emulated_tf32, dot, dim, dim_v, grid)
+    assert not emulated_tf32x3, "Triton's own tf32x3 dots: the kernels split their operands themselves"
 
 
-def _gpu_tiles_match_the_reference(emulated_tf32x3, dot, dim, dim_v):
-    x = make_similarity_inputs(2, 2, (9, 12), dim, seed=11)
-    v0 = torch.randn(2, 2, 108, dim_v, generator=torch.Generator().manual_seed(12))
-    weights = torch.linspace(-1, 1, 2 * 2 * 108 * dim_v).view(2, 2, 108, dim_v)
+def _gpu_tiles_match_the_reference(emulated_tf32, dot, dim, dim_v, grid):
+    n = grid[0] * grid[1]
+    b, h = (2, 2) if n < 128 else (1, 1)  # the interpreter's time grows with the programs
+    x = make_similarity_inputs(b, h, grid, dim, seed=11)
+    v0 = torch.randn(b, h, n, dim_v, generator=torch.Generator().manual_seed(12))
+    weights = torch.linspace(-1, 1, b * h * n * dim_v).view(b, h, n, dim_v)
+    gates = torch.tensor([1.0, 0.25])[:b]
 
     def run(backend, dtype=torch.float32):
         q, k, v = (t.clone().to(dtype).requires_grad_() for t in (x["q"], x["k"], v0))
         out, lse, qt, kt = ao.spatial_attention(q, k, v, backend=backend, tie_qk=True)
         probs, hw, hb = (x[name].to(dtype) for name in ("probs", "head_weight", "head_bias"))
         loss = ao.attentive_similarity_loss(qt, kt, probs, hw, hb, grid=x["grid"], radius=2, lse=lse,
-                                            sample_weight=torch.tensor([1.0, 0.25], dtype=dtype), backend=backend)
+                                            sample_weight=gates.to(dtype), backend=backend)
         fused = ao.attentive_similarity_loss(q, k, probs, hw, hb, grid=x["grid"], radius=2, backend=backend)
         total = loss + 0.5 * fused + (out * weights.to(dtype)).sum()
         return [out.detach(), lse.detach(), loss.detach(), fused.detach(), *torch.autograd.grad(total, [q, k, v])]
@@ -168,8 +177,8 @@ def _gpu_tiles_match_the_reference(emulated_tf32x3, dot, dim, dim_v):
     got, want = run("triton"), run("reference")
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=2e-4, atol=2e-5)
-    assert bool(emulated_tf32x3) == (dot == "tf32x3")
     if dot == "tf32x3":  # as accurate as fp32: within twice the fp32 reference's own error (plain tf32: ~1000x)
+        assert emulated_tf32, "no split tf32 products ran"
         exact = run("reference", torch.float64)
         for g, w, e in zip(got, want, exact):
             assert (g.double() - e).abs().max() <= 2 * (w.double() - e).abs().max() + 1e-7 * e.abs().max()

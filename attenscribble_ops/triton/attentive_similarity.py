@@ -33,7 +33,10 @@ import triton.language as tl
 
 from .. import backends
 from . import _target
+from ._tf32x3 import mm as _mm
+from ._tf32x3 import split as _split
 from .._composite import fused_loss, fused_similarity_autograd
+from .spatial_attention import LOG2E
 from .spatial_attention import _backward as _attention_backward
 from .spatial_attention import _forward as _attention_forward
 from .spatial_attention import check as _attention_check
@@ -44,8 +47,9 @@ from .spatial_attention import grid_chunks
 @triton.jit
 def _sigmoid(z):
     """1 / (1 + exp(-z)) with the GPU's approximate division (2 ulp): z is a sum of positive
-    exponentials plus a bias, never NaN unless an input is."""
-    return tl.fdiv(tl.full(z.shape, 1.0, tl.float32), 1.0 + tl.exp(-z), ieee_rounding=False)
+    exponentials plus a bias, never NaN unless an input is. Exponentials here are exp2 of a
+    product (one instruction each on the GPU; exp compiles to six)."""
+    return tl.fdiv(tl.full(z.shape, 1.0, tl.float32), 1.0 + tl.exp2(z * -LOG2E), ieee_rounding=False)
 
 
 @triton.jit
@@ -74,35 +78,6 @@ def _window_columns(i, col, t_ok, w, RX):
 
 
 @triton.jit
-def _split(x, SPLIT: tl.constexpr):
-    """x (fp32) as big + small: big rounded to TF32 (to nearest, ties away, as cvt.rna.tf32 does),
-    small the rest, which a tensor core reads truncated to TF32: the operands of a 3xTF32 product
-    (Triton's tf32x3), split here once per tile so that a tile used in several products, or in
-    every iteration, is not split again. Without SPLIT: (x, x)."""
-    if SPLIT:
-        big = ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-        return big, x - big
-    return x, x
-
-
-@triton.jit
-def _mm(a_big, a_small, b_big, b_small, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, X3: tl.constexpr,
-        PRECISION: tl.constexpr):
-    """a @ b in fp32. X3 (fp32 products as tf32x3): tensor-core "tf32" products of the split
-    operands, small terms first; an operand that is not split (SPLIT_A/B false) is exact in TF32
-    (q, k from 16-bit inputs), so its small part, zero, is skipped. Otherwise one product in
-    PRECISION."""
-    if X3:
-        acc = tl.zeros([a_big.shape[0], b_big.shape[1]], tl.float32)
-        if SPLIT_A:
-            acc = tl.dot(a_small, b_big, acc, input_precision="tf32")
-        if SPLIT_B:
-            acc = tl.dot(a_big, b_small, acc, input_precision="tf32")
-        return tl.dot(a_big, b_big, acc, input_precision="tf32")
-    return tl.dot(a_big, b_big, input_precision=PRECISION)
-
-
-@triton.jit
 def _tiles(X, base, rows, ok, dims, D, SPLIT: tl.constexpr):
     """Rows ``rows`` of one head's (n, D) matrix at ``base``, fp32, split for tf32x3."""
     x = tl.load(X + base + rows[:, None] * D + dims[None, :], mask=ok[:, None] & (dims[None, :] < D),
@@ -112,22 +87,23 @@ def _tiles(X, base, rows, ok, dims, D, SPLIT: tl.constexpr):
 
 @triton.jit
 def _token_tiles(Q, K, Lse, hrow, t, t_ok, dims, n, D, SPLIT: tl.constexpr):
-    """The token block's q and k rows of one head (split) and its LSE."""
+    """The token block's q and k rows of one head (split) and its LSE (in log2 units)."""
     qt_b, qt_s = _tiles(Q, hrow * n * D, t, t_ok, dims, D, SPLIT)
     kt_b, kt_s = _tiles(K, hrow * n * D, t, t_ok, dims, D, SPLIT)
-    return qt_b, qt_s, kt_b, kt_s, tl.load(Lse + hrow * n + t, mask=t_ok, other=0.0)
+    return qt_b, qt_s, kt_b, kt_s, tl.load(Lse + hrow * n + t, mask=t_ok, other=0.0) * LOG2E
 
 
 @triton.jit
 def _band_exps(qt_b, qt_s, kt_b, kt_s, qu_b, qu_s, ku_b, ku_s, lse_t, lse_u, pair, s, SPLIT: tl.constexpr,
                X3: tl.constexpr, PRECISION: tl.constexpr):
     """exp(s q_t.k_u - lse_t) and exp(s q_u.k_t - lse_u) of one head on a band tile, from two products
-    of the token block with the band; exponents outside the window pairs are forced to 0 so no
-    inf reaches a later product."""
+    of the token block with the band (lse_t, lse_u in log2 units); exponents outside the window
+    pairs are forced to 0 so no inf reaches a later product."""
     logit_tu = _mm(qt_b, qt_s, tl.trans(ku_b), tl.trans(ku_s), SPLIT, SPLIT, X3, PRECISION)
     logit_ut = _mm(kt_b, kt_s, tl.trans(qu_b), tl.trans(qu_s), SPLIT, SPLIT, X3, PRECISION)
-    a_tu = tl.exp(tl.where(pair, s * logit_tu - lse_t[:, None], 0.0))
-    a_ut = tl.exp(tl.where(pair, s * logit_ut - lse_u[None, :], 0.0))
+    s2 = s * LOG2E
+    a_tu = tl.exp2(tl.where(pair, logit_tu * s2 - lse_t[:, None], 0.0))
+    a_ut = tl.exp2(tl.where(pair, logit_ut * s2 - lse_u[None, :], 0.0))
     return a_tu, a_ut
 
 
@@ -141,7 +117,7 @@ def _head_band(Q, K, Lse, hrow, t, t_ok, u, u_in, pair, dims, n, D, s, qt_b, qt_
         qt_b, qt_s, kt_b, kt_s, lse_t = _token_tiles(Q, K, Lse, hrow, t, t_ok, dims, n, D, SPLIT)
     qu_b, qu_s = _tiles(Q, base, u, u_in, dims, D, SPLIT)
     ku_b, ku_s = _tiles(K, base, u, u_in, dims, D, SPLIT)
-    lse_u = tl.load(Lse + hrow * n + u, mask=u_in, other=0.0)
+    lse_u = tl.load(Lse + hrow * n + u, mask=u_in, other=0.0) * LOG2E
     a_tu, a_ut = _band_exps(qt_b, qt_s, kt_b, kt_s, qu_b, qu_s, ku_b, ku_s, lse_t, lse_u, pair, s, SPLIT, X3,
                             PRECISION)
     return a_tu, a_ut, qu_b, qu_s, ku_b, ku_s
@@ -192,7 +168,7 @@ def _attentive_similarity_fwd_kernel(Q, K, Lse, P, HW, HB, G, Rows, n, h, w, D, 
                     a_tu, a_ut, _, _, _, _ = _head_band(Q, K, Lse, b.to(tl.int64) * HEADS + m, t, t_ok, u, u_in, pair,
                                                         dims, n, D, s, z, z, z, z, z, True, SPLIT, X3, PRECISION)
                     z += tl.load(HW + m) * (a_tu + a_ut)
-            decay = tl.exp(neg_c * (dy * dy + dx * dx).to(tl.float32))
+            decay = tl.exp2(neg_c * LOG2E * (dy * dy + dx * dx).to(tl.float32))
             diss = _dissimilarity(P, p_base, t, t_ok, u, u_in, n, C)
             acc += tl.sum(tl.where(pair, decay * _sigmoid(z) * diss, 0.0), 1)
     if HAS_G:
@@ -258,7 +234,7 @@ def _attentive_similarity_bwd_kernel(Q, K, Lse, P, HW, HB, G, Gamma, DQ, DK, DLs
                     # head m's band rows
                     qu_b, qu_s = _tiles(Q, hrow_m * n * D, u, u_in, dims, D, SPLIT)
                     ku_b, ku_s = _tiles(K, hrow_m * n * D, u, u_in, dims, D, SPLIT)
-                decay = tl.exp(neg_c * (dy * dy + dx * dx).to(tl.float32))
+                decay = tl.exp2(neg_c * LOG2E * (dy * dy + dx * dx).to(tl.float32))
                 wgt = _sigmoid(z)
                 diss = _dissimilarity(P, p_base, t, t_ok, u, u_in, n, C)
                 gamma_u = tl.load(Gamma + b.to(tl.int64) * n + u, mask=u_in, other=0.0)
@@ -307,8 +283,8 @@ class _Prepared:
         # cores (fp32 operands, whatever q's dtype, in the dot precision of fp32: tf32x3 by default
         # on a GPU, exact in the interpreter). Only 2 rx + 1 entries of a tile row are window pairs,
         # so small tiles waste least: on a GPU 16 tokens x 16 band columns on one warp (compiled for
-        # sm_90 at D = 64: about 380 thread-instructions per window pair in the forward window loop
-        # and 880 in the backward, against 1340 and 1680 for the 64-token tiles of per-pair dot
+        # sm_90 at D = 64: about 341 thread-instructions per window pair in the forward window loop
+        # and 834 in the backward, against 1340 and 1680 for the 64-token tiles of per-pair dot
         # products these kernels replaced); the interpreter takes 32 tokens.
         block_t = 16 if gpu else 32
         self.tiles = triton.cdiv(self.n, block_t)

@@ -27,66 +27,103 @@ import triton.language as tl
 
 from .. import backends
 from . import _target
+from ._tf32x3 import mm as _mm
+from ._tf32x3 import split as _split
 from .._composite import attention, attention_autograd
+
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _rows_tile(X, base, rows, ok, cols, width, EVEN: tl.constexpr, FULL: tl.constexpr):
+    """Rows ``rows`` (valid where ``ok``) of the (n, width) matrix at ``base``, columns ``cols``;
+    EVEN: every row is valid, FULL: every column (no masks)."""
+    ptrs = X + base + rows[:, None] * width + cols[None, :]
+    if EVEN and FULL:
+        return tl.load(ptrs)
+    elif EVEN:
+        return tl.load(ptrs, mask=cols[None, :] < width, other=0.0)
+    elif FULL:
+        return tl.load(ptrs, mask=ok[:, None], other=0.0)
+    return tl.load(ptrs, mask=ok[:, None] & (cols[None, :] < width), other=0.0)
 
 
 @triton.jit
 def _spatial_attention_fwd_kernel(Q, K, V, Out, LseAttn, LseSim, n, D, DV, c, s,
                                   HAS_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+                                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+                                  X3: tl.constexpr, EVEN: tl.constexpr, FULL_D: tl.constexpr,
+                                  SHARED_MAX: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
+    dvs = tl.arange(0, BLOCK_DV)
     row_ok = rows < n
-    q = tl.load(Q + bh * n * D + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D),
-                other=0.0)
+    q_b, q_s = _split(_rows_tile(Q, bh * n * D, rows, row_ok, dims, D, EVEN, FULL_D), X3)
+    c2 = c * LOG2E
+    s2 = s * LOG2E
+    # running maxima of the logits: one for both softmaxes when s > 0 (SHARED_MAX: max_j s x_j is
+    # s max_j x_j), else the similarity's own, of s x in log2 units
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_s = tl.zeros([BLOCK_M], tl.float32)
-    m_a = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_a = tl.zeros([BLOCK_M], tl.float32)
-    dvs = tl.arange(0, BLOCK_DV)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     # the first block always holds key 0, so every running maximum is finite after it
     for start in range(0, n, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < n
-        k = tl.load(K + bh * n * D + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & (dims[None, :] < D),
-                    other=0.0)
-        logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        xs = tl.where(col_ok[None, :], logits * s, float("-inf"))
-        m_new = tl.maximum(m_s, tl.max(xs, 1))
-        l_s = l_s * tl.exp(m_s - m_new) + tl.sum(tl.exp(xs - m_new[:, None]), 1)
-        m_s = m_new
+        k_b, k_s = _split(_rows_tile(K, bh * n * D, cols, col_ok, dims, D, EVEN, FULL_D), X3)
+        logits = _mm(q_b, q_s, tl.trans(k_b), tl.trans(k_s), X3, X3, X3, PRECISION)
+        x = logits
+        if not EVEN:
+            x = tl.where(col_ok[None, :], logits, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, 1))
+        # exponents as one FMA each, in log2 units (exp2 is one instruction on the GPU)
+        if SHARED_MAX:
+            l_s = l_s * tl.exp2((m - m_new) * s2) + tl.sum(tl.exp2(x * s2 - (m_new * s2)[:, None]), 1)
+        else:
+            xs = logits * s2
+            if not EVEN:
+                xs = tl.where(col_ok[None, :], xs, float("-inf"))
+            ms_new = tl.maximum(m_s, tl.max(xs, 1))
+            l_s = l_s * tl.exp2(m_s - ms_new) + tl.sum(tl.exp2(xs - ms_new[:, None]), 1)
+            m_s = ms_new
         if HAS_V:
-            xa = tl.where(col_ok[None, :], logits * c, float("-inf"))
-            m_new = tl.maximum(m_a, tl.max(xa, 1))
-            alpha = tl.exp(m_a - m_new)
-            p = tl.exp(xa - m_new[:, None])
+            alpha = tl.exp2((m - m_new) * c2)
+            p = tl.exp2(x * c2 - (m_new * c2)[:, None])
             l_a = l_a * alpha + tl.sum(p, 1)
-            v = tl.load(V + bh * n * DV + cols[:, None] * DV + dvs[None, :],
-                        mask=col_ok[:, None] & (dvs[None, :] < DV), other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_a = m_new
-    tl.store(LseSim + bh * n + rows, m_s + tl.log(l_s), mask=row_ok)
+            v_b, v_s = _split(_rows_tile(V, bh * n * DV, cols, col_ok, dvs, DV, EVEN, FULL_D), X3)
+            p_b, p_s = _split(p.to(v_b.dtype), X3)
+            acc = acc * alpha[:, None] + _mm(p_b, p_s, v_b, v_s, X3, X3, X3, PRECISION)
+        m = m_new
+    if SHARED_MAX:
+        lse_sim = m * s + tl.log(l_s)
+    else:
+        lse_sim = (m_s + tl.log2(l_s)) / LOG2E
+    tl.store(LseSim + bh * n + rows, lse_sim, mask=row_ok)
     if HAS_V:
-        tl.store(LseAttn + bh * n + rows, m_a + tl.log(l_a), mask=row_ok)
+        tl.store(LseAttn + bh * n + rows, m * c + tl.log(l_a), mask=row_ok)
         out = acc / l_a[:, None]
         tl.store(Out + bh * n * DV + rows[:, None] * DV + dvs[None, :], out.to(Out.dtype.element_ty),
                  mask=row_ok[:, None] & (dvs[None, :] < DV))
 
 
 @triton.jit
-def _dlogits(logits, p, do_dot_v, delta, lse_s, dls, row_ok, col_ok, c, s, HAS_V: tl.constexpr,
-             HAS_DLSE: tl.constexpr):
-    """dLambda for one tile; zero outside the valid rows and columns."""
-    ok = row_ok[:, None] & col_ok[None, :]
+def _dlogits(logits, p, do_dot_v, delta, lse_s2, dls, row_ok, col_ok, c, s2, s, HAS_V: tl.constexpr,
+             HAS_DLSE: tl.constexpr, EVEN: tl.constexpr):
+    """dLambda for one tile (lse_s2: the similarity LSE in log2 units); zero outside the valid
+    rows and columns."""
     ds = tl.zeros(logits.shape, tl.float32)
     if HAS_V:
         ds = c * p * (do_dot_v - delta[:, None])
     if HAS_DLSE:
-        ds += (s * dls)[:, None] * tl.exp(logits * s - lse_s[:, None])
-    return tl.where(ok, ds, 0.0)
+        ds += (s * dls)[:, None] * tl.exp2(logits * s2 - lse_s2[:, None])
+    if EVEN:
+        return ds
+    return tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
 
 
 @triton.jit
@@ -105,47 +142,48 @@ def _spatial_attention_bwd_dq_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DLse
                                      HAS_V: tl.constexpr, HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr,
                                      BLOCK_M: tl.constexpr,
                                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                                     PRECISION: tl.constexpr, SCALE_DS: tl.constexpr):
+                                     PRECISION: tl.constexpr, SCALE_DS: tl.constexpr, X3: tl.constexpr,
+                                     EVEN: tl.constexpr, FULL_D: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     dvs = tl.arange(0, BLOCK_DV)
     row_ok = rows < n
-    q = tl.load(Q + bh * n * D + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D),
-                other=0.0)
-    lse_s = tl.load(LseSim + bh * n + rows, mask=row_ok, other=0.0)
+    c2 = c * LOG2E
+    s2 = s * LOG2E
+    q = _rows_tile(Q, bh * n * D, rows, row_ok, dims, D, EVEN, FULL_D)
+    q_b, q_s = _split(q, X3)
+    lse_s2 = tl.load(LseSim + bh * n + rows, mask=row_ok, other=0.0) * LOG2E
     dls = tl.zeros([BLOCK_M], tl.float32)
     if HAS_DLSE:
         dls = tl.load(DLseSim + bh * n + rows, mask=row_ok, other=0.0)
-    lse_a = tl.zeros([BLOCK_M], tl.float32)
+    lse_a2 = tl.zeros([BLOCK_M], tl.float32)
     delta = tl.zeros([BLOCK_M], tl.float32)
-    do = tl.zeros([BLOCK_M, BLOCK_DV], q.dtype)
+    do_b, do_s = q_b, q_s  # placeholders when there is no V
     if HAS_V:
-        lse_a = tl.load(LseAttn + bh * n + rows, mask=row_ok, other=0.0)
+        lse_a2 = tl.load(LseAttn + bh * n + rows, mask=row_ok, other=0.0) * LOG2E
         delta = tl.load(Delta + bh * n + rows, mask=row_ok, other=0.0)
-        do = tl.load(DOut + bh * n * DV + rows[:, None] * DV + dvs[None, :],
-                     mask=row_ok[:, None] & (dvs[None, :] < DV), other=0.0)
+        do_b, do_s = _split(_rows_tile(DOut, bh * n * DV, rows, row_ok, dvs, DV, EVEN, FULL_D), X3)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, n, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < n
-        k = tl.load(K + bh * n * D + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & (dims[None, :] < D),
-                    other=0.0)
-        logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        k_b, k_s = _split(_rows_tile(K, bh * n * D, cols, col_ok, dims, D, EVEN, FULL_D), X3)
+        logits = _mm(q_b, q_s, tl.trans(k_b), tl.trans(k_s), X3, X3, X3, PRECISION)
         p = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         do_dot_v = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if HAS_V:
-            p = tl.exp(logits * c - lse_a[:, None])
-            v = tl.load(V + bh * n * DV + cols[:, None] * DV + dvs[None, :],
-                        mask=col_ok[:, None] & (dvs[None, :] < DV), other=0.0)
-            do_dot_v = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = _dlogits(logits, p, do_dot_v, delta, lse_s, dls, row_ok, col_ok, c, s, HAS_V, HAS_DLSE)
+            p = tl.exp2(logits * c2 - lse_a2[:, None])
+            v_b, v_s = _split(_rows_tile(V, bh * n * DV, cols, col_ok, dvs, DV, EVEN, FULL_D), X3)
+            do_dot_v = _mm(do_b, do_s, tl.trans(v_b), tl.trans(v_s), X3, X3, X3, PRECISION)
+        ds = _dlogits(logits, p, do_dot_v, delta, lse_s2, dls, row_ok, col_ok, c, s2, s, HAS_V, HAS_DLSE, EVEN)
         if SCALE_DS:
             rs = _fp16_scales(ds, 1)
-            dq += tl.dot((ds * rs[:, None]).to(k.dtype), k, input_precision=PRECISION) / rs[:, None]
+            dq += tl.dot((ds * rs[:, None]).to(k_b.dtype), k_b, input_precision=PRECISION) / rs[:, None]
         else:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+            ds_b, ds_s = _split(ds.to(k_b.dtype), X3)
+            dq += _mm(ds_b, ds_s, k_b, k_s, X3, X3, X3, PRECISION)
     dq_ptr = DQ + bh * n * D + rows[:, None] * D + dims[None, :]
     dmask = row_ok[:, None] & (dims[None, :] < D)
     if ACCUMULATE:
@@ -158,48 +196,54 @@ def _spatial_attention_bwd_dkdv_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DL
                                        HAS_V: tl.constexpr, HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr,
                                        BLOCK_M: tl.constexpr,
                                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                                       PRECISION: tl.constexpr, SCALE_DS: tl.constexpr):
+                                       PRECISION: tl.constexpr, SCALE_DS: tl.constexpr, X3: tl.constexpr,
+                                       EVEN: tl.constexpr, FULL_D: tl.constexpr):
+    """The key block's dk, dv. Its tiles are transposed, (keys, queries): P^T = exp(c k q^T -
+    lse_attn) comes out of the product in the layout that dv += P^T dout and dk += dLambda^T q
+    take their first operand in, so nothing is transposed through shared memory."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     dvs = tl.arange(0, BLOCK_DV)
     col_ok = cols < n
-    k = tl.load(K + bh * n * D + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & (dims[None, :] < D),
-                other=0.0)
-    v = tl.zeros([BLOCK_N, BLOCK_DV], k.dtype)
+    c2 = c * LOG2E
+    s2 = s * LOG2E
+    k_b, k_s = _split(_rows_tile(K, bh * n * D, cols, col_ok, dims, D, EVEN, FULL_D), X3)
+    v_b, v_s = k_b, k_s  # placeholders when there is no V
     if HAS_V:
-        v = tl.load(V + bh * n * DV + cols[:, None] * DV + dvs[None, :], mask=col_ok[:, None] & (dvs[None, :] < DV),
-                    other=0.0)
+        v_b, v_s = _split(_rows_tile(V, bh * n * DV, cols, col_ok, dvs, DV, EVEN, FULL_D), X3)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for start in range(0, n, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < n
-        q = tl.load(Q + bh * n * D + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D),
-                    other=0.0)
-        logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        lse_s = tl.load(LseSim + bh * n + rows, mask=row_ok, other=0.0)
-        dls = tl.zeros([BLOCK_M], tl.float32)
-        if HAS_DLSE:
-            dls = tl.load(DLseSim + bh * n + rows, mask=row_ok, other=0.0)
-        p = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        do_dot_v = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        delta = tl.zeros([BLOCK_M], tl.float32)
+        q_b, q_s = _split(_rows_tile(Q, bh * n * D, rows, row_ok, dims, D, EVEN, FULL_D), X3)
+        logits_t = _mm(k_b, k_s, tl.trans(q_b), tl.trans(q_s), X3, X3, X3, PRECISION)
+        ds_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         if HAS_V:
-            lse_a = tl.load(LseAttn + bh * n + rows, mask=row_ok, other=0.0)
+            lse_a2 = tl.load(LseAttn + bh * n + rows, mask=row_ok, other=0.0) * LOG2E
             delta = tl.load(Delta + bh * n + rows, mask=row_ok, other=0.0)
-            do = tl.load(DOut + bh * n * DV + rows[:, None] * DV + dvs[None, :],
-                         mask=row_ok[:, None] & (dvs[None, :] < DV), other=0.0)
-            p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp(logits * c - lse_a[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            do_dot_v = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = _dlogits(logits, p, do_dot_v, delta, lse_s, dls, row_ok, col_ok, c, s, HAS_V, HAS_DLSE)
+            do_b, do_s = _split(_rows_tile(DOut, bh * n * DV, rows, row_ok, dvs, DV, EVEN, FULL_D), X3)
+            p_t = tl.exp2(logits_t * c2 - lse_a2[None, :])
+            if not EVEN:
+                p_t = tl.where(col_ok[:, None] & row_ok[None, :], p_t, 0.0)
+            p_b, p_s = _split(p_t.to(do_b.dtype), X3)
+            dv += _mm(p_b, p_s, do_b, do_s, X3, X3, X3, PRECISION)
+            do_dot_v_t = _mm(v_b, v_s, tl.trans(do_b), tl.trans(do_s), X3, X3, X3, PRECISION)
+            ds_t = c * p_t * (do_dot_v_t - delta[None, :])
+        if HAS_DLSE:
+            lse_s2 = tl.load(LseSim + bh * n + rows, mask=row_ok, other=0.0) * LOG2E
+            dls = tl.load(DLseSim + bh * n + rows, mask=row_ok, other=0.0)
+            ds_t += (s * dls)[None, :] * tl.exp2(logits_t * s2 - lse_s2[None, :])
+        if not EVEN:
+            ds_t = tl.where(col_ok[:, None] & row_ok[None, :], ds_t, 0.0)
         if SCALE_DS:
-            cs = _fp16_scales(ds, 0)
-            dk += tl.dot(tl.trans((ds * cs[None, :]).to(q.dtype)), q, input_precision=PRECISION) / cs[:, None]
+            cs = _fp16_scales(ds_t, 1)
+            dk += tl.dot((ds_t * cs[:, None]).to(q_b.dtype), q_b, input_precision=PRECISION) / cs[:, None]
         else:
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            ds_b, ds_s = _split(ds_t.to(q_b.dtype), X3)
+            dk += _mm(ds_b, ds_s, q_b, q_s, X3, X3, X3, PRECISION)
     dk_ptr = DK + bh * n * D + cols[:, None] * D + dims[None, :]
     dmask = col_ok[:, None] & (dims[None, :] < D)
     if ACCUMULATE:
@@ -238,8 +282,10 @@ def _configs(q: torch.Tensor, d: int, dv: int) -> tuple[dict, dict, dict]:
 
     The register and spill figures below: these kernels compiled for sm_90 by tests/triton_sm90.py
     on the development machine (cuobjdump), fp32."""
+    dot = precision(q)
     base = dict(BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
-                PRECISION=precision(q))
+                PRECISION=dot, X3=dot == "tf32x3")  # tf32x3: the kernels split their tiles (_tf32x3.py)
+    base["FULL_D"] = d == base["BLOCK_D"] and dv == base["BLOCK_DV"]  # no column masks
     wide = max(base["BLOCK_D"], base["BLOCK_DV"]) > 64
     if not _target.for_gpu(q):  # the interpreter: fewer, larger tiles run faster
         tiles = (_tiles(32, 32),) * 3
@@ -249,15 +295,26 @@ def _configs(q: torch.Tensor, d: int, dv: int) -> tuple[dict, dict, dict]:
         # kernel, at most 16 B in dq and 608 B in dk/dv
         tiles = (_tiles(32, 32, 8),) * 3
     elif q.dtype == torch.float32 and base["PRECISION"] == "tf32x3":
-        # three tensor-core products per dot, and each operand held twice (its two TF32 parts).
-        # At D = Dv = 64, 64 x 32 forward and dq tiles over 4 warps (wgmma) take 168-189 and 214
-        # registers and spill nothing; dk/dv, with two accumulators and two resident key-side
-        # tiles, spills 704-992 B at 64-token tiles and 8-16 B at 32 x 32 over 8 warps. Wider
-        # heads: dq at 64 x 32 spills 344-400 B, so it takes 32 x 32 over 8 warps too.
-        tiles = (_tiles(64, 32, 4), _tiles(32, 32, 8) if wide else _tiles(64, 32, 4), _tiles(32, 32, 8))
+        # three tensor-core products per dot, each operand held twice (its two TF32 parts). At
+        # D = Dv = 64 (sm_90 loops, thread-instructions per logit): forward 128 x 32 over 8
+        # warps, 181 registers, 36 (64 x 32 over 4 warps: 41); dq 128 x 32 over 8 warps, 224
+        # registers, 41 (64 x 32: 48); dk/dv 64 keys x 32 queries over 4 warps, one stage,
+        # 65 with 176 B of stack (its two accumulators and the key block's four split tiles
+        # fill the registers; 32 x 32 over 8 warps: 164, no stack). Wider heads: the 128-row
+        # tiles exceed the shared memory; forward 64 x 32 over 4 warps (62, 8 B of stack), dq
+        # 64 x 16 over 4 warps (109, 72 B), dk/dv 32 x 32 over 8 warps (290, 40 B).
+        if wide:
+            tiles = (_tiles(64, 32, 4), _tiles(64, 16, 4), _tiles(32, 32, 8))
+        else:
+            tiles = (_tiles(128, 32, 8), _tiles(128, 32, 8), dict(_tiles(32, 64, 4), num_stages=1))
     else:
         tiles = (_tiles(64, 32 if wide else 64),) * 3
     return tuple(dict(base, **t) for t in tiles)
+
+
+def _even(cfg: dict, n: int) -> bool:
+    """Whether the tiles of a launch divide the tokens (no row or key masks)."""
+    return n % cfg["BLOCK_M"] == 0 and n % cfg["BLOCK_N"] == 0
 
 
 # CUDA's limit on grid axis 1 (the slices, or the batch of the similarity kernels): larger counts
@@ -288,7 +345,7 @@ def _forward(q, k, v, logit_scale):
     for c in grid_chunks(bh):
         _spatial_attention_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), c.stop - c.start)](
             qs[c], ks[c], vs[c], out[c], la[c], lse_sim[c], n, d, dv, d ** -0.5, logit_scale, HAS_V=v is not None,
-            **cfg)
+            EVEN=_even(cfg, n), SHARED_MAX=logit_scale > 0, **cfg)
     return out, lse_attn, lse_sim
 
 
@@ -315,9 +372,9 @@ def _backward(dout, delta, lse_attn, dlse_sim, lse_sim, q, k, v, logit_scale, ac
     for c in grid_chunks(bh):
         inputs = (qs[c], ks[c], vs[c], dos[c], dlt[c], lse_a[c], lse_s[c], dls[c])
         _spatial_attention_bwd_dq_kernel[(triton.cdiv(n, dq_cfg["BLOCK_M"]), c.stop - c.start)](
-            *inputs, dq[c], *args, **flags, **dq_cfg)
+            *inputs, dq[c], *args, **flags, EVEN=_even(dq_cfg, n), **dq_cfg)
         _spatial_attention_bwd_dkdv_kernel[(triton.cdiv(n, dkdv_cfg["BLOCK_N"]), c.stop - c.start)](
-            *inputs, dk[c], dv[c], *args, **flags, **dkdv_cfg)
+            *inputs, dk[c], dv[c], *args, **flags, EVEN=_even(dkdv_cfg, n), **dkdv_cfg)
     return dq.view(q.shape), dk.view(k.shape), (dv.view(v.shape) if v is not None else None)
 
 
