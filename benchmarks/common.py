@@ -31,6 +31,7 @@ MODES = ("forward", "backward", "full")
 import torch._functorch.config  # noqa: E402
 
 _DONATED_BUFFER = getattr(torch._functorch.config, "donated_buffer", None)
+TILES_VARIABLE = "ATTENSCRIBBLE_TRITON_ATTENTION_TILES"  # read without importing Triton
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -107,6 +108,8 @@ def environment(device: torch.device) -> dict:
         "triton": triton_version,
         "git": _git_revision(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        # tiles of the Triton attention set for a tuning run (attenscribble_ops/triton/spatial_attention.py)
+        **({"attention_tiles": os.environ[TILES_VARIABLE]} if os.environ.get(TILES_VARIABLE) else {}),
     }
 
 
@@ -286,7 +289,7 @@ def case_label(row: dict) -> str:
 
 
 def environment_keys() -> tuple[str, ...]:
-    return ("device", "device_type", "torch", "cuda", "triton", "git", "date")
+    return ("device", "device_type", "torch", "cuda", "triton", "git", "date", "attention_tiles")
 
 
 def format_row(row: dict) -> str:

@@ -115,7 +115,9 @@ def markdown_table(rows: list[dict], mode: str = "full", reference: str = "refer
             "forward": "forward (autograd recording)", "backward": "backward alone"}[mode]
     first = "time vs" if relative_time else "speed-up vs"
     lines = [f"Measured on {device}, torch {rows[0]['torch']}, git {rows[0]['git']} ({rows[0]['date'][:10]}); "
-             f"{mode} = {what}, median{_timing_note(rows[0])}.", "",
+             f"{mode} = {what}, median{_timing_note(rows[0])}"
+             + (f"; Triton attention tiles {rows[0]['attention_tiles']}" if rows[0].get("attention_tiles") else "")
+             + ".", "",
              f"| case | provider | time (ms) | peak extra memory (MiB) | {first} {reference} | memory vs {reference} |",
              "|---|---|---:|---:|---:|---:|"]
     skipped = {}

@@ -11,7 +11,10 @@
 #                SUITE_CAP=200 (seconds per benchmark suite at most),
 #                SKIP_PROVIDERS="reference-compile" (the default: its compiles take the longest;
 #                SKIP_PROVIDERS= keeps all), PROVIDERS="..." (only these), NPROC=8 (pytest-xdist
-#                workers, where it is installed), ATTENSCRIBBLE_GIT_REVISION (the tree there has no .git)
+#                workers, where it is installed), ATTENSCRIBBLE_GIT_REVISION (the tree there has no .git),
+#                ATTENSCRIBBLE_TRITON_ATTENTION_TILES="64x32x4,64x32x4,32x32x8x1" (the Triton attention's
+#                forward, dq and dk/dv tiles for a tuning run, e.g. STEPS=bench SUITES=attention
+#                PROVIDERS=triton; its rows record them)
 # A benchmark suite stopped by its limit leaves the rows it measured in <suite>-<card>.partial.json.
 #
 # Device time is short, so the extension can be built beforehand on the development machine against

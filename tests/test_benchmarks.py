@@ -251,3 +251,16 @@ def test_gpu_timings_measure_the_kernels(timing):
     seconds, count = common._median_time(step, torch.device("cuda"), warmup=1, repeat=5, timing=timing)
     assert count >= 5
     assert 0.75 * per_step <= seconds <= 1.25 * per_step
+
+
+def test_rows_record_attention_tiles_set_for_a_tuning_run(monkeypatch):
+    from attenscribble_ops.triton import spatial_attention
+
+    assert common.TILES_VARIABLE == spatial_attention.TILES_VARIABLE
+    assert "attention_tiles" not in common.environment(CPU)
+    monkeypatch.setenv(common.TILES_VARIABLE, "64x32x4,64x32x4,32x32x8x1")
+    env = common.environment(CPU)
+    assert env["attention_tiles"] == "64x32x4,64x32x4,32x32x8x1"
+    row = dict(env, suite="attention", provider="triton", mode="full", median_ms=1.0, peak_mib=1.0)
+    assert "attention_tiles" not in common.case_label(row)
+    assert "Triton attention tiles 64x32x4,64x32x4,32x32x8x1" in report.markdown_table([row])

@@ -95,6 +95,31 @@ def test_triton_tiles_dividing_the_tokens(logit_scale, dv):
     _compare(got, want, torch.float32)
 
 
+@pytest.mark.skipif("triton" not in FUSED, reason="needs the Triton interpreter")
+def test_triton_tiles_from_the_environment(monkeypatch):
+    """ATTENSCRIBBLE_TRITON_ATTENTION_TILES sets the GPU tiles of the three kernels (tuning runs);
+    they run (here through the interpreter with the GPU's code path) and match the reference; a
+    malformed value is a ValueError naming the variable."""
+    from attenscribble_ops.triton import spatial_attention as kernels
+
+    monkeypatch.setattr(kernels._target, "for_gpu", lambda t: True)
+    monkeypatch.setenv(kernels.TILES_VARIABLE, "32x16x4,16x32x2,32x32x4x1")
+    shape = (1, 2, 40, 16)
+    q, k, v = _inputs(shape, seed=9)
+    fwd, dq, dkdv = kernels._configs(q.float(), 16, 16)
+    assert (fwd["BLOCK_M"], fwd["BLOCK_N"], fwd["num_warps"]) == (32, 16, 4)
+    assert (dq["BLOCK_M"], dq["BLOCK_N"], dq["num_warps"]) == (16, 32, 2) and "num_stages" not in dq
+    assert (dkdv["BLOCK_M"], dkdv["BLOCK_N"], dkdv["num_warps"], dkdv["num_stages"]) == (32, 32, 4, 1)
+    dout, dlse = torch.randn(shape, dtype=torch.float64), torch.randn(shape[:3], dtype=torch.float64)
+    want = _run("reference", torch.float64, q, k, v, 1.3, dout, dlse)
+    _compare(_run("triton", torch.float32, q, k, v, 1.3, dout, dlse), want, torch.float32)
+    for bad in ("64x32x4", "64x32x4,64x32x4,32x32", "48x32x4,64x32x4,32x32x8", "8x32x4,64x32x4,32x32x8",
+                "ax32x4,64x32x4,32x32x8", "64x32x4,64x32x0,32x32x8"):
+        monkeypatch.setenv(kernels.TILES_VARIABLE, bad)
+        with pytest.raises(ValueError, match=kernels.TILES_VARIABLE):
+            kernels._configs(q.float(), 16, 16)
+
+
 @pytest.mark.skipif("cpu" not in FUSED, reason="the cpu backend is not built")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("logit_scale", [1.3, -0.6])

@@ -19,6 +19,8 @@ use TF32, or exact FMA dots ("ieee"). float64 is not supported here.
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional
 
 import torch
@@ -118,7 +120,7 @@ def _dlogits(logits, p, do_dot_v, delta, lse_s2, dls, row_ok, col_ok, c, s2, s, 
     rows and columns."""
     ds = tl.zeros(logits.shape, tl.float32)
     if HAS_V:
-        ds = c * p * (do_dot_v - delta[:, None])
+        ds = p * (do_dot_v * c - (delta * c)[:, None])  # one FMA and one product per entry
     if HAS_DLSE:
         ds += (s * dls)[:, None] * tl.exp2(logits * s2 - lse_s2[:, None])
     if EVEN:
@@ -231,7 +233,7 @@ def _spatial_attention_bwd_dkdv_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DL
             p_b, p_s = _split(p_t.to(do_b.dtype), X3)
             dv += _mm(p_b, p_s, do_b, do_s, X3, X3, X3, PRECISION)
             do_dot_v_t = _mm(v_b, v_s, tl.trans(do_b), tl.trans(do_s), X3, X3, X3, PRECISION)
-            ds_t = c * p_t * (do_dot_v_t - delta[None, :])
+            ds_t = p_t * (do_dot_v_t * c - (delta * c)[None, :])
         if HAS_DLSE:
             lse_s2 = tl.load(LseSim + bh * n + rows, mask=row_ok, other=0.0) * LOG2E
             dls = tl.load(DLseSim + bh * n + rows, mask=row_ok, other=0.0)
@@ -297,8 +299,8 @@ def _configs(q: torch.Tensor, d: int, dv: int) -> tuple[dict, dict, dict]:
     elif q.dtype == torch.float32 and base["PRECISION"] == "tf32x3":
         # three tensor-core products per dot, each operand held twice (its two TF32 parts). At
         # D = Dv = 64 (sm_90 loops, thread-instructions per logit): forward 128 x 32 over 8
-        # warps, 181 registers, 36 (64 x 32 over 4 warps: 41); dq 128 x 32 over 8 warps, 224
-        # registers, 41 (64 x 32: 48); dk/dv 64 keys x 32 queries over 4 warps, one stage,
+        # warps, 181 registers, 36 (64 x 32 over 4 warps: 41); dq 128 x 32 over 8 warps, 208
+        # registers, 40 (64 x 32: 48); dk/dv 64 keys x 32 queries over 4 warps, one stage,
         # 65 with 176 B of stack (its two accumulators and the key block's four split tiles
         # fill the registers; 32 x 32 over 8 warps: 164, no stack). Wider heads: the 128-row
         # tiles exceed the shared memory; forward 64 x 32 over 4 warps (62, 8 B of stack), dq
@@ -309,7 +311,45 @@ def _configs(q: torch.Tensor, d: int, dv: int) -> tuple[dict, dict, dict]:
             tiles = (_tiles(128, 32, 8), _tiles(128, 32, 8), dict(_tiles(32, 64, 4), num_stages=1))
     else:
         tiles = (_tiles(64, 32 if wide else 64),) * 3
+    override = _tile_override()
+    if override is not None and _target.for_gpu(q):
+        tiles = override
     return tuple(dict(base, **t) for t in tiles)
+
+
+TILES_VARIABLE = "ATTENSCRIBBLE_TRITON_ATTENTION_TILES"
+
+
+def _tile_override() -> Optional[tuple[dict, dict, dict]]:
+    """Tiles of the three kernels on a GPU from the environment, for tuning runs (the benchmarks
+    on a lent GPU), e.g. ATTENSCRIBBLE_TRITON_ATTENTION_TILES="64x32x4,64x32x4,32x32x8x1":
+    forward, dq, dk/dv, each BLOCK_M x BLOCK_N x warps [x pipeline stages]. Unset: the tiles above."""
+    text = os.environ.get(TILES_VARIABLE)
+    if not text:
+        return None
+    return _parse_tiles(text)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_tiles(text: str) -> tuple[dict, dict, dict]:
+    specs = text.split(",")
+    out = []
+    for spec in specs:
+        parts = spec.strip().split("x")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            values = []
+        if len(specs) != 3 or len(values) not in (3, 4) or any(v < 1 for v in values) or any(
+                v & (v - 1) for v in values[:3]) or values[0] < 16 or values[1] < 16:
+            raise ValueError(f"{TILES_VARIABLE} must be three comma-separated tiles BLOCK_MxBLOCK_Nxwarps[xstages] "
+                             f"(powers of two, blocks >= 16), for the forward, dq and dk/dv kernels, e.g. "
+                             f"'64x32x4,64x32x4,32x32x8x1'; got {text!r}")
+        tile = _tiles(values[0], values[1], values[2])
+        if len(values) == 4:
+            tile["num_stages"] = values[3]
+        out.append(tile)
+    return tuple(out)
 
 
 def _even(cfg: dict, n: int) -> bool:

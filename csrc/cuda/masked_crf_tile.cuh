@@ -65,6 +65,18 @@ CRF_HD inline int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
 CRF_HD inline int64_t lmax(int64_t a, int64_t b) { return a > b ? a : b; }
 CRF_HD inline float crf_exp(float v) { return expf(v); }
 CRF_HD inline double crf_exp(double v) { return exp(v); }
+// 2^v. On the device, float: one MUFU.EX2 (2 ulp; results below 2^-126, Gaussian weights far
+// below the others', flush to 0), where exp2f adds a rescaling for them.
+CRF_HD inline float crf_exp2(float v) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+#else
+  return exp2f(v);
+#endif
+}
+CRF_HD inline double crf_exp2(double v) { return exp2(v); }
 
 // Values per staged pixel: U (and W when it differs) per chunk class, image, masks.
 template <int CC, typename scalar_t, typename acc_t>
@@ -164,6 +176,55 @@ CRF_HD void stage_band(const Args<scalar_t, acc_t>& a, int64_t b, int64_t zz, in
   }
 }
 
+// accumulate_band for one kernel descriptor and NF (0 or 1) image channels, the official loss:
+// the exponent's coefficients (scaled to base 2) and the centre's feature stay in registers, the
+// Gaussian is one exp2 of a multiply-add, and window offsets and band indices are 32-bit (a
+// window spans at most 2 r + 1 pixels per axis, a band at most the shared-memory budget's).
+template <int CC, int NF, typename scalar_t, typename acc_t>
+CRF_HD void accumulate_band_single(const Args<scalar_t, acc_t>& a, int64_t b, int64_t z, int64_t y, int64_t x,
+                                   int64_t zz, int64_t by0, int64_t bx0, int64_t nx, int64_t y_lo, int64_t y_hi,
+                                   int64_t x_lo, int64_t x_hi, const acc_t* s_u, const acc_t* s_w,
+                                   const acc_t* s_img, const acc_t* s_msrc, const acc_t* s_mdst, int64_t n,
+                                   acc_t* acc_a, acc_t* acc_b, acc_t& ksum) {
+  constexpr acc_t kLog2e = acc_t(1.4426950408889634);
+  const acc_t weight = a.table[0];
+  const acc_t c_xy = acc_t(-0.5) * kLog2e * a.table[1] * a.table[1];
+  acc_t c_f = 0, centre_f = 0;
+  if (NF == 1) {
+    c_f = acc_t(-0.5) * kLog2e * a.table[2] * a.table[2];
+    const int64_t volume = a.depth * a.height * a.width;
+    centre_f = a.image[b * volume + (z * a.height + y) * a.width + x];
+  }
+  const acc_t dzs = acc_t(zz - z) * a.sd;
+  const int stride = int(n);
+  const int oy0 = int(y_lo - y), oy1 = int(y_hi - y), ox0 = int(x_lo - x), ox1 = int(x_hi - x);
+  const int centre_e = int(y - by0) * int(nx) + int(x - bx0);  // band index of (y, x)
+  for (int oy = oy0; oy <= oy1; ++oy) {
+    const acc_t dys = acc_t(oy) * a.sh;
+    const acc_t dzy2 = dzs * dzs + dys * dys;
+    const bool centre_row = zz == z && oy == 0;
+    const int row = centre_e + oy * int(nx);
+    for (int ox = ox0; ox <= ox1; ++ox) {
+      if (centre_row && ox == 0) continue;
+      const acc_t dxs = acc_t(ox) * a.sw;
+      const int e = row + ox;
+      acc_t q = c_xy * (dzy2 + dxs * dxs);
+      if (NF == 1) {
+        const acc_t diff = centre_f - s_img[e];
+        q += c_f * diff * diff;
+      }
+      const acc_t g = weight * crf_exp2(q);
+      const acc_t ga = a.has_mask_src ? g * s_msrc[e] : g;
+      ksum += ga;
+      for (int c = 0; c < CC; ++c) acc_a[c] += ga * s_u[c * stride + e];
+      if (a.second_role) {
+        const acc_t gb = a.has_mask_dst ? g * s_mdst[e] : g;
+        for (int c = 0; c < CC; ++c) acc_b[c] += gb * s_w[c * stride + e];
+      }
+    }
+  }
+}
+
 // Sums one band into the thread's accumulators: the part of the window of (z, y, x) that lies
 // in the staged pixels of plane zz.
 template <int CC, typename scalar_t, typename acc_t>
@@ -176,6 +237,18 @@ CRF_HD void accumulate_band(const Args<scalar_t, acc_t>& a, int64_t b, int64_t z
   const acc_t dzs = acc_t(zz - z) * a.sd;
   const int64_t y_lo = lmax(by0, y - a.ey), y_hi = lmin(by0 + ny - 1, y + a.ey);
   const int64_t x_lo = lmax(bx0, x - a.ex), x_hi = lmin(bx0 + nx - 1, x + a.ex);
+  // the official loss (one descriptor, one image channel or none), with every band offset of the
+  // window (|y - by0| <= ey + kTileY, |x - bx0| <= ex + kTileX) within 32 bits
+  if (a.kernels == 1 && F <= 1 && (2 * a.ey + kTileY) * nx + a.ex + kTileX < (int64_t(1) << 31)) {
+    if (F == 1) {
+      accumulate_band_single<CC, 1>(a, b, z, y, x, zz, by0, bx0, nx, y_lo, y_hi, x_lo, x_hi, s_u, s_w, s_img, s_msrc,
+                                    s_mdst, n, acc_a, acc_b, ksum);
+    } else {
+      accumulate_band_single<CC, 0>(a, b, z, y, x, zz, by0, bx0, nx, y_lo, y_hi, x_lo, x_hi, s_u, s_w, s_img, s_msrc,
+                                    s_mdst, n, acc_a, acc_b, ksum);
+    }
+    return;
+  }
   for (int64_t yy = y_lo; yy <= y_hi; ++yy) {
     const acc_t dys = acc_t(yy - y) * a.sh;
     for (int64_t xx = x_lo; xx <= x_hi; ++xx) {
