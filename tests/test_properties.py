@@ -153,7 +153,8 @@ def attention_case(draw, small=False):
     g = torch.Generator().manual_seed(seed)
     std = draw(st.sampled_from([0.3, 1.0, 4.0]))
     q, k, v = (torch.randn(batch, heads, n, dim, generator=g, dtype=torch.float64) * s for s in (std, std, 1.0))
-    scale = draw(st.sampled_from([1.0, 0.5, 2.0]))
+    # the Triton kernels share one running maximum between the two softmaxes only for scales > 0
+    scale = draw(st.sampled_from([1.0, 0.5, 2.0] + ([-0.7, 0.0] if small else [])))
     dtype = torch.float32 if small else draw(st.sampled_from([torch.float64, torch.float32]))
     return [t.to(dtype) for t in (q, k, v)], scale
 
