@@ -16,9 +16,10 @@ gradient: nothing window-sized is ever kept.
 The backends call an operator through :func:`loss`. In eager mode with a gradient to compute, it
 runs the operator inside a plain ``torch.autograd.Function`` with the same formula as the one
 registered with ``torch.library``. The registered path rebuilds the argument list from the schema
-(``fill_defaults``) and wraps the call in a generated ``autograd.Function`` on every call: about
-40 us of a masked CRF call's 180 us of host time on the development machine (Triton's launches
-compiled for sm_90 and not run). The operator itself is still dispatched (its no-gradient path),
+(``fill_defaults``) and wraps the call in a generated ``autograd.Function`` on every call. On the
+development machine (Triton's launches compiled for sm_90 and not run, both paths in one process)
+this path took a masked CRF forward from 200 to 161 us, forward + backward from 321 to 230 us.
+The operator itself is still dispatched (its no-gradient path),
 so dispatch modes, fake tensors and tensor subclasses see it; under torch.compile the operator is
 called as registered.
 """

@@ -108,8 +108,6 @@ def environment(device: torch.device) -> dict:
         "triton": triton_version,
         "git": _git_revision(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        # tiles of the Triton attention set for a tuning run (attenscribble_ops/triton/spatial_attention.py)
-        **({"attention_tiles": os.environ[TILES_VARIABLE]} if os.environ.get(TILES_VARIABLE) else {}),
     }
 
 
@@ -127,13 +125,15 @@ def _clear_grads(leaves) -> None:
 # "queued": launches queued ahead, one pair of CUDA events around each iteration and one
 #   synchronisation at the end, as triton.testing.do_bench and torch.utils.benchmark time GPU work.
 #   An iteration's host work overlaps the kernels of the one before, as in a training loop, so a
-#   sample is the iteration's GPU time, or its host time where that is longer.
+#   sample is the iteration's GPU time, or the host time between its two events (its Python and
+#   launches up to the last) where that is longer.
 # "synced": a synchronisation before each iteration (results up to git 1ca6462b42b4). Every
 #   sample then also holds the host path up to the first launch, which dominates sub-millisecond
 #   workloads (a masked CRF call: about 0.2 ms of Python and launches).
 TIMINGS = ("queued", "synced")
-# Sub-millisecond workloads repeat until their samples add up to about this long (at most
-# MAX_REPEAT samples), so that their median is not ten samples of launch jitter.
+# A row takes at least ``repeat`` samples, and as many more as add up to about MIN_SECONDS (at
+# most MAX_REPEAT): a 1 ms step takes 100, so that short rows are not a median of ten samples of
+# launch jitter.
 MIN_SECONDS = 0.1
 MAX_REPEAT = 500
 
@@ -157,7 +157,8 @@ def _median_time(step: Callable[[], None], device: torch.device, warmup: int, re
     step()  # one more, timed on the host, to size the run
     _sync(device)
     estimate = time.perf_counter() - t0
-    count = repeat if estimate <= 0 else max(repeat, min(MAX_REPEAT, int(min_seconds / estimate)))
+    # a step below the clock's resolution takes the most samples
+    count = max(repeat, MAX_REPEAT if estimate <= 0 else min(MAX_REPEAT, int(min_seconds / estimate)))
     if device.type != "cuda":
         times = []
         for _ in range(count):
@@ -240,6 +241,13 @@ def _measure_mode(work: Workload, mode: str, device: torch.device, warmup: int, 
             **({"timing": timing} if device.type == "cuda" else {})}
 
 
+def tuning_tiles(suite_name: str, device: torch.device) -> Optional[str]:
+    """The Triton attention's tiles set for a tuning run (TILES_VARIABLE), where they apply: on a
+    GPU, in the suites that run that attention (all but the masked CRF's)."""
+    tiles = os.environ.get(TILES_VARIABLE)
+    return tiles if tiles and device.type == "cuda" and suite_name != "masked_crf" else None
+
+
 def run_suite(suite: Suite, device: torch.device, *, quick: bool, modes: Iterable[str],
               providers: Optional[Sequence[str]] = None, warmup: int = 2, repeat: int = 10,
               timing: str = "queued", log: Callable[[str], None] = print,
@@ -248,6 +256,9 @@ def run_suite(suite: Suite, device: torch.device, *, quick: bool, modes: Iterabl
     command line saves the rows so far as partial results, so a run stopped by a time limit keeps
     what it measured)."""
     env = environment(device)
+    tiles = tuning_tiles(suite.name, device)
+    if tiles:  # recorded, and the results go to their own file (write_results)
+        env["attention_tiles"] = tiles
     rows = []
     names = [p for p in suite.providers(device.type) if providers is None or p in providers]
     modes = [m for m in modes if m in suite.modes]
@@ -283,13 +294,13 @@ def run_suite(suite: Suite, device: torch.device, *, quick: bool, modes: Iterabl
 
 def case_label(row: dict) -> str:
     skip = {"suite", "provider", "mode", "median_ms", "peak_mib", "skipped", "speedup", "memory_ratio",
-            "extra_over_inputs", "series", "samples", "timing"}
+            "extra_over_inputs", "series", "samples", "timing", "attention_tiles"}
     skip |= set(environment_keys())
     return " ".join(f"{k}={v}" for k, v in row.items() if k not in skip)
 
 
 def environment_keys() -> tuple[str, ...]:
-    return ("device", "device_type", "torch", "cuda", "triton", "git", "date", "attention_tiles")
+    return ("device", "device_type", "torch", "cuda", "triton", "git", "date")
 
 
 def format_row(row: dict) -> str:
@@ -344,6 +355,9 @@ def write_results(rows: list[dict], suite: str, device: torch.device, out_dir: s
     results."""
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{suite}-{slug(device_name(device).split('(')[0])}")
+    tiles = {r["attention_tiles"] for r in rows if r.get("attention_tiles")}
+    if tiles:  # a tuning run never replaces the results of the default tiles
+        stem += "-tiles-" + slug("-".join(sorted(tiles)))
     if partial:
         with open(stem + ".partial.json.tmp", "w") as f:
             f.write(dumps_rows(rows))

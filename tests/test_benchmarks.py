@@ -253,14 +253,26 @@ def test_gpu_timings_measure_the_kernels(timing):
     assert 0.75 * per_step <= seconds <= 1.25 * per_step
 
 
-def test_rows_record_attention_tiles_set_for_a_tuning_run(monkeypatch):
+def test_rows_record_attention_tiles_set_for_a_tuning_run(monkeypatch, tmp_path):
+    """A tuning run's tiles are recorded where they apply (the GPU, suites running the Triton
+    attention), go to a file of their own (never replacing the default tiles' results) and head
+    the table."""
     from attenscribble_ops.triton import spatial_attention
 
     assert common.TILES_VARIABLE == spatial_attention.TILES_VARIABLE
-    assert "attention_tiles" not in common.environment(CPU)
+    gpu = torch.device("cuda")
+    assert common.tuning_tiles("attention", gpu) is None
     monkeypatch.setenv(common.TILES_VARIABLE, "64x32x4,64x32x4,32x32x8x1")
-    env = common.environment(CPU)
-    assert env["attention_tiles"] == "64x32x4,64x32x4,32x32x8x1"
-    row = dict(env, suite="attention", provider="triton", mode="full", median_ms=1.0, peak_mib=1.0)
+    assert common.tuning_tiles("attention", gpu) == "64x32x4,64x32x4,32x32x8x1"
+    assert common.tuning_tiles("masked_crf", gpu) is None and common.tuning_tiles("attention", CPU) is None
+    rows = common.run_suite(CRF, CPU, quick=True, modes=["full"], providers=["reference"], warmup=0, repeat=1,
+                            log=lambda line: None)
+    assert all("attention_tiles" not in r for r in rows)
+    row = dict(common.environment(CPU), suite="attention", provider="triton", mode="full", median_ms=1.0,
+               peak_mib=1.0, attention_tiles="64x32x4,64x32x4,32x32x8x1")
     assert "attention_tiles" not in common.case_label(row)
     assert "Triton attention tiles 64x32x4,64x32x4,32x32x8x1" in report.markdown_table([row])
+    plain = common.write_results([dict(row, attention_tiles=None)], "attention", CPU, str(tmp_path), csv=False)
+    tuned = common.write_results([row], "attention", CPU, str(tmp_path), csv=False)
+    assert plain != tuned and "tiles-64x32x4-64x32x4-32x32x8x1" in tuned
+    assert os.path.exists(plain) and os.path.exists(tuned)

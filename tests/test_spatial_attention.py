@@ -79,20 +79,63 @@ def test_zero_and_negative_logit_scale(backend, logit_scale):
 @pytest.mark.skipif("triton" not in FUSED, reason="needs the Triton interpreter")
 @pytest.mark.parametrize("logit_scale", [1.3, -0.6, 0.0])
 @pytest.mark.parametrize("dv", [None, 8])
-def test_triton_tiles_dividing_the_tokens(logit_scale, dv):
-    """n = 64 tokens: every tile full, the kernels' path without row and key masks, with and
-    without column masks (Dv = 8 is narrower than its tile), the similarity's running maximum
-    shared with the attention's (logit_scale > 0) or its own."""
+@pytest.mark.parametrize("gpu_tiles", [False, True], ids=["interpreter-tiles", "gpu-tiles"])
+def test_triton_tiles_dividing_the_tokens(monkeypatch, logit_scale, dv, gpu_tiles):
+    """Every tile full (64 tokens in the interpreter's 32 x 32 tiles, 256 in the GPU's, with its
+    code path: split tf32x3 products, computed exactly here), the kernels' path without row and
+    key masks, with and without column masks (Dv = 8 is narrower than its tile), the similarity's
+    running maximum shared with the attention's (logit_scale > 0) or its own."""
     from attenscribble_ops.triton import spatial_attention as kernels
 
-    shape = (2, 2, 64, 16)
+    if gpu_tiles:
+        monkeypatch.setattr(kernels._target, "for_gpu", lambda t: True)
+    n = 256 if gpu_tiles else 64
+    shape = (2, 2, n, 16)
     q, k, v = _inputs(shape, dv, seed=5)
-    assert all(kernels._even(cfg, 64) for cfg in kernels._configs(q.float(), 16, dv or 16))
+    assert all(kernels._even(cfg, n) for cfg in kernels._configs(q.float(), 16, dv or 16))
+    assert not kernels._even(kernels._configs(q.float(), 16, dv or 16)[0], n - 1)
     dout = torch.randn(shape[:3] + (dv or 16,), dtype=torch.float64)
     dlse = torch.randn(shape[:3], dtype=torch.float64)
     want = _run("reference", torch.float64, q, k, v, logit_scale, dout, dlse)
     got = _run("triton", torch.float32, q, k, v, logit_scale, dout, dlse)
     _compare(got, want, torch.float32)
+
+
+@pytest.mark.skipif("triton" not in FUSED, reason="needs the Triton interpreter")
+@pytest.mark.parametrize("logit_scale", [30.0, -12.0])
+def test_triton_gradients_at_large_logit_scales_as_accurate_as_fp32(logit_scale):
+    """Large logit scales (logits of a few hundred in the similarity softmax): every output and
+    gradient within twice the fp32 reference's own error against float64. The backward's
+    exponents are one FMA of the logits before the base-2 scaling; scaling logits and LSE to
+    base 2 separately rounded them apart (dq, dk 5.9 and 4.3 times that error at scale 30)."""
+    shape = (2, 2, 37, 16)
+    q, k, v = _inputs(shape, seed=13)
+    dout, dlse = torch.randn(shape, dtype=torch.float64), torch.randn(shape[:3], dtype=torch.float64)
+    exact = _run("reference", torch.float64, q, k, v, logit_scale, dout, dlse)
+    own = _run("reference", torch.float32, q, k, v, logit_scale, dout, dlse)
+    got = _run("triton", torch.float32, q, k, v, logit_scale, dout, dlse)
+    for name, g, w, e in zip(("out", "lse", "dq", "dk", "dv"), got, own, exact):
+        err, ref_err = (g.double() - e).abs().max().item(), (w.double() - e).abs().max().item()
+        assert err <= 2 * ref_err + 1e-7 * e.abs().max().item(), (name, err, ref_err)
+
+
+@pytest.mark.skipif("triton" not in FUSED, reason="needs the Triton interpreter")
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_triton_infinite_inputs_on_the_gpu_path_give_nan(monkeypatch, where):
+    """The GPU path's fp32 products split each operand into TF32 parts (inf - inf = NaN in the
+    small part), so an infinite q value makes its query's output and LSEs NaN, and an infinite k
+    value every query's (each attends to that key); the other queries' stay finite (README, NaN
+    policy). The interpreter's own path multiplies unsplit."""
+    from attenscribble_ops.triton import spatial_attention as kernels
+
+    monkeypatch.setattr(kernels._target, "for_gpu", lambda t: True)
+    q, k, v = (t.float() for t in _inputs((1, 1, 40, 16), seed=4))
+    (q if where == "q" else k)[0, 0, 3, 5] = float("inf")
+    out, lse = A.spatial_attention(q, k, v, backend="triton")
+    bad = torch.zeros(40, dtype=torch.bool)
+    bad[3 if where == "q" else slice(None)] = True
+    assert torch.isnan(out[0, 0, bad]).all() and torch.isnan(lse[0, 0, bad]).all()
+    assert torch.isfinite(out[0, 0, ~bad]).all() and torch.isfinite(lse[0, 0, ~bad]).all()
 
 
 @pytest.mark.skipif("triton" not in FUSED, reason="needs the Triton interpreter")
@@ -195,10 +238,11 @@ def test_gpu_matches_reference(backend, case, fp32_dot, monkeypatch, exact_fp32_
 
 
 @pytest.mark.parametrize("device, backend, dtype", LOW_PRECISION_CASES)
-def test_low_precision_error_within_twice_the_reference(device, backend, dtype):
-    q, k, v = (t.to(device) for t in _inputs((1, 2, 45, 32), seed=7, scale=0.5))
-    dout = torch.randn(1, 2, 45, 32, dtype=torch.float64).to(device)
-    dlse = torch.randn(1, 2, 45, dtype=torch.float64).to(device)
+@pytest.mark.parametrize("n", [45, 64])  # 64: tiles that divide the tokens (the kernels' unmasked path)
+def test_low_precision_error_within_twice_the_reference(device, backend, dtype, n):
+    q, k, v = (t.to(device) for t in _inputs((1, 2, n, 32), seed=7, scale=0.5))
+    dout = torch.randn(1, 2, n, 32, dtype=torch.float64).to(device)
+    dlse = torch.randn(1, 2, n, dtype=torch.float64).to(device)
     rq, rk, rv = (t.to(dtype).double() for t in (q, k, v))
     exact = _run("reference", torch.float64, rq, rk, rv, 1.0, dout, dlse)
     ref = _run("reference", dtype, rq, rk, rv, 1.0, dout, dlse)

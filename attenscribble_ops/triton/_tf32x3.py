@@ -6,7 +6,8 @@ several products, or keep one for a whole loop (a query block), split it once he
 instructions per element) and run the three "tf32" products with :func:`mm`. Same arithmetic:
 big = TF32 rounded to nearest (ties away, as cvt.rna.tf32 does), small = x - big, read truncated
 by the tensor cores; small terms are added first. An infinite element gives a NaN small part,
-so inf in an operand gives NaN (the guard's inf) in the products it enters.
+so inf in an operand gives NaN (Triton's guarded split: inf) in the products it enters; so does
+a finite element within 2^-11 (relative) of the largest fp32, whose big part rounds to inf.
 """
 import triton
 import triton.language as tl

@@ -38,6 +38,7 @@ from ._tf32x3 import split as _split
 from .._composite import fused_loss, fused_similarity_autograd
 from .spatial_attention import LOG2E
 from .spatial_attention import _backward as _attention_backward
+from .spatial_attention import _rows_tile
 from .spatial_attention import _forward as _attention_forward
 from .spatial_attention import check as _attention_check
 from .spatial_attention import fp32_precision
@@ -80,30 +81,28 @@ def _window_columns(i, col, t_ok, w, RX):
 @triton.jit
 def _tiles(X, base, rows, ok, dims, D, SPLIT: tl.constexpr):
     """Rows ``rows`` of one head's (n, D) matrix at ``base``, fp32, split for tf32x3."""
-    x = tl.load(X + base + rows[:, None] * D + dims[None, :], mask=ok[:, None] & (dims[None, :] < D),
-                other=0.0).to(tl.float32)
-    return _split(x, SPLIT)
+    return _split(_rows_tile(X, base, rows, ok, dims, D, False, False).to(tl.float32), SPLIT)
 
 
 @triton.jit
 def _token_tiles(Q, K, Lse, hrow, t, t_ok, dims, n, D, SPLIT: tl.constexpr):
-    """The token block's q and k rows of one head (split) and its LSE (in log2 units)."""
+    """The token block's q and k rows of one head (split) and its LSE."""
     qt_b, qt_s = _tiles(Q, hrow * n * D, t, t_ok, dims, D, SPLIT)
     kt_b, kt_s = _tiles(K, hrow * n * D, t, t_ok, dims, D, SPLIT)
-    return qt_b, qt_s, kt_b, kt_s, tl.load(Lse + hrow * n + t, mask=t_ok, other=0.0) * LOG2E
+    return qt_b, qt_s, kt_b, kt_s, tl.load(Lse + hrow * n + t, mask=t_ok, other=0.0)
 
 
 @triton.jit
 def _band_exps(qt_b, qt_s, kt_b, kt_s, qu_b, qu_s, ku_b, ku_s, lse_t, lse_u, pair, s, SPLIT: tl.constexpr,
                X3: tl.constexpr, PRECISION: tl.constexpr):
     """exp(s q_t.k_u - lse_t) and exp(s q_u.k_t - lse_u) of one head on a band tile, from two products
-    of the token block with the band (lse_t, lse_u in log2 units); exponents outside the window
-    pairs are forced to 0 so no inf reaches a later product."""
+    of the token block with the band; exponents outside the window pairs are forced to 0 so no
+    inf reaches a later product. Each exponent is one FMA of the unrounded logits, then scaled to
+    base 2 (as the attention's backward does, triton/spatial_attention.py: _probs)."""
     logit_tu = _mm(qt_b, qt_s, tl.trans(ku_b), tl.trans(ku_s), SPLIT, SPLIT, X3, PRECISION)
     logit_ut = _mm(kt_b, kt_s, tl.trans(qu_b), tl.trans(qu_s), SPLIT, SPLIT, X3, PRECISION)
-    s2 = s * LOG2E
-    a_tu = tl.exp2(tl.where(pair, logit_tu * s2 - lse_t[:, None], 0.0))
-    a_ut = tl.exp2(tl.where(pair, logit_ut * s2 - lse_u[None, :], 0.0))
+    a_tu = tl.exp2(tl.where(pair, (logit_tu * s - lse_t[:, None]) * LOG2E, 0.0))
+    a_ut = tl.exp2(tl.where(pair, (logit_ut * s - lse_u[None, :]) * LOG2E, 0.0))
     return a_tu, a_ut
 
 
@@ -117,7 +116,7 @@ def _head_band(Q, K, Lse, hrow, t, t_ok, u, u_in, pair, dims, n, D, s, qt_b, qt_
         qt_b, qt_s, kt_b, kt_s, lse_t = _token_tiles(Q, K, Lse, hrow, t, t_ok, dims, n, D, SPLIT)
     qu_b, qu_s = _tiles(Q, base, u, u_in, dims, D, SPLIT)
     ku_b, ku_s = _tiles(K, base, u, u_in, dims, D, SPLIT)
-    lse_u = tl.load(Lse + hrow * n + u, mask=u_in, other=0.0) * LOG2E
+    lse_u = tl.load(Lse + hrow * n + u, mask=u_in, other=0.0)
     a_tu, a_ut = _band_exps(qt_b, qt_s, kt_b, kt_s, qu_b, qu_s, ku_b, ku_s, lse_t, lse_u, pair, s, SPLIT, X3,
                             PRECISION)
     return a_tu, a_ut, qu_b, qu_s, ku_b, ku_s
@@ -283,8 +282,8 @@ class _Prepared:
         # cores (fp32 operands, whatever q's dtype, in the dot precision of fp32: tf32x3 by default
         # on a GPU, exact in the interpreter). Only 2 rx + 1 entries of a tile row are window pairs,
         # so small tiles waste least: on a GPU 16 tokens x 16 band columns on one warp (compiled for
-        # sm_90 at D = 64: about 341 thread-instructions per window pair in the forward window loop
-        # and 834 in the backward, against 1340 and 1680 for the 64-token tiles of per-pair dot
+        # sm_90 at D = 64: about 348 thread-instructions per window pair in the forward window loop
+        # and 860 in the backward, against 1340 and 1680 for the 64-token tiles of per-pair dot
         # products these kernels replaced); the interpreter takes 32 tokens.
         block_t = 16 if gpu else 32
         self.tiles = triton.cdiv(self.n, block_t)

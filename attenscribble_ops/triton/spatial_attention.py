@@ -1,6 +1,7 @@
 """Attention of the spatial self-attention block in Triton, with the similarity normaliser.
 
-Forward (one sweep over the keys, two running max/sum pairs), per (b, head), c = D^-1/2,
+Forward (one sweep over the keys, two running sums and one running maximum of Lambda, or two
+when s <= 0), per (b, head), c = D^-1/2,
 s = logit_scale, Lambda = q k^T:
     lse_sim = logsumexp_j(s Lambda_ij),   lse_attn = logsumexp_j(c Lambda_ij),
     out = exp(c Lambda - lse_attn) v
@@ -114,18 +115,43 @@ def _spatial_attention_fwd_kernel(Q, K, V, Out, LseAttn, LseSim, n, D, DV, c, s,
 
 
 @triton.jit
-def _dlogits(logits, p, do_dot_v, delta, lse_s2, dls, row_ok, col_ok, c, s2, s, HAS_V: tl.constexpr,
-             HAS_DLSE: tl.constexpr, EVEN: tl.constexpr):
-    """dLambda for one tile (lse_s2: the similarity LSE in log2 units); zero outside the valid
+def _per_row(x, T: tl.constexpr):
+    """A per-query vector broadcast over a tile: (queries, keys), or (keys, queries) with T (one
+    return: the GPU compiler refuses returns of different shapes, even behind a constexpr)."""
+    if T:
+        y = x[None, :]
+    else:
+        y = x[:, None]
+    return y
+
+
+@triton.jit
+def _probs(logits, scale, lse, T: tl.constexpr):
+    """exp(scale Lambda - lse) for one tile. The exponent is one FMA of the unrounded logits, then
+    scaled to base 2, so that its two large terms cancel before any rounding; exp2 of x * (scale
+    log2 e) - lse log2 e rounds them apart (in the interpreter at logit_scale 30, 2 x 2 heads of
+    37 tokens, D = 16: dq and dk 5.9 and 4.3 times the fp32 reference's error, against 1.0 so).
+    The forward's exponents may take the scale in base 2: their maximum is rounded with them."""
+    return tl.exp2((logits * scale - _per_row(lse, T)) * LOG2E)
+
+
+@triton.jit
+def _dlogits(logits, p, do_dot_v, delta, lse_s, dls, row_ok, col_ok, c, s, HAS_V: tl.constexpr,
+             HAS_DLSE: tl.constexpr, EVEN: tl.constexpr, T: tl.constexpr):
+    """dLambda for one tile, (queries, keys) or with T (keys, queries); zero outside the valid
     rows and columns."""
     ds = tl.zeros(logits.shape, tl.float32)
     if HAS_V:
-        ds = p * (do_dot_v * c - (delta * c)[:, None])  # one FMA and one product per entry
+        ds = p * (do_dot_v * c - _per_row(delta * c, T))  # one FMA and one product per entry
     if HAS_DLSE:
-        ds += (s * dls)[:, None] * tl.exp2(logits * s2 - lse_s2[:, None])
-    if EVEN:
-        return ds
-    return tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
+        ds += _per_row(s * dls, T) * _probs(logits, s, lse_s, T)
+    if not EVEN:
+        if T:
+            ok = col_ok[:, None] & row_ok[None, :]
+        else:
+            ok = row_ok[:, None] & col_ok[None, :]
+        ds = tl.where(ok, ds, 0.0)
+    return ds  # one return (the GPU compiler also builds a return behind a false constexpr)
 
 
 @triton.jit
@@ -152,19 +178,17 @@ def _spatial_attention_bwd_dq_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DLse
     dims = tl.arange(0, BLOCK_D)
     dvs = tl.arange(0, BLOCK_DV)
     row_ok = rows < n
-    c2 = c * LOG2E
-    s2 = s * LOG2E
     q = _rows_tile(Q, bh * n * D, rows, row_ok, dims, D, EVEN, FULL_D)
     q_b, q_s = _split(q, X3)
-    lse_s2 = tl.load(LseSim + bh * n + rows, mask=row_ok, other=0.0) * LOG2E
+    lse_s = tl.load(LseSim + bh * n + rows, mask=row_ok, other=0.0)
     dls = tl.zeros([BLOCK_M], tl.float32)
     if HAS_DLSE:
         dls = tl.load(DLseSim + bh * n + rows, mask=row_ok, other=0.0)
-    lse_a2 = tl.zeros([BLOCK_M], tl.float32)
+    lse_a = tl.zeros([BLOCK_M], tl.float32)
     delta = tl.zeros([BLOCK_M], tl.float32)
     do_b, do_s = q_b, q_s  # placeholders when there is no V
     if HAS_V:
-        lse_a2 = tl.load(LseAttn + bh * n + rows, mask=row_ok, other=0.0) * LOG2E
+        lse_a = tl.load(LseAttn + bh * n + rows, mask=row_ok, other=0.0)
         delta = tl.load(Delta + bh * n + rows, mask=row_ok, other=0.0)
         do_b, do_s = _split(_rows_tile(DOut, bh * n * DV, rows, row_ok, dvs, DV, EVEN, FULL_D), X3)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -176,10 +200,10 @@ def _spatial_attention_bwd_dq_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DLse
         p = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         do_dot_v = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if HAS_V:
-            p = tl.exp2(logits * c2 - lse_a2[:, None])
+            p = _probs(logits, c, lse_a, False)
             v_b, v_s = _split(_rows_tile(V, bh * n * DV, cols, col_ok, dvs, DV, EVEN, FULL_D), X3)
             do_dot_v = _mm(do_b, do_s, tl.trans(v_b), tl.trans(v_s), X3, X3, X3, PRECISION)
-        ds = _dlogits(logits, p, do_dot_v, delta, lse_s2, dls, row_ok, col_ok, c, s2, s, HAS_V, HAS_DLSE, EVEN)
+        ds = _dlogits(logits, p, do_dot_v, delta, lse_s, dls, row_ok, col_ok, c, s, HAS_V, HAS_DLSE, EVEN, False)
         if SCALE_DS:
             rs = _fp16_scales(ds, 1)
             dq += tl.dot((ds * rs[:, None]).to(k_b.dtype), k_b, input_precision=PRECISION) / rs[:, None]
@@ -209,8 +233,6 @@ def _spatial_attention_bwd_dkdv_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DL
     dims = tl.arange(0, BLOCK_D)
     dvs = tl.arange(0, BLOCK_DV)
     col_ok = cols < n
-    c2 = c * LOG2E
-    s2 = s * LOG2E
     k_b, k_s = _split(_rows_tile(K, bh * n * D, cols, col_ok, dims, D, EVEN, FULL_D), X3)
     v_b, v_s = k_b, k_s  # placeholders when there is no V
     if HAS_V:
@@ -222,24 +244,24 @@ def _spatial_attention_bwd_dkdv_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DL
         row_ok = rows < n
         q_b, q_s = _split(_rows_tile(Q, bh * n * D, rows, row_ok, dims, D, EVEN, FULL_D), X3)
         logits_t = _mm(k_b, k_s, tl.trans(q_b), tl.trans(q_s), X3, X3, X3, PRECISION)
-        ds_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        lse_s = tl.load(LseSim + bh * n + rows, mask=row_ok, other=0.0)
+        dls = tl.zeros([BLOCK_M], tl.float32)
+        if HAS_DLSE:
+            dls = tl.load(DLseSim + bh * n + rows, mask=row_ok, other=0.0)
+        p_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        do_dot_v_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        delta = tl.zeros([BLOCK_M], tl.float32)
         if HAS_V:
-            lse_a2 = tl.load(LseAttn + bh * n + rows, mask=row_ok, other=0.0) * LOG2E
+            lse_a = tl.load(LseAttn + bh * n + rows, mask=row_ok, other=0.0)
             delta = tl.load(Delta + bh * n + rows, mask=row_ok, other=0.0)
             do_b, do_s = _split(_rows_tile(DOut, bh * n * DV, rows, row_ok, dvs, DV, EVEN, FULL_D), X3)
-            p_t = tl.exp2(logits_t * c2 - lse_a2[None, :])
-            if not EVEN:
-                p_t = tl.where(col_ok[:, None] & row_ok[None, :], p_t, 0.0)
+            # rows past n: q and dout load as 0, so their P^T entries (finite) add nothing to dv
+            p_t = _probs(logits_t, c, lse_a, True)
             p_b, p_s = _split(p_t.to(do_b.dtype), X3)
             dv += _mm(p_b, p_s, do_b, do_s, X3, X3, X3, PRECISION)
             do_dot_v_t = _mm(v_b, v_s, tl.trans(do_b), tl.trans(do_s), X3, X3, X3, PRECISION)
-            ds_t = p_t * (do_dot_v_t * c - (delta * c)[None, :])
-        if HAS_DLSE:
-            lse_s2 = tl.load(LseSim + bh * n + rows, mask=row_ok, other=0.0) * LOG2E
-            dls = tl.load(DLseSim + bh * n + rows, mask=row_ok, other=0.0)
-            ds_t += (s * dls)[None, :] * tl.exp2(logits_t * s2 - lse_s2[None, :])
-        if not EVEN:
-            ds_t = tl.where(col_ok[:, None] & row_ok[None, :], ds_t, 0.0)
+        ds_t = _dlogits(logits_t, p_t, do_dot_v_t, delta, lse_s, dls, row_ok, col_ok, c, s, HAS_V, HAS_DLSE, EVEN,
+                        True)
         if SCALE_DS:
             cs = _fp16_scales(ds_t, 1)
             dk += tl.dot((ds_t * cs[:, None]).to(q_b.dtype), q_b, input_precision=PRECISION) / cs[:, None]
@@ -299,12 +321,12 @@ def _configs(q: torch.Tensor, d: int, dv: int) -> tuple[dict, dict, dict]:
     elif q.dtype == torch.float32 and base["PRECISION"] == "tf32x3":
         # three tensor-core products per dot, each operand held twice (its two TF32 parts). At
         # D = Dv = 64 (sm_90 loops, thread-instructions per logit): forward 128 x 32 over 8
-        # warps, 181 registers, 36 (64 x 32 over 4 warps: 41); dq 128 x 32 over 8 warps, 208
-        # registers, 40 (64 x 32: 48); dk/dv 64 keys x 32 queries over 4 warps, one stage,
-        # 65 with 176 B of stack (its two accumulators and the key block's four split tiles
+        # warps, 181 registers, 36 (64 x 32 over 4 warps: 41); dq 128 x 32 over 8 warps, 206
+        # registers, 43 (64 x 32: 48); dk/dv 64 keys x 32 queries over 4 warps, one stage,
+        # 66 with 144 B of stack (its two accumulators and the key block's four split tiles
         # fill the registers; 32 x 32 over 8 warps: 164, no stack). Wider heads: the 128-row
         # tiles exceed the shared memory; forward 64 x 32 over 4 warps (62, 8 B of stack), dq
-        # 64 x 16 over 4 warps (109, 72 B), dk/dv 32 x 32 over 8 warps (290, 40 B).
+        # 64 x 16 over 4 warps (110, 64 B), dk/dv 32 x 32 over 8 warps (290, 40 B).
         if wide:
             tiles = (_tiles(64, 32, 4), _tiles(64, 16, 4), _tiles(32, 32, 8))
         else:

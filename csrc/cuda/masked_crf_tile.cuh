@@ -176,6 +176,21 @@ CRF_HD void stage_band(const Args<scalar_t, acc_t>& a, int64_t b, int64_t zz, in
   }
 }
 
+// Adds the neighbour at band index e, with Gaussian weight g, to the centre's sums (Index: the
+// band index type, 32-bit in the specialised loop).
+template <int CC, typename Index, typename scalar_t, typename acc_t>
+CRF_HD inline void add_neighbour(const Args<scalar_t, acc_t>& a, acc_t g, Index e, Index stride, const acc_t* s_u,
+                                 const acc_t* s_w, const acc_t* s_msrc, const acc_t* s_mdst, acc_t* acc_a,
+                                 acc_t* acc_b, acc_t& ksum) {
+  const acc_t ga = a.has_mask_src ? g * s_msrc[e] : g;
+  ksum += ga;
+  for (int c = 0; c < CC; ++c) acc_a[c] += ga * s_u[c * stride + e];
+  if (a.second_role) {
+    const acc_t gb = a.has_mask_dst ? g * s_mdst[e] : g;
+    for (int c = 0; c < CC; ++c) acc_b[c] += gb * s_w[c * stride + e];
+  }
+}
+
 // accumulate_band for one kernel descriptor and NF (0 or 1) image channels, the official loss:
 // the exponent's coefficients (scaled to base 2) and the centre's feature stay in registers, the
 // Gaussian is one exp2 of a multiply-add, and window offsets and band indices are 32-bit (a
@@ -213,14 +228,7 @@ CRF_HD void accumulate_band_single(const Args<scalar_t, acc_t>& a, int64_t b, in
         const acc_t diff = centre_f - s_img[e];
         q += c_f * diff * diff;
       }
-      const acc_t g = weight * crf_exp2(q);
-      const acc_t ga = a.has_mask_src ? g * s_msrc[e] : g;
-      ksum += ga;
-      for (int c = 0; c < CC; ++c) acc_a[c] += ga * s_u[c * stride + e];
-      if (a.second_role) {
-        const acc_t gb = a.has_mask_dst ? g * s_mdst[e] : g;
-        for (int c = 0; c < CC; ++c) acc_b[c] += gb * s_w[c * stride + e];
-      }
+      add_neighbour<CC>(a, weight * crf_exp2(q), e, stride, s_u, s_w, s_msrc, s_mdst, acc_a, acc_b, ksum);
     }
   }
 }
@@ -239,7 +247,8 @@ CRF_HD void accumulate_band(const Args<scalar_t, acc_t>& a, int64_t b, int64_t z
   const int64_t x_lo = lmax(bx0, x - a.ex), x_hi = lmin(bx0 + nx - 1, x + a.ex);
   // the official loss (one descriptor, one image channel or none), with every band offset of the
   // window (|y - by0| <= ey + kTileY, |x - bx0| <= ex + kTileX) within 32 bits
-  if (a.kernels == 1 && F <= 1 && (2 * a.ey + kTileY) * nx + a.ex + kTileX < (int64_t(1) << 31)) {
+  if (a.kernels == 1 && F <= 1 && (F == 0 || a.image_in_shared) &&
+      (2 * a.ey + kTileY) * nx + a.ex + kTileX < (int64_t(1) << 31)) {
     if (F == 1) {
       accumulate_band_single<CC, 1>(a, b, z, y, x, zz, by0, bx0, nx, y_lo, y_hi, x_lo, x_hi, s_u, s_w, s_img, s_msrc,
                                     s_mdst, n, acc_a, acc_b, ksum);
@@ -269,13 +278,7 @@ CRF_HD void accumulate_band(const Args<scalar_t, acc_t>& a, int64_t b, int64_t z
         }
         g += row[0] * crf_exp(acc_t(-0.5) * q);
       }
-      const acc_t ga = a.has_mask_src ? g * s_msrc[e] : g;
-      ksum += ga;
-      for (int c = 0; c < CC; ++c) acc_a[c] += ga * s_u[c * n + e];
-      if (a.second_role) {
-        const acc_t gb = a.has_mask_dst ? g * s_mdst[e] : g;
-        for (int c = 0; c < CC; ++c) acc_b[c] += gb * s_w[c * n + e];
-      }
+      add_neighbour<CC>(a, g, e, n, s_u, s_w, s_msrc, s_mdst, acc_a, acc_b, ksum);
     }
   }
 }
