@@ -129,7 +129,7 @@ def _clear_grads(leaves) -> None:
 #   launches up to the last) where that is longer.
 # "synced": a synchronisation before each iteration (results up to git 1ca6462b42b4). Every
 #   sample then also holds the host path up to the first launch, which dominates sub-millisecond
-#   workloads (a masked CRF call: about 0.2 ms of Python and launches).
+#   workloads (a masked CRF forward: 161 us of Python and launches on the development machine).
 TIMINGS = ("queued", "synced")
 # A row takes at least ``repeat`` samples, and as many more as add up to about MIN_SECONDS (at
 # most MAX_REPEAT): a 1 ms step takes 100, so that short rows are not a median of ten samples of
