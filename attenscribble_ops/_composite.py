@@ -8,12 +8,58 @@ PyTorch: importing it registers nothing, so either backend family loads without 
   terms of dq, dk then arrive in the attention's backward as the gradients of those views, and an
   accumulate op adds the attention's own dq, dk into them in place: q and k hold one gradient
   buffer each instead of two (the window terms alive while a second dq, dk pair is produced).
+* :func:`first_order`: the backwards of the attention and the similarity loss are not themselves
+  differentiable; under ``create_graph=True`` their gradients raise if a second backward reaches
+  them, instead of silently missing terms.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+
+SECOND_ORDER_MESSAGE = (
+    "the fused {what} has no second derivative: a backward through its backward (create_graph=True, as in a "
+    "gradient penalty or a Hessian-vector product) would miss terms. Use backend='reference' for it (the "
+    "masked CRF's fused backends are exact to any order)")
+
+
+class _NoSecondOrder(torch.autograd.Function):
+    """forward(what, count, *grads, *inputs) -> grads: identity on the ``count`` first-order
+    gradients of a fused op, with the tensors they were computed from as inputs, so that every
+    second-order path from the gradients to those tensors meets this node. Its backward raises."""
+
+    @staticmethod
+    def forward(ctx, what, count, *tensors):
+        ctx.what = what
+        return tensors[:count]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(SECOND_ORDER_MESSAGE.format(what=ctx.what))
+
+
+def first_order(what: str, compute, inputs):
+    """``compute()``: the tuple of gradients a fused backward returns; ``inputs``: what they depend
+    on (the saved tensors and the upstream gradients). Under create_graph (grad mode on inside a
+    backward) the gradients are computed without a graph (the compiled ops have no autograd
+    kernel for their backward: the call would warn and give no second-order terms) and routed
+    through a node, connected to ``inputs``, that raises when a second backward reaches it. Unlike
+    ``once_differentiable`` it raises also where only the saved tensors require grad, and in
+    ``torch.autograd.grad`` with ``inputs``, which skips nodes not connected to them."""
+    if not torch.is_grad_enabled():
+        return compute()
+    with torch.no_grad():
+        grads = tuple(compute())
+    linked = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    where = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor) and g.is_floating_point()]
+    if not linked or not where:
+        return grads
+    marked = _NoSecondOrder.apply(what, len(where), *(grads[i] for i in where), *linked)
+    out = list(grads)
+    for i, g in zip(where, marked):
+        out[i] = g
+    return tuple(out)
 
 
 def attention_autograd(backward_op, lse_backward_op):
@@ -32,8 +78,9 @@ def attention_autograd(backward_op, lse_backward_op):
         q, k, v, out, lse_attn, lse_sim = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = backward_op(dout, dlse_attn, dlse_sim, q, k, v, out, lse_attn, lse_sim, ctx.logit_scale)
-        return dq, dk, dv, None
+        return first_order("spatial attention", lambda: backward_op(
+            dout, dlse_attn, dlse_sim, q, k, v, out, lse_attn, lse_sim, ctx.logit_scale),
+            (q, k, v, dout, dlse_attn, dlse_sim)) + (None,)
 
     def lse_setup(ctx, inputs, output):
         q, k, logit_scale = inputs
@@ -42,8 +89,8 @@ def attention_autograd(backward_op, lse_backward_op):
 
     def lse_backward(ctx, dlse):
         q, k, lse = ctx.saved_tensors
-        dq, dk = lse_backward_op(dlse, q, k, lse, ctx.logit_scale)
-        return dq, dk, None
+        return first_order("spatial attention", lambda: lse_backward_op(dlse, q, k, lse, ctx.logit_scale),
+                           (q, k, dlse)) + (None,)
 
     return (forward_backward, forward_setup), (lse_backward, lse_setup)
 
@@ -61,9 +108,29 @@ def fused_similarity_autograd(backward_op):
         q, k, lse, probs, head_weight, head_bias, sample_weight = ctx.saved_tensors
         if grad_rows is None:
             grad_rows = q.new_zeros((q.shape[0], q.shape[2]), dtype=lse.dtype)
-        grads = backward_op(grad_rows, grad_lse, q, k, lse, probs, head_weight, head_bias, sample_weight,
-                            *ctx.options)
+        grads = first_order("attentive similarity loss", lambda: backward_op(
+            grad_rows, grad_lse, q, k, lse, probs, head_weight, head_bias, sample_weight, *ctx.options),
+            (q, k, probs, head_weight, head_bias, grad_rows, grad_lse))
         return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])) + (None,) * 4
+
+    return backward, setup
+
+
+def window_similarity_autograd(backward_op):
+    """Autograd of the similarity window op ``(q, k, lse, probs, hw, hb, sw, r, sigma, s) -> rows``,
+    shared by the compiled and Triton backends: ``(backward, setup)`` for ``register_autograd``."""
+
+    def setup(ctx, inputs, output):
+        q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale = inputs
+        ctx.save_for_backward(q, k, lse, probs, head_weight, head_bias, sample_weight)
+        ctx.options = (radius, sigma, logit_scale)
+
+    def backward(ctx, grad_rows):
+        q, k, lse, probs, head_weight, head_bias, sample_weight = ctx.saved_tensors
+        grads = first_order("attentive similarity loss", lambda: backward_op(
+            grad_rows, q, k, lse, probs, head_weight, head_bias, sample_weight, *ctx.options),
+            (q, k, lse, probs, head_weight, head_bias, grad_rows))
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])) + (None,) * 4
 
     return backward, setup
 
@@ -87,13 +154,14 @@ def fused_loss(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, rad
 
 def _accumulator(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """A buffer the accumulate op may add into: the incoming gradient itself when it is already a
-    contiguous accumulation-type tensor (the window op's output), else a converted copy."""
+    contiguous accumulation-type tensor (the window op's output), else a converted copy; a copy
+    too when it is part of a graph (create_graph: first_order's output, which must stay as it is)."""
     acc = acc_dtype(like.dtype)
     if grad is None:
         return torch.zeros(like.shape, dtype=acc, device=like.device)
-    if grad.dtype == acc and grad.is_contiguous() and grad.shape == like.shape:
+    if grad.dtype == acc and grad.is_contiguous() and grad.shape == like.shape and not grad.requires_grad:
         return grad
-    return grad.to(acc).contiguous()
+    return grad.detach().to(acc, copy=True, memory_format=torch.contiguous_format)
 
 
 class TiedAttention(torch.autograd.Function):
@@ -110,11 +178,15 @@ class TiedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse_sim, dq, dk):
         q, k, v, out, lse_attn, lse_sim = ctx.saved_tensors
-        dq, dk = _accumulator(dq, q), _accumulator(dk, k)
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dv = ctx.accumulate_op(dout, None, dlse_sim, q, k, v, out, lse_attn, lse_sim, ctx.logit_scale, dq, dk)
-        return dq.to(q.dtype), dk.to(k.dtype), dv, None, None, None
+
+        def compute():
+            dq_acc, dk_acc = _accumulator(dq, q), _accumulator(dk, k)
+            dout_ = torch.zeros_like(out) if dout is None else dout
+            dv = ctx.accumulate_op(dout_, None, dlse_sim, q, k, v, out, lse_attn, lse_sim, ctx.logit_scale, dq_acc,
+                                   dk_acc)
+            return dq_acc.to(q.dtype), dk_acc.to(k.dtype), dv
+
+        return first_order("spatial attention", compute, (q, k, v, dout, dlse_sim, dq, dk)) + (None, None, None)
 
 
 def attention(q, k, v, logit_scale, tie_qk, forward_op, accumulate_op):

@@ -42,9 +42,48 @@ def op_arguments(probs: torch.Tensor, image: Optional[torch.Tensor], mask_dst: O
             list(params.spacing), params.zero_padding, with_grad)
 
 
-def _scaled_gradient(grad_raw: torch.Tensor, grad: torch.Tensor, probs_dtype: torch.dtype) -> torch.Tensor:
-    """d loss / d probs from the upstream gradient of the raw loss and the saved d raw / d probs."""
-    return (grad_raw.to(grad.dtype) * grad).to(probs_dtype)
+def _scaled_gradient(grad_raw: torch.Tensor, grad: torch.Tensor, probs: torch.Tensor, op, rest: tuple
+                     ) -> torch.Tensor:
+    """d loss / d probs from the upstream gradient of the raw loss and the saved d raw / d probs.
+    Under create_graph it is differentiable again, in both (see :class:`_Gradient`)."""
+    if torch.is_grad_enabled() and (grad_raw.requires_grad or probs.requires_grad):
+        grad = _Gradient.apply(probs, grad, op, rest)
+    return (grad_raw.to(grad.dtype) * grad).to(probs.dtype)
+
+
+def _gradient_at(op, u: torch.Tensor, probs_dtype: torch.dtype, rest: tuple) -> torch.Tensor:
+    """The operator's gradient with ``u`` in place of the probabilities, which is H u (the
+    :class:`_Gradient` docstring). 16-bit ``u`` is first scaled to a largest magnitude of 1, so
+    that it neither overflows nor rounds to subnormals (the gradient is linear in it)."""
+    with torch.no_grad():
+        if probs_dtype.itemsize >= 4:
+            return op(u.to(probs_dtype), *rest)[1]
+        scale = u.abs().amax().clamp_min(torch.finfo(u.dtype).tiny)
+        return op((u / scale).to(probs_dtype), *rest)[1] * scale
+
+
+class _Gradient(torch.autograd.Function):
+    """g(probs) = d raw / d probs, given its value ``grad`` from the forward, as a differentiable
+    function of probs (for double backward: gradient penalties, Hessian-vector products).
+
+    raw is a quadratic form in probs: the kernel, the masks, the compatibility matrix and the
+    zero-padding border term do not depend on them. So g is linear, g(p) = H p with H the
+    (symmetric) Hessian, and the derivative of <u, g(p)> in p is H u = g(u): the operator's own
+    gradient with u in place of the probabilities, differentiable again the same way."""
+
+    @staticmethod
+    def forward(ctx, probs, grad, op, rest):
+        ctx.op, ctx.rest, ctx.probs_dtype = op, rest, probs.dtype
+        return grad
+
+    @staticmethod
+    def backward(ctx, u):
+        if u is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        hu = _gradient_at(ctx.op, u, ctx.probs_dtype, ctx.rest)
+        if torch.is_grad_enabled() and u.requires_grad:
+            hu = _Gradient.apply(u, hu, ctx.op, ctx.rest)
+        return hu.to(ctx.probs_dtype), None, None, None
 
 
 class _EagerLoss(torch.autograd.Function):
@@ -54,14 +93,14 @@ class _EagerLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op, probs, *rest):
         raw, grad = op(probs, *rest)  # grad mode is off here: the operator's no-gradient path
-        ctx.probs_dtype = probs.dtype
-        ctx.save_for_backward(grad)
+        ctx.op, ctx.rest = op, rest
+        ctx.save_for_backward(grad, probs)
         return raw
 
     @staticmethod
     def backward(ctx, grad_raw):
-        (grad,) = ctx.saved_tensors
-        return (None, _scaled_gradient(grad_raw, grad, ctx.probs_dtype)) + (None,) * 9
+        grad, probs = ctx.saved_tensors
+        return (None, _scaled_gradient(grad_raw, grad, probs, ctx.op, ctx.rest)) + (None,) * 9
 
 
 def loss(op, probs: torch.Tensor, image: Optional[torch.Tensor], mask_dst: Optional[torch.Tensor],
@@ -83,11 +122,11 @@ def register_fake_and_autograd(name: str) -> None:
 
     def setup_context(ctx, inputs, output):
         ctx.with_grad = inputs[-1]
-        ctx.probs_dtype = inputs[0].dtype
+        ctx.rest = tuple(inputs[1:])
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)  # else autograd allocates a zero gradient for output[1]
         if ctx.needs_input_grad[0] and ctx.with_grad:
-            ctx.save_for_backward(output[1])
+            ctx.save_for_backward(output[1], inputs[0])
 
     def backward(ctx, grad_raw, _):
         if grad_raw is None or not ctx.needs_input_grad[0]:
@@ -95,7 +134,9 @@ def register_fake_and_autograd(name: str) -> None:
         if not ctx.with_grad:
             raise RuntimeError(f"{name} was called with with_grad=False, so it has no gradient to give; call it "
                                "with with_grad=True (masked_crf_loss does when probs requires grad)")
-        (grad,) = ctx.saved_tensors
-        return (_scaled_gradient(grad_raw, grad, ctx.probs_dtype),) + (None,) * 9
+        grad, probs = ctx.saved_tensors
+        namespace, op_name = name.split("::")
+        op = getattr(getattr(torch.ops, namespace), op_name)
+        return (_scaled_gradient(grad_raw, grad, probs, op, ctx.rest),) + (None,) * 9
 
     torch.library.register_autograd(name, backward, setup_context=setup_context)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends
-from ._composite import acc_dtype
+from ._composite import acc_dtype, first_order
 from .reference.spatial_attention import spatial_attention_reference
 
 
@@ -105,6 +105,31 @@ def _lse_carrier(dlse: torch.Tensor, width: int, dtype: torch.dtype) -> tuple:
     return dout, out, factor
 
 
+def _gradients(ctx, dout, dlse):
+    """dq, dk, dv of _AtenAttention (None where nothing flows)."""
+    qp, kp, vp, out_p, lse_a, lse_s, *state = ctx.saved_tensors
+    d, dv, width, c, s, n_state = ctx.meta
+    state_a, state_s = tuple(state[:n_state]), tuple(state[n_state:])
+    acc = acc_dtype(qp.dtype)
+    dq = dk = dvp = None
+    if dout is not None:  # in the layout of the kernel's output, as the carrier below
+        dout_p = torch.empty_like(out_p).copy_(dout if width == dv else F.pad(dout, (0, width - dv)))
+        dq, dk, dvp = _sdpa_backward(dout_p, qp, kp, vp, out_p, lse_a, state_a, c)
+    if dlse is not None:
+        carrier_dout, carrier_out, factor = _lse_carrier(dlse, width, qp.dtype)
+        zero_v = torch.zeros_like(vp)
+        dq2, dk2, _ = _sdpa_backward(carrier_dout, qp, kp, zero_v, carrier_out, lse_s, state_s, s)
+        dq2, dk2 = dq2.to(acc), dk2.to(acc)
+        if factor is not None:
+            dq2, dk2 = dq2 / factor, dk2 / factor
+        dq = dq2 if dq is None else dq.to(acc) + dq2
+        dk = dk2 if dk is None else dk.to(acc) + dk2
+    dq = None if dq is None else dq[..., :d].to(qp.dtype)
+    dk = None if dk is None else dk[..., :d].to(kp.dtype)
+    dv_out = None if dvp is None else dvp[..., :dv].to(vp.dtype)  # None: v had no effect
+    return dq, dk, dv_out
+
+
 class _AtenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, logit_scale):
@@ -122,27 +147,8 @@ class _AtenAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        qp, kp, vp, out_p, lse_a, lse_s, *state = ctx.saved_tensors
-        d, dv, width, c, s, n_state = ctx.meta
-        state_a, state_s = tuple(state[:n_state]), tuple(state[n_state:])
-        acc = acc_dtype(qp.dtype)
-        dq = dk = dvp = None
-        if dout is not None:  # in the layout of the kernel's output, as the carrier below
-            dout_p = torch.empty_like(out_p).copy_(dout if width == dv else F.pad(dout, (0, width - dv)))
-            dq, dk, dvp = _sdpa_backward(dout_p, qp, kp, vp, out_p, lse_a, state_a, c)
-        if dlse is not None:
-            carrier_dout, carrier_out, factor = _lse_carrier(dlse, width, qp.dtype)
-            zero_v = torch.zeros_like(vp)
-            dq2, dk2, _ = _sdpa_backward(carrier_dout, qp, kp, zero_v, carrier_out, lse_s, state_s, s)
-            dq2, dk2 = dq2.to(acc), dk2.to(acc)
-            if factor is not None:
-                dq2, dk2 = dq2 / factor, dk2 / factor
-            dq = dq2 if dq is None else dq.to(acc) + dq2
-            dk = dk2 if dk is None else dk.to(acc) + dk2
-        dq = None if dq is None else dq[..., :d].to(qp.dtype)
-        dk = None if dk is None else dk[..., :d].to(kp.dtype)
-        dv_out = None if dvp is None else dvp[..., :dv].to(vp.dtype)  # None: v had no effect
-        return dq, dk, dv_out, None
+        qp, kp, vp = ctx.saved_tensors[:3]
+        return first_order("spatial attention", lambda: _gradients(ctx, dout, dlse), (qp, kp, vp, dout, dlse)) + (None,)
 
 
 def check(meta: backends.Meta) -> Optional[str]:

@@ -82,7 +82,8 @@ if (( t > 0 )); then
         -p no:cacheprovider --junitxml="$OUT/junit.xml" \
         tests/test_masked_crf.py tests/test_masked_crf_cuda.py tests/test_masked_crf_ops.py \
         $(ls tests/test_attentive_similarity*.py tests/test_spatial_attention*.py 2>/dev/null) \
-        tests/test_compile.py tests/test_backends.py tests/test_determinism.py tests/test_autocast.py
+        tests/test_compile.py tests/test_backends.py tests/test_determinism.py tests/test_autocast.py \
+        tests/test_double_backward.py
     echo "pytest exit: $?"
 else
     echo "GPU tests: no time left"

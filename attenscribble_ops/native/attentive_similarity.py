@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .. import _extension, backends
-from .._composite import acc_dtype, fused_loss, fused_similarity_autograd
+from .._composite import acc_dtype, fused_loss, fused_similarity_autograd, window_similarity_autograd
 from .spatial_attention import CUDA_MAX_HEAD_DIM
 
 _OPS = torch.ops.attenscribble_ops
@@ -37,20 +37,7 @@ def _backward_fake(grad_rows, q, k, lse, probs, head_weight, head_bias, sample_w
             torch.empty_like(head_bias, **contiguous))
 
 
-def _setup(ctx, inputs, output):
-    q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale = inputs
-    ctx.save_for_backward(q, k, lse, probs, head_weight, head_bias, sample_weight)
-    ctx.options = (radius, sigma, logit_scale)
-
-
-def _backward(ctx, grad_rows):
-    q, k, lse, probs, head_weight, head_bias, sample_weight = ctx.saved_tensors
-    grads = _OPS.attentive_similarity_backward(grad_rows, q, k, lse, probs, head_weight, head_bias, sample_weight,
-                                               *ctx.options)
-    needs = ctx.needs_input_grad
-    return tuple(g if need else None for g, need in zip(grads, needs[:6])) + (None,) * 4
-
-
+_backward, _setup = window_similarity_autograd(_OPS.attentive_similarity_backward)
 torch.library.register_autograd("attenscribble_ops::attentive_similarity_forward", _backward, setup_context=_setup)
 
 

@@ -35,7 +35,7 @@ from .. import backends
 from . import _target
 from ._tf32x3 import mm as _mm
 from ._tf32x3 import split as _split
-from .._composite import fused_loss, fused_similarity_autograd
+from .._composite import fused_loss, fused_similarity_autograd, window_similarity_autograd
 from .spatial_attention import LOG2E
 from .spatial_attention import _backward as _attention_backward
 from .spatial_attention import _rows_tile
@@ -383,19 +383,7 @@ def _backward_fake(grad_rows, q, k, lse, probs, head_weight, head_bias, sample_w
             head_weight.new_empty(head_weight.shape), head_bias.new_empty(head_bias.shape))
 
 
-def _setup(ctx, inputs, output):
-    q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale = inputs
-    ctx.save_for_backward(q, k, lse, probs, head_weight, head_bias, sample_weight)
-    ctx.options = (radius, sigma, logit_scale)
-
-
-def _grad(ctx, grad_rows):
-    q, k, lse, probs, head_weight, head_bias, sample_weight = ctx.saved_tensors
-    grads = attentive_similarity_backward_triton(grad_rows, q, k, lse, probs, head_weight, head_bias, sample_weight,
-                                                 *ctx.options)
-    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])) + (None,) * 4
-
-
+_grad, _setup = window_similarity_autograd(attentive_similarity_backward_triton)
 attentive_similarity_forward_triton.register_autograd(_grad, setup_context=_setup)
 
 
