@@ -46,44 +46,37 @@ def _scaled_gradient(grad_raw: torch.Tensor, grad: torch.Tensor, probs: torch.Te
                      ) -> torch.Tensor:
     """d loss / d probs from the upstream gradient of the raw loss and the saved d raw / d probs.
     Under create_graph it is differentiable again, in both (see :class:`_Gradient`)."""
-    if torch.is_grad_enabled() and (grad_raw.requires_grad or probs.requires_grad):
+    if torch.is_grad_enabled():
         grad = _Gradient.apply(probs, grad, op, rest)
     return (grad_raw.to(grad.dtype) * grad).to(probs.dtype)
 
 
-def _gradient_at(op, u: torch.Tensor, probs_dtype: torch.dtype, rest: tuple) -> torch.Tensor:
-    """The operator's gradient with ``u`` in place of the probabilities, which is H u (the
-    :class:`_Gradient` docstring). 16-bit ``u`` is first scaled to a largest magnitude of 1, so
-    that it neither overflows nor rounds to subnormals (the gradient is linear in it)."""
-    with torch.no_grad():
-        if probs_dtype.itemsize >= 4:
-            return op(u.to(probs_dtype), *rest)[1]
-        scale = u.abs().amax().clamp_min(torch.finfo(u.dtype).tiny)
-        return op((u / scale).to(probs_dtype), *rest)[1] * scale
-
-
 class _Gradient(torch.autograd.Function):
-    """g(probs) = d raw / d probs, given its value ``grad`` from the forward, as a differentiable
-    function of probs (for double backward: gradient penalties, Hessian-vector products).
+    """g(p) = d raw / d probs at p, given its value ``grad`` there, as a differentiable function of
+    p (for double backward: gradient penalties, Hessian-vector products); ``op(probs, *rest)`` is
+    the operator.
 
     raw is a quadratic form in probs: the kernel, the masks, the compatibility matrix and the
     zero-padding border term do not depend on them. So g is linear, g(p) = H p with H the
     (symmetric) Hessian, and the derivative of <u, g(p)> in p is H u = g(u): the operator's own
-    gradient with u in place of the probabilities, differentiable again the same way."""
+    gradient with u in place of the probabilities, differentiable again the same way. u comes in
+    the accumulate dtype (``grad``'s), which the operator takes probs in as well (its other tensor
+    arguments are in that dtype whatever the probabilities' own)."""
 
     @staticmethod
-    def forward(ctx, probs, grad, op, rest):
-        ctx.op, ctx.rest, ctx.probs_dtype = op, rest, probs.dtype
+    def forward(ctx, p, grad, op, rest):
+        ctx.op, ctx.rest, ctx.p_dtype = op, rest, p.dtype
         return grad
 
     @staticmethod
     def backward(ctx, u):
         if u is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        hu = _gradient_at(ctx.op, u, ctx.probs_dtype, ctx.rest)
-        if torch.is_grad_enabled() and u.requires_grad:
+            return (None,) * 4
+        with torch.no_grad():
+            hu = ctx.op(u, *ctx.rest)[1]
+        if torch.is_grad_enabled():
             hu = _Gradient.apply(u, hu, ctx.op, ctx.rest)
-        return hu.to(ctx.probs_dtype), None, None, None
+        return (hu.to(ctx.p_dtype),) + (None,) * 3
 
 
 class _EagerLoss(torch.autograd.Function):

@@ -212,3 +212,27 @@ def test_block_and_loss_under_create_graph(backend):
     else:
         with pytest.raises(RuntimeError, match="has no second derivative"):
             torch.autograd.grad(penalty, x)
+
+
+@pytest.mark.parametrize("backend,device", CRF_FUSED, ids=[f"{b}-{d}" for b, d in CRF_FUSED])
+def test_masked_crf_fp16_third_order_matches_reference(backend, device):
+    """Third order with fp16 probabilities, g = dL/dp, s = d|g|^2/dp = 2 H g, t = d|s|^2/dp = 8 H^3 g:
+    the operator takes the fp32 gradients it is differentiated along as they are."""
+    if backend not in runnable_backends("masked_crf", device, torch.float16):
+        pytest.skip(f"{backend} does not take float16")
+    inputs, _ = _crf_case("official", torch.float64, "cpu")
+
+    def orders(backend_, dt):
+        p = inputs["probs"].to(device, dt).requires_grad_()
+        loss = ao.masked_crf_loss(p, inputs["image"].to(device, dt), mask_dst=inputs["mask_dst"].to(device, dt),
+                                  radius=2, backend=backend_)
+        (g,) = torch.autograd.grad(loss, p, create_graph=True)
+        (s,) = torch.autograd.grad(g.float().square().sum(), p, create_graph=True)
+        (t,) = torch.autograd.grad(s.float().square().sum(), p)
+        return s.double(), t.double()
+
+    s_ref, t_ref = orders("reference", torch.float64)
+    s, t = orders(backend, torch.float16)
+    assert t_ref.abs().max() > 0
+    torch.testing.assert_close(s, s_ref, rtol=2e-2, atol=2e-2 * s_ref.abs().max().item())
+    torch.testing.assert_close(t, t_ref, rtol=2e-2, atol=2e-2 * t_ref.abs().max().item())
