@@ -36,8 +36,9 @@ def main(argv=None) -> int:
                         help="providers left out (e.g. reference-compile, whose compiles take the longest)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=10,
-                        help=f"samples per row at least; shorter rows take as many more as add up to about "
-                             f"{common.MIN_SECONDS} s ({common.MAX_REPEAT} at most)")
+                        help=f"samples per row; shorter rows take as many more as add up to about "
+                             f"{common.MIN_SECONDS} s ({common.MAX_REPEAT} at most), slower ones as many as fit in "
+                             f"{common.MAX_SECONDS} s ({common.MIN_SLOW_SAMPLES} at least)")
     parser.add_argument("--timing", default="queued", choices=common.TIMINGS,
                         help="GPU: 'queued' launches ahead (a training loop's pace: GPU time, or host time where "
                              "longer), 'synced' synchronises before each sample (adds the host path)")

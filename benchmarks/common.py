@@ -131,19 +131,31 @@ def _clear_grads(leaves) -> None:
 #   sample then also holds the host path up to the first launch, which dominates sub-millisecond
 #   workloads (a masked CRF forward: 161 us of Python and launches on the development machine).
 TIMINGS = ("queued", "synced")
-# A row takes at least ``repeat`` samples, and as many more as add up to about MIN_SECONDS (at
-# most MAX_REPEAT): a 1 ms step takes 100, so that short rows are not a median of ten samples of
-# launch jitter.
+# A row takes ``repeat`` samples, and as many more as add up to about MIN_SECONDS (at most
+# MAX_REPEAT): a 1 ms step takes 100, so that short rows are not a median of ten samples of launch
+# jitter. A slow row whose ``repeat`` samples would take more than MAX_SECONDS takes as many as fit
+# in it, at least MIN_SLOW_SAMPLES: a 0.6 s step 3 instead of 10, so that a lent GPU's few minutes
+# go to more rows (a long GPU step varies little from sample to sample).
 MIN_SECONDS = 0.1
 MAX_REPEAT = 500
+MAX_SECONDS = 2.0
+MIN_SLOW_SAMPLES = 3
+
+
+def sample_count(estimate: float, repeat: int) -> int:
+    """Samples of a step that took ``estimate`` seconds once (MIN_SECONDS and MAX_SECONDS above)."""
+    if estimate <= 0:  # below the clock's resolution: the most samples
+        return max(repeat, MAX_REPEAT)
+    if estimate * repeat > MAX_SECONDS:
+        return min(repeat, max(MIN_SLOW_SAMPLES, int(MAX_SECONDS / estimate)))
+    return max(repeat, min(MAX_REPEAT, int(MIN_SECONDS / estimate)))
 
 
 def _median_time(step: Callable[[], None], device: torch.device, warmup: int, repeat: int,
-                 setup: Optional[Callable[[], None]] = None, timing: str = "queued",
-                 min_seconds: float = MIN_SECONDS) -> tuple[float, int]:
+                 setup: Optional[Callable[[], None]] = None, timing: str = "queued") -> tuple[float, int]:
     """(median seconds of ``step``, samples taken): CUDA events on the GPU (``timing`` above), a
-    synchronised clock on the CPU. At least ``repeat`` samples, more for short steps (up to
-    ``min_seconds`` of them in all, at most MAX_REPEAT)."""
+    synchronised clock on the CPU. ``repeat`` samples, more for short steps and fewer for slow ones
+    (:func:`sample_count`)."""
     if timing not in TIMINGS:
         raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
     for _ in range(warmup):
@@ -157,8 +169,7 @@ def _median_time(step: Callable[[], None], device: torch.device, warmup: int, re
     step()  # one more, timed on the host, to size the run
     _sync(device)
     estimate = time.perf_counter() - t0
-    # a step below the clock's resolution takes the most samples
-    count = max(repeat, MAX_REPEAT if estimate <= 0 else min(MAX_REPEAT, int(min_seconds / estimate)))
+    count = sample_count(estimate, repeat)
     if device.type != "cuda":
         times = []
         for _ in range(count):

@@ -2,6 +2,7 @@
 the quick shapes. Timing values are not asserted (targets are shown by committed results)."""
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -195,19 +196,33 @@ def test_a_case_on_two_series_is_plotted_on_both(tmp_path):
     assert written == ["masked_crf-test-radius-full.png", "masked_crf-test-size-full.png"]
 
 
-def test_short_steps_take_more_samples_up_to_the_cap(monkeypatch):
-    """At least ``repeat`` samples; a step far shorter than MIN_SECONDS takes more, at most
-    MAX_REPEAT; the row says how many, and its case label does not depend on it."""
+def test_short_steps_take_more_samples_and_slow_ones_fewer(monkeypatch):
+    """``repeat`` samples; a step far shorter than MIN_SECONDS takes more, at most MAX_REPEAT; one
+    whose ``repeat`` samples would pass MAX_SECONDS as many as fit in it, at least
+    MIN_SLOW_SAMPLES; the row says how many, and its case label does not depend on it."""
+    assert common.sample_count(0.0, 3) == common.MAX_REPEAT  # below the clock's resolution
+    assert common.sample_count(1e-3, 10) == 100  # 0.1 s of 1 ms steps
+    assert common.sample_count(1e-6, 10) == common.MAX_REPEAT
+    assert common.sample_count(0.05, 10) == 10  # 0.5 s: as asked
+    assert common.sample_count(0.25, 10) == 8  # 2.5 s asked: 2 s of them
+    assert common.sample_count(0.6, 10) == 3 and common.sample_count(5.0, 10) == 3
+    assert common.sample_count(5.0, 2) == 2  # never more than asked
     calls = []
 
     def step():
         calls.append(None)
 
-    seconds, count = common._median_time(step, CPU, warmup=1, repeat=3, min_seconds=0.0)
+    monkeypatch.setattr(common, "MIN_SECONDS", 0.0)
+    seconds, count = common._median_time(step, CPU, warmup=1, repeat=3)
     assert count == 3 and len(calls) == 1 + 1 + 3 and seconds >= 0  # warm-up, sizing, samples
     monkeypatch.setattr(common, "MAX_REPEAT", 40)
-    _, count = common._median_time(step, CPU, warmup=0, repeat=3, min_seconds=10.0)
+    monkeypatch.setattr(common, "MIN_SECONDS", 10.0)
+    _, count = common._median_time(step, CPU, warmup=0, repeat=3)
     assert count == 40
+    monkeypatch.setattr(common, "MIN_SECONDS", 0.1)
+    monkeypatch.setattr(common, "MAX_SECONDS", 0.02)
+    _, count = common._median_time(lambda: time.sleep(0.01), CPU, warmup=0, repeat=10)
+    assert count == common.MIN_SLOW_SAMPLES
     x = torch.rand(8, requires_grad=True)
     row = common.measure(common.Workload(lambda: (x * x).sum(), [x]), "full", CPU, warmup=0, repeat=2)
     assert 2 <= row["samples"] <= 40 and "timing" not in row  # CPU rows: a synchronised clock
