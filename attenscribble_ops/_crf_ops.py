@@ -10,7 +10,8 @@ Every such operator has the schema
 raw: the 0-d un-normalised loss in the accumulate dtype. grad: with ``with_grad``, d raw / d probs
 from the same pass over the window (the loss and its gradient need the same window sums, so
 computing them together halves the work of a training step), accumulate dtype, shape of probs;
-without, an empty (0,) tensor. Autograd saves only that gradient and scales it by the upstream
+without, an empty (0,) tensor. Autograd saves that gradient (and references to probs and the
+operator's other arguments, for double backward: :class:`_Gradient`) and scales it by the upstream
 gradient: nothing window-sized is ever kept.
 
 The backends call an operator through :func:`loss`. In eager mode with a gradient to compute, it
