@@ -51,13 +51,30 @@ def number(x, name: str, *, positive: bool = False, invertible: bool = False) ->
     ``invertible``: 1/x must be finite too (a bandwidth the kernels divide by)."""
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {_describe(x)}")
-    value = float(x)
+    try:
+        value = float(x)
+    except OverflowError:  # an int past float64's range
+        raise ValueError(f"{name} must be finite, got an integer of {len(str(abs(int(x))))} digits, past "
+                         f"float64's range") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     if invertible and not math.isfinite(1.0 / value if value else math.inf):
         raise ValueError(f"{name} is too small: 1/{name} overflows, got {value}")
+    return value
+
+
+SIGMA_RANGE = (1e-150, 1e150)
+
+
+def bandwidth(x, name: str) -> float:
+    """A Gaussian bandwidth sigma in SIGMA_RANGE: its square and inverse square are finite,
+    non-zero float64 numbers (the kernels divide by 2 sigma^2)."""
+    value = number(x, name, positive=True)
+    if not SIGMA_RANGE[0] <= value <= SIGMA_RANGE[1]:
+        raise ValueError(f"{name} must be between {SIGMA_RANGE[0]:.0e} and {SIGMA_RANGE[1]:.0e} "
+                         f"({name}**2 and its inverse finite), got {value}")
     return value
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -181,3 +182,56 @@ def _canonical(*, nd: int, radius, spacing, padding: str, kernels, weight, sigma
         sigma_xy=tuple(d[1] for d in descs),
         sigma_image=tuple(per_channel),
     )
+
+
+def check_float_range(params: CRFParams, dtype: torch.dtype, shape: tuple, named_kernels: bool) -> None:
+    """The kernels compute the Gaussian's exponent factors in ``dtype`` (the accumulate dtype): the
+    inverse squared sigmas, the squared spacings and the squared window extent (clipped to the
+    image of spatial ``shape``) must be normal numbers there, with a margin of 4. Outside, a factor
+    overflows (inf * 0 = NaN at a zero offset or an equal intensity) or is flushed to zero (the
+    Gaussian read as 1): ValueError, naming the argument."""
+    key = (params, dtype, tuple(min(r, n - 1) for r, n in zip(params.radius, shape)), named_kernels)
+    if torch.compiler.is_compiling():
+        _check_float_range(*key)
+    else:
+        _check_float_range_cached(*key)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_float_range_cached(params, dtype, extent, named_kernels) -> None:
+    _check_float_range(params, dtype, extent, named_kernels)
+
+
+def _check_float_range(params: CRFParams, dtype: torch.dtype, extent: tuple, named_kernels: bool) -> None:
+    info = torch.finfo(dtype)
+    lo, hi = 4 * info.tiny, info.max / 4
+    kind = str(dtype).replace("torch.", "")
+    inputs = "float16, bfloat16 or float32" if dtype == torch.float32 else "float64"
+    advice = "; pass float64 probabilities for a wider range" if dtype != torch.float64 else ""
+
+    def check(name: str, value: float, square: float, what: str, bounds: tuple) -> None:
+        if not lo <= square <= hi:
+            raise ValueError(f"{name} = {value:g} is out of range for {inputs} probabilities: the kernels need "
+                             f"{what} to be a normal {kind} number with margin ({name} between {bounds[0]:.1e} "
+                             f"and {bounds[1]:.1e}){advice}")
+
+    sigma_bounds = (1 / math.sqrt(hi), 1 / math.sqrt(lo))
+    for i, (sxy, simg) in enumerate(zip(params.sigma_xy, params.sigma_image)):
+        prefix = f"kernels[{i}]." if named_kernels else ""
+        if sxy is not None:
+            inv = 1.0 / sxy
+            check(f"{prefix}sigma_xy", sxy, inv * inv, "1/sigma_xy**2", sigma_bounds)
+        for f, s in enumerate(simg or ()):
+            if s is not None:
+                inv = 1.0 / s
+                name = f"{prefix}sigma_image" + (f"[{f}]" if len(simg) > 1 else "")
+                check(name, s, inv * inv, "1/sigma_image**2", sigma_bounds)
+    nd = len(params.spacing)
+    for a, sp in enumerate(params.spacing):
+        check(f"spacing[{a}]" if nd > 1 else "spacing", sp, sp * sp, "spacing**2",
+              (math.sqrt(lo), math.sqrt(hi)))
+    reach = sum((e * sp) ** 2 for e, sp in zip(extent, params.spacing))
+    if reach > hi:
+        raise ValueError(f"spacing {params.spacing} is out of range for {inputs} probabilities: the window's "
+                         f"farthest offset inside the image, radius {tuple(extent)} times the spacing, squared "
+                         f"({reach:.1e}) must be a {kind} number with margin (at most {hi:.1e}){advice}")

@@ -240,8 +240,12 @@ def explain(op: Optional[str] = None, example: Optional[torch.Tensor] = None, *,
         if o not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {o!r}")
     if meta is not None:
+        if not isinstance(meta, Meta):
+            raise TypeError(f"meta must be an attenscribble_ops.backends.Meta, got {type(meta).__name__}")
         metas = [meta]
     elif example is not None:
+        if not isinstance(example, torch.Tensor):
+            raise TypeError(f"example must be a tensor like the op's first input, got {type(example).__name__}")
         metas = [Meta.of(example)]
     else:
         metas = [Meta("cpu", torch.float32, 4)]

@@ -30,7 +30,7 @@ def pre_compute_xy_mask(h: int, w: int, radius: int, sigma: float) -> np.ndarray
     h = _checks.integer(h, "h", minimum=1)
     w = _checks.integer(w, "w", minimum=1)
     radius = _checks.integer(radius, "radius", minimum=0)
-    sigma = _checks.number(sigma, "sigma", positive=True)
+    sigma = _checks.bandwidth(sigma, "sigma")
     return window_decay_numpy(h, w, radius, sigma)
 
 
@@ -121,11 +121,11 @@ class ModelLossSemsegGatedCRF(torch.nn.Module):
         img = None if image is None else image.detach().to(dtype)
         k = dense_kernels(params, img, m_dst, m_src, n, (height, width), dtype, probs.device)
         k = k.permute(0, 1, 4, 5, 2, 3)  # (N, 1, d, d, H, W), the original's layout
-        r = params.radius[0]
-        d = 2 * r + 1
-        vis = k[:, :, :, :, r::d, r::d]
+        rh, rw = params.radius
+        dh, dw = 2 * rh + 1, 2 * rw + 1
+        vis = k[:, :, :, :, rh::dh, rw::dw]
         vh, vw = vis.shape[-2:]
-        vis = vis.permute(0, 1, 4, 2, 5, 3).reshape(n, 1, d * vh, d * vw)[:, :, :height, :width]
+        vis = vis.permute(0, 1, 4, 2, 5, 3).reshape(n, 1, dh * vh, dw * vw)[:, :, :height, :width]
         vis = F.pad(vis, [0, width - vis.shape[3], 0, height - vis.shape[2]])
         return F.interpolate(vis, (height_input, width_input), mode="nearest")
 

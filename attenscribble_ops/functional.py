@@ -115,6 +115,10 @@ def masked_crf_loss(probs: torch.Tensor, image: Optional[torch.Tensor] = None, *
         padding: "zeros" reproduces the original's border term (out-of-image neighbours have
             features 0 and probability 0); "valid" skips them.
         spacing: voxel spacing per axis; sigma_xy is then in physical units (default 1 per axis).
+            The kernels compute the Gaussian's exponent factors in the accumulate dtype, so with
+            16/32-bit probabilities every sigma must lie between about 1.1e-19 and 4.6e18 and every
+            spacing between 2.2e-19 and 9.2e18 (float64: sigmas 1.5e-154 to 3.4e153); outside, a
+            ValueError names the argument.
         backend: "auto", "reference", "cpu", "cuda" or "triton".
 
     Returns:
@@ -140,6 +144,7 @@ def masked_crf_loss(probs: torch.Tensor, image: Optional[torch.Tensor] = None, *
         channels = image.shape[1]
     params = _crf_params.canonical(nd=nd, radius=radius, spacing=spacing, padding=padding, kernels=kernels,
                                    weight=weight, sigma_xy=sigma_xy, sigma_image=sigma_image, channels=channels)
+    _crf_params.check_float_range(params, dtype, shape, kernels is not None)
     if params.uses_image:
         # fp32/fp64 images are pooled before conversion (no full-resolution copy); fp16/bf16 after.
         image = image.detach()
@@ -213,7 +218,8 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
         head_weight: (heads,) mixing weights (the official 1x1 conv weight; (1, heads, 1, 1) accepted).
         head_bias: scalar tensor, the mixing bias.
         grid: (h, w) of the attention feature map.
-        radius, sigma: window half-size and decay bandwidth on the grid (official 5 and 6).
+        radius, sigma: window half-size (at most 32768) and decay bandwidth on the grid (official 5
+            and 6; sigma between 1e-150 and 1e150).
         logit_scale: multiplies the logits of the similarity softmax (official 1).
         sample_weight: (B,) per-sample gate g_b (official: 0 for single-class slices); not learnable.
         grad_probs, grad_kernel: let gradients flow into the probabilities / into the kernel
@@ -221,8 +227,8 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
         lse: optional (B, heads, n) row log-sum-exps of the similarity logits, as returned by
             :func:`spatial_attention` (fused backends then skip their own sweep, and the LSE gradient
             flows back through the attention's backward, completing dq, dk). An LSE without autograd
-            history while q or k require grad is ignored (recomputed), since the gradient through it
-            is part of dq, dk.
+            history (detached, or a leaf tensor, even one that requires grad) while q or k require
+            grad is ignored (recomputed), since the gradient through it is part of dq, dk.
         backend: "auto", "reference", "cpu", "cuda" or "triton".
 
     Returns:
@@ -244,8 +250,8 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
         raise TypeError(f"head_bias must be a floating-point scalar tensor (shape () or (1,)), got "
                         f"{_checks._describe(head_bias)}")
     _checks.same_device("head_bias", head_bias, "q", q)
-    radius = _checks.integer(radius, "radius", minimum=1)
-    sigma = _checks.number(sigma, "sigma", positive=True)
+    radius = _checks.radius(radius, 1)[0]
+    sigma = _checks.bandwidth(sigma, "sigma")
     logit_scale = _checks.number(logit_scale, "logit_scale")
     grad_probs = _checks.flag(grad_probs, "grad_probs")
     grad_kernel = _checks.flag(grad_kernel, "grad_kernel")
@@ -274,8 +280,9 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
         q, k, head_weight, head_bias = q.detach(), k.detach(), head_weight.detach(), head_bias.detach()
         lse = None if lse is None else lse.detach()
     elif lse is not None and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) \
-            and not lse.requires_grad:
-        # A detached LSE would drop the dense part of dq, dk (through d lse / d q, d k): recompute it.
+            and lse.grad_fn is None:
+        # An LSE without autograd history (detached, or a leaf even if it requires grad) would drop
+        # the dense part of dq, dk (through d lse / d q, d k): recompute it.
         lse = None
     _, impl = backends.select("attentive_similarity", backend, backends.Meta.of(q, _head_dim_option(q)))
     raw = impl(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, (h, w), radius, sigma, logit_scale)

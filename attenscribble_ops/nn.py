@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import functional
-from ._checks import integer, number
+from ._checks import bandwidth, integer, number, radius as radii
 
 
 @dataclasses.dataclass
@@ -154,6 +154,13 @@ class SpatialSelfAttention(nn.Module):
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         mlp_ratio = number(mlp_ratio, "mlp_ratio", positive=True)
+        if int(dim * mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio must give the Mix-FFN at least one hidden channel: int(dim * mlp_ratio) "
+                             f"= int({dim} * {mlp_ratio}) is 0")
+        if not 0 <= number(drop, "drop") <= 1:
+            raise ValueError(f"drop must be a probability in [0, 1], got {drop}")
+        if not 0 <= number(drop_path, "drop_path") < 1:  # kept paths are scaled by 1 / (1 - drop_path)
+            raise ValueError(f"drop_path must be a probability in [0, 1), got {drop_path}")
         self.dim, self.heads, self.depth = dim, heads, depth
         self.logit_scale = number(logit_scale, "logit_scale")
         self.blocks = nn.ModuleList(
@@ -170,6 +177,8 @@ class SpatialSelfAttention(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.dim:
             raise ValueError(f"x must be a (B, {self.dim}, h, w) feature map, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point feature map, got {x.dtype}")
         b, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)
         qs, ks, lses = [], [], []
@@ -206,8 +215,8 @@ class AttentiveSimilarityLoss(nn.Module):
         self.weight = nn.Parameter(conv.weight.detach().reshape(heads).clone())
         self.bias = nn.Parameter(conv.bias.detach().reshape(()).clone())
         self.heads = heads
-        self.radius = integer(radius, "radius", minimum=1)
-        self.sigma = number(sigma, "sigma", positive=True)
+        self.radius = radii(radius, 1)[0]
+        self.sigma = bandwidth(sigma, "sigma")
         self.grad_probs, self.grad_kernel, self.backend = grad_probs, grad_kernel, backend
 
     def forward(self, similarity: AttentionSimilarity, probs: torch.Tensor,

@@ -100,13 +100,15 @@ def test_lse_handed_over_by_the_attention(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_detached_lse_is_recomputed(backend):
-    """A handed-over LSE without autograd history would drop the dense part of dq, dk: ignored."""
+@pytest.mark.parametrize("leaf", [False, True], ids=["detached", "leaf-requiring-grad"])
+def test_lse_without_history_is_recomputed(backend, leaf):
+    """A handed-over LSE without autograd history would drop the dense part of dq, dk: ignored,
+    also when it is a leaf that requires grad (it is not connected to q, k)."""
     x = make_similarity_inputs(1, 1, (6, 5), 16, seed=4)
     dtype = _dtype_for(backend)
-    lse = torch.logsumexp(x["q"] @ x["k"].transpose(-1, -2), -1).to(dtype)
+    lse = torch.logsumexp(x["q"] @ x["k"].transpose(-1, -2), -1).to(dtype).detach()
     want = _run(x, "reference", torch.float64, radius=2)
-    got = _run(x, backend, dtype, radius=2, lse=lse.detach())
+    got = _run(x, backend, dtype, radius=2, lse=lse.requires_grad_() if leaf else lse)
     rtol, atol = _tolerance(dtype)
     _assert_close(got, want, rtol, atol)
 

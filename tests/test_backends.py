@@ -63,6 +63,10 @@ def test_explain_reports_extension_triton_and_every_op():
     assert "masked_crf on cpu/float32/5-D" in one and "attentive_similarity" not in one
     with pytest.raises(ValueError, match="op must be one of"):
         ao.explain("nope")
+    with pytest.raises(TypeError, match="example must be a tensor"):
+        ao.explain("masked_crf", [1.0])
+    with pytest.raises(TypeError, match="meta must be"):
+        ao.explain("masked_crf", meta="cpu")
 
 
 def test_register_rejects_unknown_names():

@@ -121,6 +121,27 @@ def test_kernels_visualisation_tiles_the_dense_kernels():
             assert vis[0, 0, 2 * dy, 2 * dx].item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
+def test_kernels_visualisation_with_a_radius_per_axis():
+    """(rh, rw) = (1, 2): 3 x 5 tiles, tile (0, 0) the window of centre (1, 2)."""
+    B, C, H, W = 2, 3, 4, 6
+    probs = _probs(B, C, H, W, seed=16)
+    image = _rand(B, 1, 2 * H, 2 * W, seed=17)
+    out = ModelLossSemsegGatedCRF(backend="reference")(probs, [{"weight": 1, "xy": 6, "rgb": 0.1}], (1, 2), image,
+                                                        2 * H, 2 * W, out_kernels_vis=True)
+    vis = out["kernels_vis"]
+    assert vis.shape == (B, 1, 2 * H, 2 * W)
+    small = F.adaptive_avg_pool2d(image, (H, W))
+    for b in range(B):
+        for dy in range(3):
+            for dx in range(5):
+                if (dy, dx) == (1, 2):
+                    expected = 0.0
+                else:
+                    d2 = ((dx - 2) / 6) ** 2 + ((dy - 1) / 6) ** 2 + ((small[b, 0, dy, dx] - small[b, 0, 1, 2]) / 0.1) ** 2
+                    expected = float(torch.exp(-0.5 * d2))
+                assert vis[b, 0, 2 * dy, 2 * dx].item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
 def test_bad_inputs_of_the_gated_crf_class():
     probs = _probs(1, 2, 4, 4)
     image = _rand(1, 1, 4, 4)

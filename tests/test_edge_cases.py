@@ -47,6 +47,49 @@ def test_masked_crf_edge_cases(backend, kind, shape, radius):
         assert torch.isfinite(got) and torch.isfinite(got_grad).all()
 
 
+@pytest.mark.parametrize("backend", CRF)
+@pytest.mark.parametrize("options", [dict(sigma_image=2e-19), dict(sigma_image=None, sigma_xy=3e-19, spacing=3e-19),
+                                     dict(sigma_image=None, sigma_xy=4e18, spacing=(1e18, 2e18)),
+                                     dict(sigma_xy=1e-2, sigma_image=2e18)],
+                         ids=["tiny sigma_image", "tiny sigma_xy and spacing", "huge sigma_xy and spacing",
+                              "huge sigma_image"])
+def test_masked_crf_float32_range_edges_match_reference(backend, options):
+    """Sigmas and spacings just inside what check_float_range accepts for float32 probabilities:
+    finite and equal to the float64 reference (an image of 0s and 1s, so that a tiny image sigma
+    makes Gaussians of exactly 0 or 1)."""
+    probs, _ = _crf_case("random", (5, 6))
+    image = torch.zeros(2, 1, 5, 6, dtype=torch.float64)
+    image[..., 3:] = 1
+    want, want_grad = _crf_run(probs, image, "reference", radius=2, **options)
+    got, got_grad = _crf_run(probs.float(), image.float(), backend, radius=2, **options)
+    assert torch.isfinite(got) and torch.isfinite(got_grad).all()
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grad.double(), want_grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", SIM)
+@pytest.mark.parametrize("sigma", [1e-150, 1e150])
+def test_attentive_similarity_sigma_range_edges_match_reference(backend, sigma):
+    """The decay's limits at the ends of the accepted sigmas: 0 off the centre, and 1 in the window."""
+    inputs = make_similarity_inputs(2, 1, (4, 5), 8, dtype=torch.float64)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+
+    def run(b, dt):
+        q, k = (inputs[n].detach().to(dt).requires_grad_() for n in ("q", "k"))
+        loss = ao.attentive_similarity_loss(q, k, inputs["probs"].to(dt), inputs["head_weight"].to(dt),
+                                            inputs["head_bias"].to(dt), grid=(4, 5), radius=2, sigma=sigma, backend=b)
+        loss.backward()
+        return loss.detach().double(), q.grad.double()
+
+    want, want_grad = run("reference", torch.float64)
+    got, got_grad = run(backend, dtype)
+    assert torch.isfinite(got) and torch.isfinite(got_grad).all()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=1e-4)
+    if sigma < 1:
+        assert want == 0
+
+
 def test_masked_crf_uniform_probabilities_value():
     """With uniform probabilities every pair costs 1 - 1/C: the loss is that times the kernel mass."""
     probs, image = _crf_case("uniform", (5, 6), classes=4)

@@ -105,8 +105,22 @@ def test_module_argument_errors():
         SpatialSelfAttention(10, heads=3)
     with pytest.raises(ValueError, match="heads"):
         AttentiveSimilarityLoss(heads=0)
+    with pytest.raises(ValueError, match="mlp_ratio must give"):
+        SpatialSelfAttention(8, mlp_ratio=0.1)
+    with pytest.raises(ValueError, match=r"drop_path must be a probability in \[0, 1\)"):
+        SpatialSelfAttention(8, drop_path=1.0)
+    with pytest.raises(ValueError, match="drop_path"):
+        SpatialSelfAttention(8, drop_path=-0.5)
+    with pytest.raises(ValueError, match=r"drop must be a probability in \[0, 1\]"):
+        SpatialSelfAttention(8, drop=1.5)
+    with pytest.raises(ValueError, match="sigma must be between"):
+        AttentiveSimilarityLoss(sigma=1e-200)
+    with pytest.raises(ValueError, match="radius must be <= 32768"):
+        AttentiveSimilarityLoss(radius=1 << 16)
     block = SpatialSelfAttention(8)
     with pytest.raises(ValueError, match=r"\(B, 8, h, w\)"):
         block(torch.randn(1, 4, 3, 3))
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        block(torch.ones(1, 8, 3, 3, dtype=torch.long))
     with pytest.raises(TypeError, match="AttentionSimilarity"):
         AttentiveSimilarityLoss()((torch.zeros(1), torch.zeros(1)), torch.zeros(1, 2, 3, 3))
