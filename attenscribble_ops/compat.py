@@ -12,6 +12,7 @@ changes only its import.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Optional
 
 import numpy as np
@@ -63,6 +64,9 @@ class ModelLossSemsegGatedCRF(torch.nn.Module):
             raise TypeError(f"kernels_desc must be a non-empty list of dicts like "
                             f"[{{'weight': 1, 'xy': 6, 'rgb': 0.1}}], got {kernels_desc!r}")
         downsamplers = custom_modality_downsamplers or {}
+        if not isinstance(downsamplers, Mapping) or not all(callable(f) for f in downsamplers.values()):
+            raise TypeError(f"custom_modality_downsamplers must be a dict of callables f(x, (height, width)) by "
+                            f"modality (or 'mask'), got {custom_modality_downsamplers!r}")
         modalities = []
         for desc in kernels_desc:
             modalities += [key for key in desc if key not in ("weight", "xy") and key not in modalities]
@@ -70,8 +74,12 @@ class ModelLossSemsegGatedCRF(torch.nn.Module):
         for name in modalities:
             feature = self._modality(sample, name)
             _checks.same_device(f"sample[{name!r}]", feature, "y_hat_softmax", probs)
-            if tuple(feature.shape[2:]) != (height, width):
-                feature = downsamplers.get(name, F.adaptive_avg_pool2d)(feature.detach(), (height, width))
+            if feature.shape[0] != n:
+                raise ValueError(f"sample[{name!r}] has batch size {feature.shape[0]} but y_hat_softmax has {n}")
+            if name in downsamplers:  # called whatever the size, as the original does
+                feature = self._downsampled(downsamplers[name], name, feature, n, height, width)
+            elif tuple(feature.shape[2:]) != (height, width):
+                feature = F.adaptive_avg_pool2d(feature.detach(), (height, width))
             images.append(feature)
             owner += [name] * feature.shape[1]
         image = torch.cat(images, dim=1) if images else None
@@ -87,7 +95,7 @@ class ModelLossSemsegGatedCRF(torch.nn.Module):
                 if mask.dim() != 4 or tuple(mask.shape[:2]) != (n, 1):
                     raise ValueError(f"{name} must be an (N, 1, H, W) batch with N={n}, got {tuple(mask.shape)}")
                 if tuple(mask.shape[2:]) != (height, width) and "mask" in downsamplers:
-                    mask = downsamplers["mask"](mask.detach().float(), (height, width))
+                    mask = self._downsampled(downsamplers["mask"], "mask", mask.detach().float(), n, height, width)
             masks[name] = mask
         loss = functional.masked_crf_loss(probs, image, radius=kernels_radius, kernels=kernels,
                                           compatibility=compatibility, padding="zeros", backend=self.backend, **masks)
@@ -97,11 +105,21 @@ class ModelLossSemsegGatedCRF(torch.nn.Module):
         return out
 
     @staticmethod
+    def _downsampled(f, name: str, x: torch.Tensor, n: int, height: int, width: int) -> torch.Tensor:
+        out = f(x.detach(), (height, width))
+        where = f"custom_modality_downsamplers[{name!r}]"
+        if not isinstance(out, torch.Tensor) or out.dim() != 4 or tuple(out.shape[2:]) != (height, width) \
+                or out.shape[0] != n:
+            raise ValueError(f"{where} must return an ({n}, F, {height}, {width}) tensor, got "
+                             f"{_checks._describe(out)}")
+        return out
+
+    @staticmethod
     def _modality(sample, name: str) -> torch.Tensor:
         if isinstance(sample, dict):
             if name not in sample:
                 raise ValueError(f"modality {name!r} is listed in kernels_desc but not present in sample "
-                                 f"(keys: {sorted(sample)})")
+                                 f"(keys: {', '.join(sorted(map(repr, sample)))})")
             feature = sample[name]
         else:
             feature = sample
@@ -153,15 +171,20 @@ class AttnGatedCRF(torch.nn.Module):
         if hit is not None and hit[0] is mask:
             return hit[1], hit[2]
         if isinstance(mask, np.ndarray):
-            tensor = torch.from_numpy(mask)
+            if mask.dtype.kind not in "biuf":
+                raise TypeError(f"kernel_xy_mask must be a real floating, integer or bool array, got {mask.dtype}")
+            # native byte order and positive strides (flipped or big-endian arrays), as torch needs
+            tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=mask.dtype.newbyteorder("=")))
         elif isinstance(mask, torch.Tensor):
             tensor = mask.detach()
         else:
             raise TypeError(f"kernel_xy_mask must be an (n, n) numpy array or tensor, got {type(mask).__name__}")
         if tuple(tensor.shape) != (n, n):
             raise ValueError(f"kernel_xy_mask must have shape (n, n) = ({n}, {n}), got {tuple(tensor.shape)}")
-        if tensor.is_complex() or tensor.dtype == torch.bool:
-            raise TypeError(f"kernel_xy_mask must be a real floating or integer array, got {tensor.dtype}")
+        if tensor.is_complex():
+            raise TypeError(f"kernel_xy_mask must be a real floating, integer or bool array, got {tensor.dtype}")
+        if tensor.dtype == torch.bool:  # the original converts it to float
+            tensor = tensor.to(torch.float32)
         structure = WindowStructure(tensor)
         if 4 * structure.width <= n:
             lean, dense = structure.to(device, dtype), None
@@ -195,7 +218,14 @@ class AttnGatedCRF(torch.nn.Module):
             kernel = kernel.detach()
         gate = None
         if is_k_grad and is_exclude_sc and batch_is_sc is not None:
-            single = torch.as_tensor(batch_is_sc, dtype=torch.bool, device=kernel.device)
+            try:
+                flags = torch.as_tensor(batch_is_sc)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise TypeError(f"batch_is_sc must be one flag per sample (bools or numbers), got "
+                                f"{batch_is_sc!r}: {exc}") from None
+            if flags.is_complex():
+                raise TypeError(f"batch_is_sc must be one real flag per sample, got {flags.dtype}")
+            single = flags.to(device=kernel.device, dtype=torch.bool)
             if tuple(single.shape) != (b,):
                 raise ValueError(f"batch_is_sc must give one flag per sample ({b}), got shape {tuple(single.shape)}")
             gate = (~single).to(torch.promote_types(kernel.dtype, torch.float32))
@@ -204,7 +234,12 @@ class AttnGatedCRF(torch.nn.Module):
         p = probs.flatten(2).transpose(1, 2).to(dtype)
         lean, dense = self._structure(kernel_xy_mask, n, kernel.device, dtype)
         if lean is not None:
-            return {"loss": window_pairs_loss(kernel, p, gate, lean) / (b * n)}
+            loss = window_pairs_loss(kernel, p, gate, lean) / (b * n)
+            # the original multiplies the whole kernel by the mask: a NaN or inf anywhere (inf * 0
+            # outside the window, inf - inf inside) makes its loss NaN; the lean path reads only the
+            # window, so it checks the rest with one reduction (no host sync, no gradient)
+            finite = torch.isfinite(kernel.detach().sum())
+            return {"loss": torch.where(finite, loss, loss.new_full((), float("nan")))}
         if gate is not None:
             kernel = kernel * gate.view(b, 1, 1)
         pairs = kernel * dense

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from train import VARIANTS, build_parser, config_from_args  # noqa: E402
+from train import VARIANTS, build_parser, check_args, config_from_args  # noqa: E402
 from scribseg.engine import train  # noqa: E402
 
 ORDER = ("pce", "pce+mcrf", "attenscribble", "full")
@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     parser.description = __doc__
     parser.add_argument("--variants", default=",".join(ORDER), help=f"comma-separated subset of {ORDER}")
     args = parser.parse_args(argv)
+    check_args(parser, args)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
         if v not in VARIANTS:

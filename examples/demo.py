@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import attenscribble_ops  # noqa: E402
 
-from train import build_parser, config_from_args  # noqa: E402
+from train import build_parser, check_args, config_from_args  # noqa: E402
 from scribseg.engine import train  # noqa: E402
 from scribseg.phantom import ensure_phantom  # noqa: E402
 from scribseg.volume import DataError  # noqa: E402
@@ -37,8 +37,7 @@ def main(argv=None) -> int:
     parser.set_defaults(size=96, batch_size=4, iterations=300, val_every=50, ckpt_every=50, val_fraction=0.15,
                         test_fraction=0.25, window_scale="auto")
     args = parser.parse_args(argv)
-    if args.size % 16:
-        parser.error(f"--size must be divisible by 16, got {args.size}")
+    check_args(parser, args)
     t0 = time.time()
     if args.data is None:
         print(f"data: synthetic cardiac phantom ({PHANTOM_PATIENTS} patients x ED/ES) in {PHANTOM_DIR}")

@@ -76,6 +76,55 @@ def build_parser(require_data: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Values argparse's types let through but training cannot use: ``parser.error`` (exit 2,
+    "error: ...") names the option, instead of a failure deep inside the run."""
+    import math
+
+    import torch
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            parser.error(message)
+
+    need(args.size >= 16 and args.size % 16 == 0,
+         f"--size must be a positive multiple of 16 (four 2x poolings), got {args.size}")
+    need(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    need(args.batch_size * (args.size // 16) ** 2 >= 2,
+         f"--batch-size {args.batch_size} at --size {args.size} leaves one value per channel at the U-Net's "
+         "bottleneck, where BatchNorm needs more: use a larger batch or size")
+    for name in ("iterations", "val_every", "ckpt_every"):
+        need(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("limit", "threads", "stop_after"):
+        value = getattr(args, name)
+        need(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    need(math.isfinite(args.lr) and args.lr > 0, f"--lr must be a finite number > 0, got {args.lr}")
+    for name in ("lambda_crf", "lambda_asl"):
+        value = getattr(args, name)
+        need(value is None or (math.isfinite(value) and value >= 0),
+             f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    for name in ("val_fraction", "test_fraction"):
+        value = getattr(args, name)
+        need(0 < value < 1, f"--{name.replace('_', '-')} must be in (0, 1), got {value}")
+    need(args.val_fraction + args.test_fraction < 1,
+         f"--val-fraction + --test-fraction must leave patients to train on, got {args.val_fraction} + "
+         f"{args.test_fraction}")
+    try:
+        parse_spacing(args.spacing)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.device != "auto":
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError) as exc:
+            parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+        need(device.type in ("cpu", "cuda"), f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+        need(device.type != "cuda" or torch.cuda.is_available(),
+             f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
+        need(device.type != "cuda" or device.index is None or device.index < torch.cuda.device_count(),
+             f"--device {args.device}: only {torch.cuda.device_count()} CUDA devices")
+
+
 def config_from_args(args) -> TrainConfig:
     loss_kw = dict(VARIANTS[args.variant])
     if args.lambda_crf is not None:
@@ -95,9 +144,9 @@ def config_from_args(args) -> TrainConfig:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.size % 16:
-        build_parser().error(f"--size must be divisible by 16 (four 2x poolings), got {args.size}")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     if args.threads:
         import torch
 

@@ -142,6 +142,17 @@ def test_kernels_visualisation_with_a_radius_per_axis():
                 assert vis[b, 0, 2 * dy, 2 * dx].item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
+def test_custom_downsampler_runs_at_the_prediction_size_too():
+    """The original passes every image modality through its downsampler, whatever its size."""
+    probs = _probs(1, 2, 4, 4, seed=18)
+    image = _rand(1, 1, 4, 4, seed=19)
+    desc = [{"weight": 1, "xy": 3, "rgb": 0.1}]
+    halved = ModelLossSemsegGatedCRF(backend="reference")(
+        probs, desc, 1, {"rgb": image}, 4, 4, custom_modality_downsamplers={"rgb": lambda x, size: 0.5 * x})
+    expected = crf_pairs_loss(probs, 0.5 * image, radius=1, descs=[(1.0, 3.0, (0.1,))])
+    torch.testing.assert_close(halved["loss"], expected)
+
+
 def test_bad_inputs_of_the_gated_crf_class():
     probs = _probs(1, 2, 4, 4)
     image = _rand(1, 1, 4, 4)
@@ -154,6 +165,15 @@ def test_bad_inputs_of_the_gated_crf_class():
         loss(probs, {"weight": 1, "xy": 6}, 1, image, 4, 4)
     with pytest.raises(ValueError, match="mask_dst"):
         loss(probs, [{"weight": 1, "xy": 6}], 1, image, 4, 4, mask_dst=torch.ones(1, 2, 4, 4))
+    rgb = [{"weight": 1, "xy": 6, "rgb": 0.1}]
+    with pytest.raises(ValueError, match="'depth'.*keys: 'rgb', 1"):
+        loss(probs, [{"weight": 1, "xy": 6, "depth": 0.1}], 1, {"rgb": image, 1: image}, 4, 4)
+    with pytest.raises(ValueError, match=r"sample\['rgb'\] has batch size 2"):
+        loss(probs, rgb, 1, {"rgb": _rand(2, 1, 4, 4)}, 4, 4)
+    with pytest.raises(TypeError, match="custom_modality_downsamplers must be a dict"):
+        loss(probs, rgb, 1, image, 4, 4, custom_modality_downsamplers=[1])
+    with pytest.raises(ValueError, match=r"custom_modality_downsamplers\['rgb'\] must return"):
+        loss(probs, rgb, 1, {"rgb": image}, 4, 4, custom_modality_downsamplers={"rgb": lambda x, size: None})
 
 
 def _attn_expected(probs, kernel, h, w, radius, sigma, gate=None):
@@ -206,6 +226,41 @@ def test_attn_gated_crf_mask_cache_and_errors():
         loss(probs, kernel, a, 3, 4)
     with pytest.raises(ValueError, match="kernel_xy_mask"):
         loss(probs, kernel, np.zeros((4, 4)), h, w)
+    with pytest.raises(TypeError, match="kernel_xy_mask must be a real"):
+        loss(probs, kernel, np.full((9, 9), None), h, w)
+    for bad in ("abc", [None], {"x": 1}):
+        with pytest.raises(TypeError, match="batch_is_sc must be one flag per sample"):
+            loss(probs, kernel, a, h, w, is_exclude_sc=True, batch_is_sc=bad)
+
+
+def test_attn_gated_crf_takes_every_mask_layout_the_original_does():
+    """Bool masks (the original converts them to float), flipped (negative-stride) and big-endian
+    arrays give the float mask's loss."""
+    h, w = 4, 5
+    probs = _probs(2, 3, h, w, seed=20)
+    kernel = torch.rand(2, h * w, h * w, dtype=f64)
+    mask = pre_compute_xy_mask(h, w, 1, 6)
+    loss = AttnGatedCRF()
+    want = loss(probs, kernel, mask, h, w)["loss"]
+    flipped = np.ascontiguousarray(mask[::-1, ::-1])[::-1, ::-1]
+    assert flipped.strides[0] < 0
+    for variant in (flipped, mask.astype(">f8")):
+        torch.testing.assert_close(loss(probs, kernel, variant, h, w)["loss"], want, rtol=0, atol=0)
+    binary = mask > 0
+    torch.testing.assert_close(loss(probs, kernel, binary, h, w)["loss"],
+                               loss(probs, kernel, binary.astype(np.float64), h, w)["loss"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_attn_gated_crf_non_finite_kernel_outside_the_window_is_nan(value):
+    """As the original (kernel * mask over the whole n x n kernel): NaN, on the lean path too."""
+    h, w = 6, 6
+    probs = _probs(2, 3, h, w, seed=21)
+    kernel = torch.rand(2, h * w, h * w, dtype=f64)
+    kernel[0, 0, h * w - 1] = value  # far outside the radius-1 window
+    mask = pre_compute_xy_mask(h, w, 1, 6)
+    assert torch.isnan(AttnGatedCRF()(probs, kernel, mask, h, w)["loss"])
+    assert torch.isnan(_attn_expected(probs, kernel, h, w, 1, 6))
 
 
 def test_pre_compute_xy_mask_is_the_loop_bitwise():

@@ -1,10 +1,10 @@
 """torch.compile(fullgraph=True) traces the public functions (validation, backend selection and the
-chosen implementation) and matches eager, values and gradients."""
+chosen implementation) and matches eager, values and gradients; torch.export captures the block."""
 import pytest
 import torch
 
 import attenscribble_ops as ao
-from attenscribble_ops.testing import make_crf_inputs, make_similarity_inputs
+from attenscribble_ops.testing import make_crf_inputs, make_similarity_inputs, runnable_backends
 
 
 @pytest.mark.parametrize("compatibility", [None, torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 1.0], [2.0, 1.0, 0.0]])])
@@ -62,3 +62,22 @@ def test_spatial_attention_aten_compiles_fullgraph(tie_qk):
     compiled.backward()
     for a, b in zip(compiled_in, eager_in):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("backend", runnable_backends("spatial_attention"))
+def test_block_exports_with_torch_export(backend):
+    """A network with the block exports with torch.export on every backend (the fused attention as
+    its registered operator) and the exported program reproduces it."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+            self.block = ao.nn.SpatialSelfAttention(16, heads=2, backend=backend)
+
+        def forward(self, x):
+            return self.block(self.stem(x))[0]
+
+    net = Net().eval()
+    x = torch.randn(2, 3, 6, 5)
+    program = torch.export.export(net, (x,))
+    torch.testing.assert_close(program.module()(x), net(x), rtol=1e-5, atol=1e-6)

@@ -88,3 +88,10 @@ def test_bad_inputs():
         score_case(np.zeros((2, 3, 3)), np.zeros((2, 3, 4)), 2, None)
     with pytest.raises(ValueError, match="spacing"):
         score_case(np.zeros((2, 3, 3)), np.zeros((2, 3, 3)), 2, (1.0, 1.0))
+    with pytest.raises(ValueError, match="2-D or 3-D"):
+        score_case(np.ones(4), np.ones(4), 2, None)
+    with pytest.raises(TypeError, match="spacing must be a sequence"):
+        score_case(np.ones((2, 3, 3)), np.ones((2, 3, 3)), 2, 1.0)
+    for bad in ((1.0, 1.0, 0.0), (1.0, 1.0, float("nan"))):
+        with pytest.raises(ValueError, match="finite voxel sizes > 0"):
+            score_case(np.ones((2, 3, 3)), np.ones((2, 3, 3)), 2, bad)

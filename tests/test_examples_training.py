@@ -132,3 +132,32 @@ def test_checkpoints_are_atomic(tmp_path):
         load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="nope.pt: checkpoint not found"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--val-every", "0"], "--val-every must be >= 1"),
+    (["--ckpt-every", "0"], "--ckpt-every must be >= 1"),
+    (["--size", "-16"], "--size must be a positive multiple of 16"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--size", "16", "--batch-size", "1"], "BatchNorm"),
+    (["--threads", "-1"], "--threads must be >= 1"),
+    (["--iterations", "0"], "--iterations must be >= 1"),
+    (["--limit", "-1"], "--limit must be >= 1"),
+    (["--lambda-crf", "nan"], "--lambda-crf must be a finite number >= 0"),
+    (["--lr", "0"], "--lr must be a finite number > 0"),
+    (["--val-fraction", "0.6", "--test-fraction", "0.5"], "must leave patients to train on"),
+    (["--spacing", "1,2,inf"], "--spacing must be three positive numbers"),
+    (["--device", "bogus"], "--device must be auto, cpu, cuda or cuda:N"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "sees no CUDA device")]))
+def test_command_line_values_are_checked_before_the_run(argv, match, capsys):
+    """Each entry point (train, demo, ablation) exits 2 with "error: ..." naming the option."""
+    import ablation
+    import demo
+    import train as train_cli
+
+    for entry, extra in ((train_cli.main, ["--data", "none", "--out", "none"]), (demo.main, []),
+                         (ablation.main, ["--data", "none", "--out", "none"])):
+        with pytest.raises(SystemExit) as exit_info:
+            entry(extra + argv)
+        assert exit_info.value.code == 2
+        assert match in capsys.readouterr().err

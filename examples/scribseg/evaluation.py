@@ -56,9 +56,15 @@ def score_case(pred: np.ndarray, gt: np.ndarray, num_classes: int,
     ``pred``/``gt``: integer (Z, H, W) maps; ``spacing``: (z, y, x) in mm, None for voxel units."""
     if pred.shape != gt.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from the ground truth's {gt.shape}")
-    spacing = tuple(spacing) if spacing is not None else (1.0,) * pred.ndim
+    if pred.ndim not in (2, 3):
+        raise ValueError(f"pred and gt must be 2-D or 3-D label maps, got {pred.ndim} dimensions")
+    if spacing is not None and not isinstance(spacing, (tuple, list, np.ndarray)):
+        raise TypeError(f"spacing must be a sequence of {pred.ndim} voxel sizes or None, got {spacing!r}")
+    spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0,) * pred.ndim
     if len(spacing) != pred.ndim:
         raise ValueError(f"spacing {spacing} has {len(spacing)} entries for a {pred.ndim}-D volume")
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"spacing must hold finite voxel sizes > 0, got {spacing}")
     rows = []
     for cls in range(1, num_classes):
         p, g = pred == cls, gt == cls

@@ -45,13 +45,21 @@ def read_h5_volume(path, *, spacing: Optional[Sequence[float]] = None, num_class
             if "image" not in f:
                 raise DataError(f"{path}: no 'image' dataset (found {sorted(f.keys())}); expected the WSL4MIS "
                                 "form with 'image', 'label' and 'scribble'")
-            image = np.asarray(f["image"][()], dtype=np.float32)
-            label = np.asarray(f["label"][()]) if "label" in f else None
-            scribble = np.asarray(f["scribble"][()]) if "scribble" in f else None
+            arrays = {}
+            for name in ("image", "label", "scribble"):
+                if name not in f:
+                    continue
+                if not isinstance(f[name], h5py.Dataset):
+                    raise DataError(f"{path}: {name!r} is not a dataset (an HDF5 group?)")
+                arrays[name] = np.asarray(f[name][()])
     except DataError:
         raise
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, TypeError) as exc:
         raise DataError(f"{path}: cannot read HDF5 ({type(exc).__name__}: {exc})") from None
+    if arrays["image"].dtype.kind not in "biuf":
+        raise DataError(f"{path}: image must hold real numbers, got {arrays['image'].dtype}")
+    image = arrays["image"].astype(np.float32)
+    label, scribble = arrays.get("label"), arrays.get("scribble")
     if image.ndim == 2:  # a single-slice file of the WSL4MIS training-slice form
         image = image[None]
         label = None if label is None else label[None]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -46,6 +47,8 @@ class Volume:
         where = self.source or self.case_id
         if self.image.ndim != 3:
             raise DataError(f"{where}: image must be 3-D (slices, rows, cols), got shape {self.image.shape}")
+        if self.image.size == 0:
+            raise DataError(f"{where}: image is empty, shape {self.image.shape}")
         if not np.all(np.isfinite(self.image)):
             raise DataError(f"{where}: image contains NaN or infinite values")
         for name in ("label", "scribble"):
@@ -54,6 +57,9 @@ class Volume:
                 continue
             if arr.shape != self.image.shape:
                 raise DataError(f"{where}: {name} has shape {arr.shape} but the image has {self.image.shape}")
+            if arr.dtype.kind not in "biuf" or (arr.dtype.kind == "f" and not np.array_equal(np.rint(arr), arr)):
+                raise DataError(f"{where}: {name} must hold integer labels, found "
+                                f"{'non-integer or non-finite values' if arr.dtype.kind == 'f' else arr.dtype}")
             top = self.num_classes - 1 if name == "label" else self.num_classes
             if arr.size and (arr.min() < 0 or arr.max() > top):
                 raise DataError(f"{where}: {name} values must lie in [0, {top}] ({self.num_classes} classes"
@@ -94,7 +100,7 @@ def parse_spacing(text: Optional[str]) -> Optional[tuple[float, float, float]]:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise ValueError(f"--spacing must be three comma-separated numbers z,y,x in mm, got {text!r}") from None
-    if len(values) != 3 or not all(v > 0 for v in values):
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
         raise ValueError(f"--spacing must be three positive numbers z,y,x in mm, got {text!r}")
     return values
 
