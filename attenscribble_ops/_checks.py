@@ -54,7 +54,7 @@ def number(x, name: str, *, positive: bool = False, invertible: bool = False) ->
     try:
         value = float(x)
     except OverflowError:  # an int past float64's range
-        raise ValueError(f"{name} must be finite, got an integer of {len(str(abs(int(x))))} digits, past "
+        raise ValueError(f"{name} must be finite, got an integer of {int(x).bit_length()} bits, past "
                          f"float64's range") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
@@ -98,16 +98,18 @@ def per_axis(x, name: str, nd: int, convert) -> tuple:
 MAX_RADIUS = 1 << 15
 
 
-def radius(x, nd: int, name: str = "radius") -> tuple[int, ...]:
-    """Window half-sizes >= 1 (larger than the image is allowed, the window is clipped), at most
+def window_radius(x, name: str) -> int:
+    """A window half-size >= 1 (larger than the image is allowed, the window is clipped), at most
     MAX_RADIUS so that window arithmetic stays far from integer overflow."""
-    def check(v, n):
-        v = integer(v, n, minimum=1)
-        if v > MAX_RADIUS:
-            raise ValueError(f"{n} must be <= {MAX_RADIUS}, got {v}")
-        return v
+    v = integer(x, name, minimum=1)
+    if v > MAX_RADIUS:
+        raise ValueError(f"{name} must be <= {MAX_RADIUS}, got {v}")
+    return v
 
-    return per_axis(x, name, nd, check)
+
+def radius(x, nd: int, name: str = "radius") -> tuple[int, ...]:
+    """window_radius for every spatial axis (one value, or one per axis)."""
+    return per_axis(x, name, nd, window_radius)
 
 
 def flag(x, name: str) -> bool:

@@ -48,7 +48,7 @@ def first_order(what: str, compute, inputs):
     ``once_differentiable`` it raises also where only the saved tensors require grad, and in
     ``torch.autograd.grad`` with ``inputs``, which skips nodes not connected to them."""
     if not torch.is_grad_enabled():
-        return compute()
+        return tuple(compute())
     with torch.no_grad():
         grads = tuple(compute())
     linked = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]

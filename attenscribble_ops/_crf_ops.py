@@ -10,9 +10,9 @@ Every such operator has the schema
 raw: the 0-d un-normalised loss in the accumulate dtype. grad: with ``with_grad``, d raw / d probs
 from the same pass over the window (the loss and its gradient need the same window sums, so
 computing them together halves the work of a training step), accumulate dtype, shape of probs;
-without, an empty (0,) tensor. Autograd saves that gradient (and references to probs and the
-operator's other arguments, for double backward: :class:`_Gradient`) and scales it by the upstream
-gradient: nothing window-sized is ever kept.
+without, an empty (0,) tensor. Autograd saves that gradient (and, for a double backward, probs and
+the operator's other tensor arguments: :class:`_Gradient`) and scales it by the upstream gradient:
+nothing window-sized is ever kept.
 
 The backends call an operator through :func:`loss`. In eager mode with a gradient to compute, it
 runs the operator inside a plain ``torch.autograd.Function`` with the same formula as the one
@@ -48,6 +48,9 @@ def _scaled_gradient(grad_raw: torch.Tensor, grad: torch.Tensor, probs: torch.Te
     """d loss / d probs from the upstream gradient of the raw loss and the saved d raw / d probs.
     Under create_graph it is differentiable again, in both (see :class:`_Gradient`)."""
     if torch.is_grad_enabled():
+        if rest is None:  # a compiled graph's backward
+            raise RuntimeError("double backward through a compiled masked CRF loss is not supported; call it "
+                               "eagerly for a gradient penalty or Hessian-vector products")
         grad = _Gradient.apply(probs, grad, op, rest)
     return (grad_raw.to(grad.dtype) * grad).to(probs.dtype)
 
@@ -80,6 +83,9 @@ class _Gradient(torch.autograd.Function):
         return (hu.to(ctx.p_dtype),) + (None,) * 3
 
 
+_TENSORS = 4  # image, mask_dst, mask_src, compat: the tensor arguments after probs
+
+
 class _EagerLoss(torch.autograd.Function):
     """The registered autograd formula of the operators without torch.library's per-call argument
     handling (module docstring). forward(op, *operator arguments) -> raw."""
@@ -87,14 +93,18 @@ class _EagerLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op, probs, *rest):
         raw, grad = op(probs, *rest)  # grad mode is off here: the operator's no-gradient path
-        ctx.op, ctx.rest = op, rest
-        ctx.save_for_backward(grad, probs)
+        ctx.op, ctx.options = op, rest[_TENSORS:]
+        # image, masks and compat only for a double backward; saved (not attributes) so that
+        # autograd frees them with the graph's buffers and saved-tensor hooks see them
+        ctx.save_for_backward(grad, probs, *rest[:_TENSORS])
         return raw
 
     @staticmethod
     def backward(ctx, grad_raw):
-        grad, probs = ctx.saved_tensors
-        return (None, _scaled_gradient(grad_raw, grad, probs, ctx.op, ctx.rest)) + (None,) * 9
+        grad, probs, *tensors = ctx.saved_tensors
+        rest = tuple(tensors) + ctx.options
+        return (None, _scaled_gradient(grad_raw, grad, probs, ctx.op, rest)) + (None,) * 9
+
 
 
 def loss(op, probs: torch.Tensor, image: Optional[torch.Tensor], mask_dst: Optional[torch.Tensor],
@@ -114,13 +124,19 @@ def register_fake_and_autograd(name: str) -> None:
         acc = accumulate_dtype(probs.dtype)
         return probs.new_empty((), dtype=acc), probs.new_empty(probs.shape if with_grad else (0,), dtype=acc)
 
+    namespace, op_name = name.split("::")
+    op = getattr(getattr(torch.ops, namespace), op_name)
+
     def setup_context(ctx, inputs, output):
         ctx.with_grad = inputs[-1]
-        ctx.rest = tuple(inputs[1:])
+        ctx.options = tuple(inputs[1 + _TENSORS:])
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)  # else autograd allocates a zero gradient for output[1]
         if ctx.needs_input_grad[0] and ctx.with_grad:
-            ctx.save_for_backward(output[1], inputs[0])
+            # the other tensor arguments only for a double backward, which compiled graphs do not
+            # support: a compiled graph does not keep them for its backward
+            extra = () if torch.compiler.is_compiling() else tuple(inputs[1:1 + _TENSORS])
+            ctx.save_for_backward(output[1], inputs[0], *extra)
 
     def backward(ctx, grad_raw, _):
         if grad_raw is None or not ctx.needs_input_grad[0]:
@@ -128,9 +144,8 @@ def register_fake_and_autograd(name: str) -> None:
         if not ctx.with_grad:
             raise RuntimeError(f"{name} was called with with_grad=False, so it has no gradient to give; call it "
                                "with with_grad=True (masked_crf_loss does when probs requires grad)")
-        grad, probs = ctx.saved_tensors
-        namespace, op_name = name.split("::")
-        op = getattr(getattr(torch.ops, namespace), op_name)
-        return (_scaled_gradient(grad_raw, grad, probs, op, ctx.rest),) + (None,) * 9
+        grad, probs, *tensors = ctx.saved_tensors
+        rest = tuple(tensors) + ctx.options if tensors else None
+        return (_scaled_gradient(grad_raw, grad, probs, op, rest),) + (None,) * 9
 
     torch.library.register_autograd(name, backward, setup_context=setup_context)

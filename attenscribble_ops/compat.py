@@ -236,10 +236,11 @@ class AttnGatedCRF(torch.nn.Module):
         if lean is not None:
             loss = window_pairs_loss(kernel, p, gate, lean) / (b * n)
             # the original multiplies the whole kernel by the mask: a NaN or inf anywhere (inf * 0
-            # outside the window, inf - inf inside) makes its loss NaN; the lean path reads only the
-            # window, so it checks the rest with one reduction (no host sync, no gradient)
-            finite = torch.isfinite(kernel.detach().sum())
-            return {"loss": torch.where(finite, loss, loss.new_full((), float("nan")))}
+            # outside the window, inf - inf inside) makes its loss and the probabilities' gradient
+            # NaN. The lean path reads only the window, so it checks the rest with one reduction
+            # in the accumulation dtype (no host sync) and multiplies the loss by 1 or NaN.
+            finite = torch.isfinite(kernel.detach().sum(dtype=dtype))
+            return {"loss": loss * torch.where(finite, 1.0, float("nan")).to(loss.dtype)}
         if gate is not None:
             kernel = kernel * gate.view(b, 1, 1)
         pairs = kernel * dense

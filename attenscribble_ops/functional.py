@@ -250,7 +250,7 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
         raise TypeError(f"head_bias must be a floating-point scalar tensor (shape () or (1,)), got "
                         f"{_checks._describe(head_bias)}")
     _checks.same_device("head_bias", head_bias, "q", q)
-    radius = _checks.radius(radius, 1)[0]
+    radius = _checks.window_radius(radius, "radius")
     sigma = _checks.bandwidth(sigma, "sigma")
     logit_scale = _checks.number(logit_scale, "logit_scale")
     grad_probs = _checks.flag(grad_probs, "grad_probs")
@@ -280,7 +280,7 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
         q, k, head_weight, head_bias = q.detach(), k.detach(), head_weight.detach(), head_bias.detach()
         lse = None if lse is None else lse.detach()
     elif lse is not None and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) \
-            and lse.grad_fn is None:
+            and lse.is_leaf:
         # An LSE without autograd history (detached, or a leaf even if it requires grad) would drop
         # the dense part of dq, dk (through d lse / d q, d k): recompute it.
         lse = None

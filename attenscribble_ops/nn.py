@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import functional
-from ._checks import bandwidth, integer, number, radius as radii
+from ._checks import bandwidth, integer, number, window_radius
 
 
 @dataclasses.dataclass
@@ -215,7 +215,7 @@ class AttentiveSimilarityLoss(nn.Module):
         self.weight = nn.Parameter(conv.weight.detach().reshape(heads).clone())
         self.bias = nn.Parameter(conv.bias.detach().reshape(()).clone())
         self.heads = heads
-        self.radius = radii(radius, 1)[0]
+        self.radius = window_radius(radius, "radius")
         self.sigma = bandwidth(sigma, "sigma")
         self.grad_probs, self.grad_kernel, self.backend = grad_probs, grad_kernel, backend
 

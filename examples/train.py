@@ -103,12 +103,13 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         value = getattr(args, name)
         need(value is None or (math.isfinite(value) and value >= 0),
              f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-    for name in ("val_fraction", "test_fraction"):
-        value = getattr(args, name)
-        need(0 < value < 1, f"--{name.replace('_', '-')} must be in (0, 1), got {value}")
-    need(args.val_fraction + args.test_fraction < 1,
-         f"--val-fraction + --test-fraction must leave patients to train on, got {args.val_fraction} + "
-         f"{args.test_fraction}")
+    if not args.split_file:  # the fractions make the split (scribseg/splits.py checks them again there)
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(args, name)
+            need(0 < value < 1, f"--{name.replace('_', '-')} must be in (0, 1), got {value}")
+        need(args.val_fraction + args.test_fraction < 1,
+             f"--val-fraction + --test-fraction must leave patients to train on, got {args.val_fraction} + "
+             f"{args.test_fraction}")
     try:
         parse_spacing(args.spacing)
     except ValueError as exc:
@@ -116,9 +117,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
     if args.device != "auto":
         try:
             device = torch.device(args.device)
-        except (RuntimeError, ValueError) as exc:
-            parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
-        need(device.type in ("cpu", "cuda"), f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+        except (RuntimeError, ValueError):
+            parser.error(f"--device must be auto or a torch device (cpu, cuda, cuda:N, ...), got {args.device!r}")
         need(device.type != "cuda" or torch.cuda.is_available(),
              f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
         need(device.type != "cuda" or device.index is None or device.index < torch.cuda.device_count(),

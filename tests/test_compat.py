@@ -259,8 +259,25 @@ def test_attn_gated_crf_non_finite_kernel_outside_the_window_is_nan(value):
     kernel = torch.rand(2, h * w, h * w, dtype=f64)
     kernel[0, 0, h * w - 1] = value  # far outside the radius-1 window
     mask = pre_compute_xy_mask(h, w, 1, 6)
-    assert torch.isnan(AttnGatedCRF()(probs, kernel, mask, h, w)["loss"])
+    probs.requires_grad_()
+    loss = AttnGatedCRF()(probs, kernel, mask, h, w)["loss"]
+    assert torch.isnan(loss)
+    loss.backward()
+    assert torch.isnan(probs.grad).all()  # a gradient scaler skips the step, as with the original
     assert torch.isnan(_attn_expected(probs, kernel, h, w, 1, 6))
+
+
+def test_attn_gated_crf_fp16_kernel_with_a_large_total_is_finite():
+    """The finiteness check sums in fp32: an fp16 kernel whose total passes 65504 is not NaN."""
+    h, w = 16, 16
+    probs = _probs(4, 3, h, w, seed=22).float()
+    kernel = torch.softmax(torch.randn(4, h * w, h * w), -1).mul(64).half()  # total 4 * 256 * 64
+    assert not torch.isfinite(kernel.sum())
+    mask = pre_compute_xy_mask(h, w, 1, 6)
+    loss = AttnGatedCRF()(probs, kernel, mask, h, w)["loss"]
+    want = AttnGatedCRF()(probs, kernel.float(), mask, h, w)["loss"]
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, want, rtol=1e-3, atol=1e-6)
 
 
 def test_pre_compute_xy_mask_is_the_loop_bitwise():

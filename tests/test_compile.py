@@ -24,12 +24,18 @@ def test_masked_crf_loss_compiles_fullgraph(compatibility):
     torch.testing.assert_close(p2.grad, p1.grad)
 
 
-def test_attentive_similarity_loss_compiles_fullgraph():
+@pytest.mark.parametrize("with_lse", [False, True], ids=["own-lse", "lse-of-the-attention"])
+def test_attentive_similarity_loss_compiles_fullgraph(with_lse):
+    """Also with the attention's LSE handed over, as AttentiveSimilarityLoss does (the check that
+    decides whether an LSE has autograd history must trace)."""
     d = make_similarity_inputs(2, 2, (4, 6), 8)
 
     def fn(q, k):
+        lse = None
+        if with_lse:
+            _, lse, q, k = ao.functional.spatial_attention(q, k, torch.zeros_like(q), tie_qk=True)
         return ao.attentive_similarity_loss(q, k, d["probs"], d["head_weight"], d["head_bias"], grid=d["grid"],
-                                            radius=2, sample_weight=torch.tensor([1.0, 0.0]))
+                                            radius=2, sample_weight=torch.tensor([1.0, 0.0]), lse=lse)
 
     q1, k1 = d["q"].clone().requires_grad_(), d["k"].clone().requires_grad_()
     q2, k2 = d["q"].clone().requires_grad_(), d["k"].clone().requires_grad_()
