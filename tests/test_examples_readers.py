@@ -47,34 +47,29 @@ def test_h5_bad_files_are_named(tmp_path):
         readers.read_h5_volume(tmp_path / "missing.h5")
     import h5py
 
-    with h5py.File(tmp_path / "noimage.h5", "w") as f:
-        f.create_dataset("label", data=np.zeros((2, 4, 4), np.uint8))
-    with pytest.raises(DataError, match="noimage.h5.*no 'image'"):
-        readers.read_h5_volume(tmp_path / "noimage.h5")
     image, label, scribble = _volume()
-    label[0, 0, 0] = 7
-    write_h5(tmp_path / "badlabel.h5", image, label, scribble)
+    bad_label = label.copy()
+    bad_label[0, 0, 0] = 7
+    write_h5(tmp_path / "badlabel.h5", image, bad_label, scribble)
     with pytest.raises(DataError, match="badlabel.h5.*label values"):
         readers.read_h5_volume(tmp_path / "badlabel.h5")
-    image, label, scribble = _volume()
-    for name, data in (("fractional", label + 0.5), ("nan", np.where(label == 1, np.nan, label))):
+    cases = {  # file name: (datasets written, or None for a group "image"; the error's words)
+        "noimage": ({"label": np.zeros((2, 4, 4), np.uint8)}, "no 'image'"),
+        "fractional": ({"image": image, "label": (label + 0.5).astype(np.float32)}, "label must hold integer"),
+        "nan": ({"image": image, "label": np.where(label == 1, np.nan, label).astype(np.float32)},
+                "label must hold integer"),
+        "group": (None, "'image' is not a dataset"),
+        "complex": ({"image": np.ones((2, 4, 4), np.complex64)}, "image must hold real numbers"),
+        "empty": ({"image": np.zeros((0, 4, 4), np.float32)}, "image is empty"),
+    }
+    for name, (datasets, words) in cases.items():
         with h5py.File(tmp_path / f"{name}.h5", "w") as f:
-            f.create_dataset("image", data=image)
-            f.create_dataset("label", data=data.astype(np.float32))
-        with pytest.raises(DataError, match=f"{name}.h5: label must hold integer labels"):
+            if datasets is None:
+                f.create_group("image")
+            for key, data in (datasets or {}).items():
+                f.create_dataset(key, data=data)
+        with pytest.raises(DataError, match=f"{name}.h5.*{words}"):
             readers.read_h5_volume(tmp_path / f"{name}.h5")
-    with h5py.File(tmp_path / "group.h5", "w") as f:
-        f.create_group("image")
-    with pytest.raises(DataError, match="group.h5: 'image' is not a dataset"):
-        readers.read_h5_volume(tmp_path / "group.h5")
-    with h5py.File(tmp_path / "complex.h5", "w") as f:
-        f.create_dataset("image", data=np.ones((2, 4, 4), np.complex64))
-    with pytest.raises(DataError, match="complex.h5: image must hold real numbers"):
-        readers.read_h5_volume(tmp_path / "complex.h5")
-    with h5py.File(tmp_path / "empty.h5", "w") as f:
-        f.create_dataset("image", data=np.zeros((0, 4, 4), np.float32))
-    with pytest.raises(DataError, match="empty.h5: image is empty"):
-        readers.read_h5_volume(tmp_path / "empty.h5")
 
 
 def test_acdc_nifti_axes_spacing_and_scribbles(tmp_path):
