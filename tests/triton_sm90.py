@@ -114,8 +114,9 @@ def _similarity_case(dtype, heads, dim, *, fused, weighted, grid=(9, 12)):
     leaves = [x[n].requires_grad_() for n in ("q", "k", "probs", "head_weight", "head_bias")]
     lse = None
     if not fused:  # the window loss with a given normaliser (the block's)
-        lse = torch.randn(2, heads, grid[0] * grid[1], dtype=torch.float32).requires_grad_()
-        leaves.append(lse)
+        leaf = torch.randn(2, heads, grid[0] * grid[1], dtype=torch.float32).requires_grad_()
+        leaves.append(leaf)
+        lse = leaf * 1.0  # with autograd history, as an attention's (a leaf LSE would be recomputed)
     g = torch.tensor([1.0, 0.5], dtype=dtype) if weighted else None
     loss = ao.attentive_similarity_loss(*leaves[:5], grid=x["grid"], sample_weight=g, lse=lse, backend="triton")
     torch.autograd.grad(loss, leaves)
