@@ -106,7 +106,6 @@ class _EagerLoss(torch.autograd.Function):
         return (None, _scaled_gradient(grad_raw, grad, probs, ctx.op, rest)) + (None,) * 9
 
 
-
 def loss(op, probs: torch.Tensor, image: Optional[torch.Tensor], mask_dst: Optional[torch.Tensor],
          mask_src: Optional[torch.Tensor], compat: Optional[torch.Tensor], params: CRFParams) -> torch.Tensor:
     """The un-normalised loss from the operator ``op`` (a backend's), differentiable in probs."""

@@ -13,7 +13,6 @@ changes only its import.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Optional
 
 import numpy as np
 import torch

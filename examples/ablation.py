@@ -11,7 +11,6 @@ Example (the phantom, short CPU schedule):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
