@@ -174,8 +174,8 @@ ASL_HOST_DEVICE void run_logits(const Args<acc_t>& a, int64_t b, int64_t t, int6
     for (int j = 0; j < ASL_CHUNK; ++j) {
       if (j < count) {
         const int64_t u = qk_at<DM>(a, b, m, base + j);
-        x1[j] = a.scale * qk_dot<DM>(qt, a.k + u, a.dim, step) - lse_t;
-        x2[j] = a.scale * qk_dot<DM>(a.q + u, kt, a.dim, step) - a.lse[ru + j];
+        x1[j] = mul_rn(a.scale, qk_dot<DM>(qt, a.k + u, a.dim, step)) - lse_t;
+        x2[j] = mul_rn(a.scale, qk_dot<DM>(a.q + u, kt, a.dim, step)) - a.lse[ru + j];
       } else {
         x1[j] = x2[j] = 0;
       }

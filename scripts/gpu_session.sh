@@ -21,8 +21,14 @@
 # the GPU machine's stack (Python 3.12, torch 2.11.0+cu130) and carried in device_carry/:
 #   FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 CUDA_HOME=/usr/local/cuda python3.12 setup.py build_ext --inplace
 #   mkdir -p device_carry && cp attenscribble_ops/_C.cpython-312-*.so device_carry/   (run's carry: device_carry)
-# It is used only if it loads there with its CUDA kernels; otherwise the script builds.
+#   bash scripts/gpu_session.sh --sources-hash > device_carry/sources.sha256
+# It is used only if it was built from the sources of this tree (that hash of csrc/ and setup.py)
+# and loads there with its CUDA kernels; otherwise the script builds (a stale build would load and
+# test the old kernels).
 set -u
+# one hash of every file the extension is built from
+sources_hash() { find csrc setup.py -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1; }
+if [[ "${1:-}" == "--sources-hash" ]]; then sources_hash; exit 0; fi
 OUT=${OUT:-$PWD/gpu_out}
 DEADLINE=${DEADLINE:-530}
 STEPS=${STEPS:-tests sanitizer bench}
@@ -49,6 +55,10 @@ step "extension"
 built=0
 for so in device_carry/_C.*.so; do
     [[ -f "$so" ]] || continue
+    if [[ "$(cat device_carry/sources.sha256 2> /dev/null)" != "$(sources_hash)" ]]; then
+        echo "the prebuilt $so was not built from these sources (device_carry/sources.sha256): building"
+        continue
+    fi
     cp "$so" attenscribble_ops/
     if "$PY" -c "import sys, attenscribble_ops._extension as e; print(e.load_error() or 'loaded'); sys.exit(0 if e.with_cuda() else 1)"; then
         echo "using the prebuilt $so"; built=1

@@ -27,6 +27,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
+from triton.language.extra import libdevice
 
 from .. import backends
 from . import _target
@@ -36,6 +38,26 @@ from .._composite import attention, attention_autograd
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
+# Whether the kernels compile for an NVIDIA GPU (libdevice's mul_rn) rather than run in the
+# interpreter (decided as triton.jit decides it: TRITON_INTERPRET when this module is imported) or
+# compile for ROCm, whose libdevice has no mul_rn (there the compiler may fuse the product).
+_ROUNDED_MUL = tl.constexpr(not knobs.runtime.interpret and torch.version.hip is None)
+
+
+@triton.jit
+def mul_rn(a, b):
+    """a * b rounded before whatever it is added to: never fused into an FMA. The softmax exponents
+    s x - m and s x - lse need it to cancel as the reference's do: for the row's maximum the
+    forward's exponent is then exactly 0, the backward's minus the log of the row's sum as the LSE
+    rounded it, where an FMA leaves the rounding error of s x in them, up to half an ulp of the
+    logit (0.004 at 1e5, 512 at 1e10 in fp32, whose exp2 is inf or 0).
+    The GPU compiler fuses a product into the add that follows by default; libdevice's mul_rn is
+    the product it may not fuse. The interpreter never fuses (numpy)."""
+    if _ROUNDED_MUL:
+        y = libdevice.mul_rn(a, b)
+    else:
+        y = a * b
+    return y
 
 
 @triton.jit
@@ -68,7 +90,7 @@ def _spatial_attention_fwd_kernel(Q, K, V, Out, LseAttn, LseSim, n, D, DV, c, s,
     c2 = c * LOG2E
     s2 = s * LOG2E
     # running maxima of the logits: one for both softmaxes when s > 0 (SHARED_MAX: max_j s x_j is
-    # s max_j x_j), else the similarity's own, of s x in log2 units
+    # s max_j x_j), else the similarity's own, of s x
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_s = tl.zeros([BLOCK_M], tl.float32)
@@ -84,31 +106,32 @@ def _spatial_attention_fwd_kernel(Q, K, V, Out, LseAttn, LseSim, n, D, DV, c, s,
         if not EVEN:
             x = tl.where(col_ok[None, :], logits, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 1))
-        # exponents as one FMA each, in log2 units (exp2 is one instruction on the GPU)
+        # exponents in log2 units (exp2 is one instruction on the GPU), of rounded products (mul_rn)
         if SHARED_MAX:
-            l_s = l_s * tl.exp2((m - m_new) * s2) + tl.sum(tl.exp2(x * s2 - (m_new * s2)[:, None]), 1)
+            l_s = l_s * tl.exp2((m - m_new) * s2) + tl.sum(tl.exp2(mul_rn(x, s2) - mul_rn(m_new, s2)[:, None]), 1)
         else:
-            xs = logits * s2
+            # s x in natural units, as the backward rounds it (in base 2 the two would round apart)
+            xs = mul_rn(logits, s)
             if not EVEN:
                 xs = tl.where(col_ok[None, :], xs, float("-inf"))
             ms_new = tl.maximum(m_s, tl.max(xs, 1))
-            l_s = l_s * tl.exp2(m_s - ms_new) + tl.sum(tl.exp2(xs - ms_new[:, None]), 1)
+            l_s = l_s * tl.exp2((m_s - ms_new) * LOG2E) + tl.sum(tl.exp2((xs - ms_new[:, None]) * LOG2E), 1)
             m_s = ms_new
         if HAS_V:
             alpha = tl.exp2((m - m_new) * c2)
-            p = tl.exp2(x * c2 - (m_new * c2)[:, None])
+            p = tl.exp2(mul_rn(x, c2) - mul_rn(m_new, c2)[:, None])
             l_a = l_a * alpha + tl.sum(p, 1)
             v_b, v_s = _split(_rows_tile(V, bh * n * DV, cols, col_ok, dvs, DV, EVEN, FULL_D), X3)
             p_b, p_s = _split(p.to(v_b.dtype), X3)
             acc = acc * alpha[:, None] + _mm(p_b, p_s, v_b, v_s, X3, X3, X3, PRECISION)
         m = m_new
     if SHARED_MAX:
-        lse_sim = m * s + tl.log(l_s)
+        lse_sim = mul_rn(m, s) + tl.log(l_s)
     else:
-        lse_sim = (m_s + tl.log2(l_s)) / LOG2E
+        lse_sim = m_s + tl.log(l_s)
     tl.store(LseSim + bh * n + rows, lse_sim, mask=row_ok)
     if HAS_V:
-        tl.store(LseAttn + bh * n + rows, m * c + tl.log(l_a), mask=row_ok)
+        tl.store(LseAttn + bh * n + rows, mul_rn(m, c) + tl.log(l_a), mask=row_ok)
         out = acc / l_a[:, None]
         tl.store(Out + bh * n * DV + rows[:, None] * DV + dvs[None, :], out.to(Out.dtype.element_ty),
                  mask=row_ok[:, None] & (dvs[None, :] < DV))
@@ -127,12 +150,13 @@ def _per_row(x, T: tl.constexpr):
 
 @triton.jit
 def _probs(logits, scale, lse, T: tl.constexpr):
-    """exp(scale Lambda - lse) for one tile. The exponent is one FMA of the unrounded logits, then
-    scaled to base 2, so that its two large terms cancel before any rounding; exp2 of x * (scale
-    log2 e) - lse log2 e rounds them apart (in the interpreter at logit_scale 30, 2 x 2 heads of
-    37 tokens, D = 16: dq and dk 5.9 and 4.3 times the fp32 reference's error, against 1.0 so).
-    The forward's exponents may take the scale in base 2: their maximum is rounded with them."""
-    return tl.exp2((logits * scale - _per_row(lse, T)) * LOG2E)
+    """exp(scale Lambda - lse) for one tile. The exponent is the rounded product scale Lambda minus
+    the LSE (mul_rn: rounded as the forward rounded it into the LSE, so that the two cancel), then
+    scaled to base 2; exp2 of x * (scale log2 e) - lse log2 e rounds them apart (in the interpreter
+    at logit_scale 30, 2 x 2 heads of 37 tokens, D = 16: dq and dk 5.9 and 4.3 times the fp32
+    reference's error, against 1.0 so). The forward's exponents may take the scale in base 2: their
+    maximum is rounded with them."""
+    return tl.exp2((mul_rn(logits, scale) - _per_row(lse, T)) * LOG2E)
 
 
 @triton.jit

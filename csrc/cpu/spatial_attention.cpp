@@ -40,6 +40,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/rounded_products.h"  // first of the project's headers
 #include "cpu/rowwise.h"
 #include "spatial_attention_inputs.h"
 

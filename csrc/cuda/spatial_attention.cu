@@ -13,7 +13,8 @@
 // the other operand streams through shared memory in tiles of 16 KiB per array, read by every
 // thread at the same address (broadcast, no bank conflicts). Head dims up to 128 (DMAX buckets
 // 32/64/128; padding lanes are zero). Plain FMA, no tensor cores and no tf32: exact fp32 dots.
-// The Triton backend is the tensor-core path.
+// The Triton backend is the tensor-core path. The exponents' products s x and c x are rounded
+// before the maximum or LSE is subtracted (mul_rn, never an FMA), as the reference rounds them.
 //
 // Includes only CUDA and ATen/c10 core headers (compiled by `nvcc -c` in the test suite).
 #include <ATen/core/Tensor.h>
@@ -28,6 +29,7 @@
 #include <type_traits>
 
 #include "cuda/launch.cuh"
+#include "fast_math.h"
 #include "spatial_attention_inputs.h"
 
 namespace attenscribble_ops {
@@ -96,9 +98,9 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     for (int j = 0; j < count; ++j) {
       const acc_t x = dot_row<acc_t, DMAX>(qr, ks[j]);
-      online_lse(m_s, l_s, s * x);
+      online_lse(m_s, l_s, mul_rn(s, x));
       if constexpr (HAS_V) {
-        const acc_t xa = c * x;
+        const acc_t xa = mul_rn(c, x);
         if (xa > m_a) {  // new maximum: rescale what was accumulated
           const acc_t scale = exp_(m_a - xa);
           l_a = l_a * scale + acc_t(1);
@@ -160,8 +162,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < count; ++j) {
       const acc_t x = dot_row<acc_t, DMAX>(qr, ks[j]);
       acc_t ds = 0;
-      if constexpr (HAS_V) ds = c * exp_(c * x - la) * (dot_row<acc_t, DMAX>(dor, vs[j]) - dl);
-      if (dlse_sim) ds += sd * exp_(s * x - ls);
+      if constexpr (HAS_V) ds = c * exp_(mul_rn(c, x) - la) * (dot_row<acc_t, DMAX>(dor, vs[j]) - dl);
+      if (dlse_sim) ds += sd * exp_(mul_rn(s, x) - ls);
 #pragma unroll
       for (int d = 0; d < DMAX; ++d) acc[d] += ds * ks[j][d];
     }
@@ -218,12 +220,12 @@ __global__ void __launch_bounds__(kThreads)
       const acc_t x = dot_row<acc_t, DMAX>(qs[r], kr);
       acc_t ds = 0;
       if constexpr (HAS_V) {
-        const acc_t p = exp_(c * x - row_lse_a[r]);
+        const acc_t p = exp_(mul_rn(c, x) - row_lse_a[r]);
 #pragma unroll
         for (int d = 0; d < DMAX; ++d) gv[d] += p * dos[r][d];
         ds = c * p * (dot_row<acc_t, DMAX>(dos[r], vr) - row_delta[r]);
       }
-      if (dlse_sim) ds += row_sd[r] * exp_(s * x - row_lse_s[r]);
+      if (dlse_sim) ds += row_sd[r] * exp_(mul_rn(s, x) - row_lse_s[r]);
 #pragma unroll
       for (int d = 0; d < DMAX; ++d) gk[d] += ds * qs[r][d];
     }
