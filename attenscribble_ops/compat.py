@@ -12,6 +12,8 @@ changes only its import.
 """
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -96,11 +98,14 @@ class ModelLossSemsegGatedCRF(torch.nn.Module):
                 if tuple(mask.shape[2:]) != (height, width) and "mask" in downsamplers:
                     mask = self._downsampled(downsamplers["mask"], "mask", mask.detach().float(), n, height, width)
             masks[name] = mask
-        loss = functional.masked_crf_loss(probs, image, radius=kernels_radius, kernels=kernels,
-                                          compatibility=compatibility, padding="zeros", backend=self.backend, **masks)
-        out = {"loss": loss}
-        if out_kernels_vis:
-            out["kernels_vis"] = self._visualize(probs, image, kernels, kernels_radius, masks, height_input, width_input)
+        with _named_after_kernels_desc(owner):
+            loss = functional.masked_crf_loss(probs, image, radius=kernels_radius, kernels=kernels,
+                                              compatibility=compatibility, padding="zeros", backend=self.backend,
+                                              **masks)
+            out = {"loss": loss}
+            if out_kernels_vis:
+                out["kernels_vis"] = self._visualize(probs, image, kernels, kernels_radius, masks, height_input,
+                                                     width_input)
         return out
 
     @staticmethod
@@ -145,6 +150,31 @@ class ModelLossSemsegGatedCRF(torch.nn.Module):
         vis = vis.permute(0, 1, 4, 2, 5, 3).reshape(n, 1, dh * vh, dw * vw)[:, :, :height, :width]
         vis = F.pad(vis, [0, width - vis.shape[3], 0, height - vis.shape[2]])
         return F.interpolate(vis, (height_input, width_input), mode="nearest")
+
+
+_KERNEL_FIELD = re.compile(r"kernels\[(\d+)\]\.(weight|sigma_xy|sigma_image)(?:\[(\d+)\])?")
+
+
+@contextlib.contextmanager
+def _named_after_kernels_desc(owner: list):
+    """Errors about the CRF kernels name the caller's kernels_desc entries: kernels[i].sigma_xy as
+    kernels_desc[i]['xy'], kernels[i].sigma_image[c] as kernels_desc[i][<modality of channel c>]
+    (``owner``: the modality of each image channel), kernels[i].weight as kernels_desc[i]['weight']."""
+    def name(match):
+        i, field, channel = match.group(1), match.group(2), match.group(3)
+        if field == "sigma_image":
+            key = owner[int(channel)] if channel is not None and int(channel) < len(owner) else "image"
+        else:
+            key = {"weight": "weight", "sigma_xy": "xy"}[field]
+        return f"kernels_desc[{i}][{key!r}]"
+
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        if type(e) not in (ValueError, TypeError) or len(e.args) != 1 or not isinstance(e.args[0], str) \
+                or not _KERNEL_FIELD.search(e.args[0]):
+            raise
+        raise type(e)(_KERNEL_FIELD.sub(name, e.args[0])) from None
 
 
 class AttnGatedCRF(torch.nn.Module):

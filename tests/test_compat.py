@@ -187,6 +187,25 @@ def _attn_expected(probs, kernel, h, w, radius, sigma, gate=None):
     return total / (b * n)
 
 
+@pytest.mark.parametrize("desc, error, message", [
+    ([{"weight": 1, "xy": -1, "rgb": 0.1}], ValueError, r"^kernels_desc\[0\]\['xy'\] must be > 0, got -1"),
+    ([{"weight": 1, "xy": 6}, {"weight": float("nan"), "xy": 6}], ValueError,
+     r"^kernels_desc\[1\]\['weight'\] must be finite"),
+    ([{"weight": 1, "xy": "6"}], TypeError, r"^kernels_desc\[0\]\['xy'\] must be a real number"),
+    ([{"weight": 1, "xy": 6, "rgb": 0.1, "depth": -2}], ValueError, r"^kernels_desc\[0\]\['depth'\] must be > 0"),
+    ([{"weight": 1, "xy": 6, "rgb": 1e-30}], ValueError,
+     r"^kernels_desc\[0\]\['rgb'\] = 1e-30 is out of range .*\(kernels_desc\[0\]\['rgb'\] between"),
+    ([{"weight": 1, "xy": 1e30}], ValueError, r"^kernels_desc\[0\]\['xy'\] = 1e\+30 is out of range")])
+@pytest.mark.parametrize("vis", [False, True])
+def test_gated_crf_class_errors_name_the_kernels_desc_entries(desc, error, message, vis):
+    """Not kernels[i].sigma_xy, the functional API's names: kernels_desc[i]['xy'], the modality's key
+    (float32 probabilities: the range check is the accumulate dtype's)."""
+    probs = _probs(1, 2, 4, 4).float()
+    sample = {"rgb": _rand(1, 3, 8, 8).float(), "depth": _rand(1, 1, 8, 8).float()}
+    with pytest.raises(error, match=message):
+        ModelLossSemsegGatedCRF()(probs, desc, 1, sample, 8, 8, out_kernels_vis=vis)
+
+
 @pytest.mark.parametrize("is_y_grad,is_k_grad", [(True, True), (True, False), (False, True)])
 def test_attn_gated_crf_flags(is_y_grad, is_k_grad):
     h, w = 3, 4
