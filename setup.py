@@ -71,7 +71,13 @@ def _extension():
     omp_c, omp_l = _openmp_flags()
     debug = _flag("ATTENSCRIBBLE_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = [*opt, *omp_c, "-fvisibility=hidden"]  # the C++ standard is torch's own choice
+    # -ffp-contract=off: products rounded before they are added, as in the reference. GCC otherwise
+    # fuses a * b - c into one FMA wherever the target has FMA (the AVX2/AVX-512 clones, aarch64,
+    # -march=native), in C++ whatever -std says; the softmax exponents s x - lse then keep the
+    # rounding error of s x instead of cancelling it for a row's maximum (README, Large logit
+    # scales: the attention's dq had 14000 times the fp32 reference's error at logit_scale 1e4, NaN
+    # at 1e10). The masked CRF, whose sums do not cancel, keeps its FMAs (csrc/cpu/masked_crf.cpp).
+    cxx = [*opt, *omp_c, "-fvisibility=hidden", "-ffp-contract=off"]  # the C++ standard is torch's own choice
     define_macros = [("AT_PARALLEL_OPENMP", "1")] if omp_c else []
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))

@@ -152,18 +152,23 @@ class ModelLossSemsegGatedCRF(torch.nn.Module):
         return F.interpolate(vis, (height_input, width_input), mode="nearest")
 
 
-_KERNEL_FIELD = re.compile(r"kernels\[(\d+)\]\.(weight|sigma_xy|sigma_image)(?:\[(\d+)\])?")
+_KERNEL_FIELD = re.compile(r"(?<![\w.])kernels\[(\d+)\](?:\.(weight|sigma_xy|sigma_image)(?:\[(\d+)\])?)?")
 
 
 @contextlib.contextmanager
 def _named_after_kernels_desc(owner: list):
     """Errors about the CRF kernels name the caller's kernels_desc entries: kernels[i].sigma_xy as
     kernels_desc[i]['xy'], kernels[i].sigma_image[c] as kernels_desc[i][<modality of channel c>]
-    (``owner``: the modality of each image channel), kernels[i].weight as kernels_desc[i]['weight']."""
+    (``owner``: the modality of each image channel; a one-channel image's error has no [c]),
+    kernels[i].weight as kernels_desc[i]['weight'], kernels[i] as kernels_desc[i]. The exception
+    keeps its type and traceback."""
     def name(match):
         i, field, channel = match.group(1), match.group(2), match.group(3)
+        if field is None:
+            return f"kernels_desc[{i}]"
         if field == "sigma_image":
-            key = owner[int(channel)] if channel is not None and int(channel) < len(owner) else "image"
+            c = 0 if channel is None else int(channel)
+            key = owner[c] if c < len(owner) else "image"
         else:
             key = {"weight": "weight", "sigma_xy": "xy"}[field]
         return f"kernels_desc[{i}][{key!r}]"
@@ -171,10 +176,9 @@ def _named_after_kernels_desc(owner: list):
     try:
         yield
     except (ValueError, TypeError) as e:
-        if type(e) not in (ValueError, TypeError) or len(e.args) != 1 or not isinstance(e.args[0], str) \
-                or not _KERNEL_FIELD.search(e.args[0]):
-            raise
-        raise type(e)(_KERNEL_FIELD.sub(name, e.args[0])) from None
+        if len(e.args) == 1 and isinstance(e.args[0], str) and _KERNEL_FIELD.search(e.args[0]):
+            e.args = (_KERNEL_FIELD.sub(name, e.args[0]),)
+        raise
 
 
 class AttnGatedCRF(torch.nn.Module):

@@ -54,10 +54,11 @@ ASL_HOST_DEVICE float exp_acc(float x) {
 ASL_HOST_DEVICE double exp_acc(double x) { return ::exp(x); }
 
 // a * b rounded before whatever it is added to: never fused into an FMA. The softmax exponents
-// s x - lse need it to cancel the way the reference's do (cpu/rounded_products.h says why). On
-// the GPU __fmul_rn is the product the compiler may not contract (nvcc fuses by default, and
-// --use_fast_math keeps that); on the host the translation units that call this compile without
-// contraction (cpu/rounded_products.h), so a plain product is already rounded.
+// s x - lse need it to cancel the way the reference's do: for a row's maximum the exponent is then
+// exactly 0 in the forward, where an FMA leaves the rounding error of s x, up to half an ulp of the
+// logit (512 at 1e10 in fp32; README, Large logit scales). On the GPU __fmul_rn is the product the
+// compiler may not contract (nvcc fuses by default, and --use_fast_math keeps that); on the host
+// the extension compiles with -ffp-contract=off (setup.py), so a plain product is already rounded.
 ASL_HOST_DEVICE float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);

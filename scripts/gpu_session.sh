@@ -26,8 +26,8 @@
 # and loads there with its CUDA kernels; otherwise the script builds (a stale build would load and
 # test the old kernels).
 set -u
-# one hash of every file the extension is built from
-sources_hash() { find csrc setup.py -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1; }
+# one hash of every file the extension is built from (run in the repository root, as the device runs it)
+sources_hash() { find csrc setup.py -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1; }
 if [[ "${1:-}" == "--sources-hash" ]]; then sources_hash; exit 0; fi
 OUT=${OUT:-$PWD/gpu_out}
 DEADLINE=${DEADLINE:-530}

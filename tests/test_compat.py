@@ -195,7 +195,11 @@ def _attn_expected(probs, kernel, h, w, radius, sigma, gate=None):
     ([{"weight": 1, "xy": 6, "rgb": 0.1, "depth": -2}], ValueError, r"^kernels_desc\[0\]\['depth'\] must be > 0"),
     ([{"weight": 1, "xy": 6, "rgb": 1e-30}], ValueError,
      r"^kernels_desc\[0\]\['rgb'\] = 1e-30 is out of range .*\(kernels_desc\[0\]\['rgb'\] between"),
-    ([{"weight": 1, "xy": 1e30}], ValueError, r"^kernels_desc\[0\]\['xy'\] = 1e\+30 is out of range")])
+    ([{"weight": 1, "xy": 1e30}], ValueError, r"^kernels_desc\[0\]\['xy'\] = 1e\+30 is out of range"),
+    ([{"weight": 1, "xy": 6, "depth": 1e-30}], ValueError,  # a one-channel image: no channel index
+     r"^kernels_desc\[0\]\['depth'\] = 1e-30 is out of range"),
+    ([{"weight": 1, "xy": 6}, {"weight": 2}], ValueError, r"^kernels_desc\[1\] has neither sigma_xy nor"),
+    ([{"xy": 6}], TypeError, r"^kernels_desc\[0\]\['weight'\] must be a real number, got None")])
 @pytest.mark.parametrize("vis", [False, True])
 def test_gated_crf_class_errors_name_the_kernels_desc_entries(desc, error, message, vis):
     """Not kernels[i].sigma_xy, the functional API's names: kernels_desc[i]['xy'], the modality's key

@@ -27,7 +27,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
 from triton.language.extra import libdevice
 
 from .. import backends
@@ -36,12 +35,19 @@ from ._tf32x3 import mm as _mm
 from ._tf32x3 import split as _split
 from .._composite import attention, attention_autograd
 
+try:  # Triton 3.4 and later: the switch triton.jit reads
+    from triton import knobs as _knobs
+
+    _INTERPRETED = bool(_knobs.runtime.interpret)
+except ImportError:  # earlier Triton read the variable itself
+    _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # Whether the kernels compile for an NVIDIA GPU (libdevice's mul_rn) rather than run in the
 # interpreter (decided as triton.jit decides it: TRITON_INTERPRET when this module is imported) or
 # compile for ROCm, whose libdevice has no mul_rn (there the compiler may fuse the product).
-_ROUNDED_MUL = tl.constexpr(not knobs.runtime.interpret and torch.version.hip is None)
+_ROUNDED_MUL = tl.constexpr(not _INTERPRETED and torch.version.hip is None)
 
 
 @triton.jit

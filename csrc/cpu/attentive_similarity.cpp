@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <vector>
 
-#include "cpu/rounded_products.h"  // first of the project's headers
 #include "attentive_similarity.h"
 #include "attentive_similarity_inputs.h"
 #include "cpu/rowwise.h"

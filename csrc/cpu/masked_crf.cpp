@@ -53,6 +53,9 @@ namespace crf_baseline {
 #define ATTENSCRIBBLE_CRF_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+// The extension compiles with -ffp-contract=off (setup.py: the attention's exponents must round as
+// the reference's do); the CRF's sums of Gaussians do not cancel, so its AVX2 path keeps its FMAs.
+#pragma GCC optimize("fp-contract=fast")
 #define ATTENSCRIBBLE_VEC_BYTES 32
 namespace crf_avx2 {
 #include "cpu/vec_exp.inc"

@@ -40,7 +40,6 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu/rounded_products.h"  // first of the project's headers
 #include "cpu/rowwise.h"
 #include "spatial_attention_inputs.h"
 
