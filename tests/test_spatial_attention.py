@@ -183,7 +183,7 @@ def test_extreme_logits_do_not_overflow(backend):
         torch.testing.assert_close(lse.double(), exact, rtol=1e-3 if dtype == torch.float32 else 1e-12, atol=0.0)
 
 
-# "aten" is left out: torch's SDPA rounds its exponents its own way (README, Backends)
+# "aten" is left out: torch's SDPA rounds its exponents its own way (README, Large logit scales)
 LARGE_SCALE_CASES = [("cpu", b) for b in FUSED if b != "aten"]
 LARGE_SCALE_CASES += [("cuda", b) for b in ("cuda", "triton")
                       if torch.cuda.is_available() and b in runnable_backends("spatial_attention", "cuda")]
