@@ -21,6 +21,8 @@ import attenscribble_ops as ao
 from attenscribble_ops.testing import cuda_matmul_fp32, make_similarity_inputs, runnable_backends
 
 triton = pytest.importorskip("triton", minversion="3.6")  # tests/triton_sm90.py reads Triton 3.6's caches
+tl = triton.language
+from attenscribble_ops.triton._tf32x3 import mm, mm_t, split  # noqa: E402  (needs Triton)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 KERNELS = {"_masked_crf_kernel", "_masked_crf_sum_kernel", "_attentive_similarity_fwd_kernel",
@@ -109,6 +111,60 @@ def emulated_tf32x3(monkeypatch):
         return out + np.matmul(a_big, b_big, dtype=np.float32)
 
     yield _emulate_dots(monkeypatch, "TF32x3", product)
+
+
+def _tensor_core_steps(a, b, acc, depth: int = 8):
+    """acc + a @ b as the tensor cores of an H100 run a "tf32" dot, in a model: both fp32 operands
+    read as TF32 (truncated), each depth step of 8 products (an mma's k) added to the accumulator
+    at once and rounded to fp32, step after step. Unlike one whole-depth product, the order in
+    which a kernel's dots accumulate into one tile then changes its rounding."""
+    import numpy as np
+
+    a64, b64 = (_tf32(x, truncate=True).astype(np.float64) for x in (a, b))
+    for k in range(0, a64.shape[1], depth):
+        acc = (acc.astype(np.float64) + a64[:, k:k + depth] @ b64[k:k + depth, :]).astype(np.float32)
+    return acc
+
+
+@triton.jit
+def _transposed_products_kernel(A, B, AB, BA, BA_MM, M: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
+    """a b^T by _tf32x3.mm, and b a^T by mm_t and by mm (tf32x3 from split tiles)."""
+    rm, rn, rd = tl.arange(0, M), tl.arange(0, N), tl.arange(0, D)
+    a_b, a_s = split(tl.load(A + rm[:, None] * D + rd[None, :]), True)
+    b_b, b_s = split(tl.load(B + rn[:, None] * D + rd[None, :]), True)
+    tl.store(AB + rm[:, None] * N + rn[None, :], mm(a_b, a_s, tl.trans(b_b), tl.trans(b_s), True, True, True, "tf32"))
+    ba = mm_t(b_b, b_s, tl.trans(a_b), tl.trans(a_s), True, True, True, "tf32")
+    tl.store(BA + rn[:, None] * M + rm[None, :], ba)
+    ba = mm(b_b, b_s, tl.trans(a_b), tl.trans(a_s), True, True, True, "tf32")
+    tl.store(BA_MM + rn[:, None] * M + rm[None, :], ba)
+
+
+TF32_GPU = (not TRITON_ON_CPU and torch.cuda.is_available() and torch.version.hip is None
+            and torch.cuda.get_device_capability() >= (8, 0))
+
+
+@pytest.mark.skipif(not (TRITON_ON_CPU or TF32_GPU),
+                    reason="needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest) or an NVIDIA GPU "
+                           "with TF32 tensor cores")
+def test_transposed_split_product_rounds_as_the_forward(monkeypatch):
+    """The attention's dk/dv kernel recomputes the forward's logits q k^T as k q^T, and the
+    similarity window kernel the LSE pass's q_u.k_t as k_t q_u^T. With tf32x3 the two small terms
+    are added in the order the other kernel adds them (_tf32x3.mm_t), so that every element comes
+    out bit for bit as the other kernel's: on a GPU's tensor cores, and here in a model of their
+    step-by-step accumulation. Added the other way round (mm), some elements round an ulp apart
+    in that model: a backward's probability exp(s ulp) off the forward's, its softmax no longer
+    summing to one."""
+    device = "cuda" if TF32_GPU else "cpu"
+    calls = [] if TF32_GPU else _emulate_dots(monkeypatch, "TF32", _tensor_core_steps)
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(rows, 64, generator=g).to(device) for rows in (128, 64))
+    ab, ba, ba_mm = (torch.empty(shape, device=device) for shape in ((128, 64), (64, 128), (64, 128)))
+    _transposed_products_kernel[(1,)](a, b, ab, ba, ba_mm, M=128, N=64, D=64)
+    assert torch.equal(ba.T, ab)
+    torch.testing.assert_close(ab.double(), a.double() @ b.double().T, rtol=0, atol=2e-5)  # 3.4e-6 here
+    if not TF32_GPU:
+        assert len(calls) == 9, "three tf32 products per split product"
+        assert (ba_mm.T != ab).sum() > 0  # the model sees the order (3 of 8192 elements here)
 
 
 @pytest.fixture

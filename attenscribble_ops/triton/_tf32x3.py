@@ -5,9 +5,11 @@ element against inf and NaN (7 instructions per element on sm_90). Kernels that 
 several products, or keep one for a whole loop (a query block), split it once here (3
 instructions per element) and run the three "tf32" products with :func:`mm`. Same arithmetic:
 big = TF32 rounded to nearest (ties away, as cvt.rna.tf32 does), small = x - big, read truncated
-by the tensor cores; small terms are added first. An infinite element gives a NaN small part,
-so inf in an operand gives NaN (Triton's guarded split: inf) in the products it enters; so does
-a finite element within 2^-11 (relative) of the largest fp32, whose big part rounds to inf.
+by the tensor cores; small terms are added first (:func:`mm_t` for a product whose transpose
+another kernel computes with :func:`mm`: the same additions per element). An infinite element
+gives a NaN small part, so inf in an operand gives NaN (Triton's guarded split: inf) in the
+products it enters; so does a finite element within 2^-11 (relative) of the largest fp32, whose
+big part rounds to inf.
 """
 import triton
 import triton.language as tl
@@ -35,5 +37,25 @@ def mm(a_big, a_small, b_big, b_small, SPLIT_A: tl.constexpr, SPLIT_B: tl.conste
             acc = tl.dot(a_small, b_big, acc, input_precision="tf32")
         if SPLIT_B:
             acc = tl.dot(a_big, b_small, acc, input_precision="tf32")
+        return tl.dot(a_big, b_big, acc, input_precision="tf32")
+    return tl.dot(a_big, b_big, input_precision=PRECISION)
+
+
+@triton.jit
+def mm_t(a_big, a_small, b_big, b_small, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, X3: tl.constexpr,
+         PRECISION: tl.constexpr):
+    """a @ b as :func:`mm`, for a product whose transpose b^T @ a^T another kernel computes with
+    :func:`mm` (the attention's dk/dv kernel recomputes the forward's logits as k q^T): the two
+    small terms are added in the other order, so that each element of a @ b takes the same fp32
+    additions as its element of mm(b^T, a^T), small.big of b^T, a^T first. With the small terms
+    the other way round, on a GPU, whose tensor cores add each depth step's products to the
+    accumulator, an element may round one ulp apart from the other kernel's (a backward's
+    probabilities then exp(s ulp) away from the forward's)."""
+    if X3:
+        acc = tl.zeros([a_big.shape[0], b_big.shape[1]], tl.float32)
+        if SPLIT_B:
+            acc = tl.dot(a_big, b_small, acc, input_precision="tf32")
+        if SPLIT_A:
+            acc = tl.dot(a_small, b_big, acc, input_precision="tf32")
         return tl.dot(a_big, b_big, acc, input_precision="tf32")
     return tl.dot(a_big, b_big, input_precision=PRECISION)

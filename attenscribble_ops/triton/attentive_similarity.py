@@ -34,6 +34,7 @@ import triton.language as tl
 from .. import backends
 from . import _target
 from ._tf32x3 import mm as _mm
+from ._tf32x3 import mm_t as _mm_t
 from ._tf32x3 import split as _split
 from .._composite import fused_loss, fused_similarity_autograd, window_similarity_autograd
 from .spatial_attention import LOG2E, mul_rn
@@ -98,9 +99,10 @@ def _band_exps(qt_b, qt_s, kt_b, kt_s, qu_b, qu_s, ku_b, ku_s, lse_t, lse_u, pai
     """exp(s q_t.k_u - lse_t) and exp(s q_u.k_t - lse_u) of one head on a band tile, from two products
     of the token block with the band; exponents outside the window pairs are forced to 0 so no
     inf reaches a later product. Each exponent is the rounded product s x (mul_rn) minus the LSE,
-    then scaled to base 2 (as the attention's backward does, triton/spatial_attention.py: _probs)."""
+    then scaled to base 2 (as the attention's backward does, triton/spatial_attention.py: _probs).
+    The logits round as the LSE pass's forward rounds q_t.k_u and q_u.k_t (k_t q_u^T: _mm_t)."""
     logit_tu = _mm(qt_b, qt_s, tl.trans(ku_b), tl.trans(ku_s), SPLIT, SPLIT, X3, PRECISION)
-    logit_ut = _mm(kt_b, kt_s, tl.trans(qu_b), tl.trans(qu_s), SPLIT, SPLIT, X3, PRECISION)
+    logit_ut = _mm_t(kt_b, kt_s, tl.trans(qu_b), tl.trans(qu_s), SPLIT, SPLIT, X3, PRECISION)
     a_tu = tl.exp2(tl.where(pair, (mul_rn(logit_tu, s) - lse_t[:, None]) * LOG2E, 0.0))
     a_ut = tl.exp2(tl.where(pair, (mul_rn(logit_ut, s) - lse_u[None, :]) * LOG2E, 0.0))
     return a_tu, a_ut

@@ -32,6 +32,7 @@ from triton.language.extra import libdevice
 from .. import backends
 from . import _target
 from ._tf32x3 import mm as _mm
+from ._tf32x3 import mm_t as _mm_t
 from ._tf32x3 import split as _split
 from .._composite import attention, attention_autograd
 
@@ -273,7 +274,8 @@ def _spatial_attention_bwd_dkdv_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DL
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < n
         q_b, q_s = _split(_rows_tile(Q, bh * n * D, rows, row_ok, dims, D, EVEN, FULL_D), X3)
-        logits_t = _mm(k_b, k_s, tl.trans(q_b), tl.trans(q_s), X3, X3, X3, PRECISION)
+        # the forward's logits, transposed, bit for bit (the small terms in its order: _mm_t)
+        logits_t = _mm_t(k_b, k_s, tl.trans(q_b), tl.trans(q_s), X3, X3, X3, PRECISION)
         lse_s = tl.load(LseSim + bh * n + rows, mask=row_ok, other=0.0)
         dls = tl.zeros([BLOCK_M], tl.float32)
         if HAS_DLSE:
@@ -289,7 +291,7 @@ def _spatial_attention_bwd_dkdv_kernel(Q, K, V, DOut, Delta, LseAttn, LseSim, DL
             p_t = _probs(logits_t, c, lse_a, True)
             p_b, p_s = _split(p_t.to(do_b.dtype), X3)
             dv += _mm(p_b, p_s, do_b, do_s, X3, X3, X3, PRECISION)
-            do_dot_v_t = _mm(v_b, v_s, tl.trans(do_b), tl.trans(do_s), X3, X3, X3, PRECISION)
+            do_dot_v_t = _mm_t(v_b, v_s, tl.trans(do_b), tl.trans(do_s), X3, X3, X3, PRECISION)  # dq's, transposed
         ds_t = _dlogits(logits_t, p_t, do_dot_v_t, delta, lse_s, dls, row_ok, col_ok, c, s, HAS_V, HAS_DLSE, EVEN,
                         True)
         if SCALE_DS:
