@@ -127,16 +127,20 @@ def _tensor_core_steps(a, b, acc, depth: int = 8):
 
 
 @triton.jit
-def _transposed_products_kernel(A, B, AB, BA, BA_MM, M: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
-    """a b^T by _tf32x3.mm, and b a^T by mm_t and by mm (tf32x3 from split tiles)."""
-    rm, rn, rd = tl.arange(0, M), tl.arange(0, N), tl.arange(0, D)
-    a_b, a_s = split(tl.load(A + rm[:, None] * D + rd[None, :]), True)
-    b_b, b_s = split(tl.load(B + rn[:, None] * D + rd[None, :]), True)
-    tl.store(AB + rm[:, None] * N + rn[None, :], mm(a_b, a_s, tl.trans(b_b), tl.trans(b_s), True, True, True, "tf32"))
-    ba = mm_t(b_b, b_s, tl.trans(a_b), tl.trans(a_s), True, True, True, "tf32")
-    tl.store(BA + rn[:, None] * M + rm[None, :], ba)
-    ba = mm(b_b, b_s, tl.trans(a_b), tl.trans(a_s), True, True, True, "tf32")
-    tl.store(BA_MM + rn[:, None] * M + rm[None, :], ba)
+def _split_products_kernel(X, Y, OUT, n, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           TRANSPOSED: tl.constexpr):
+    """OUT = X Y^T (n x n) tile by tile, as tf32x3 from split tiles: _tf32x3.mm, or mm_t where
+    TRANSPOSED."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rd = tl.arange(0, D)
+    x_b, x_s = split(tl.load(X + rm[:, None] * D + rd[None, :]), True)
+    y_b, y_s = split(tl.load(Y + rn[:, None] * D + rd[None, :]), True)
+    if TRANSPOSED:
+        out = mm_t(x_b, x_s, tl.trans(y_b), tl.trans(y_s), True, True, True, "tf32")
+    else:
+        out = mm(x_b, x_s, tl.trans(y_b), tl.trans(y_s), True, True, True, "tf32")
+    tl.store(OUT + rm[:, None] * n + rn[None, :], out)
 
 
 TF32_GPU = (not TRITON_ON_CPU and torch.cuda.is_available() and torch.version.hip is None
@@ -146,25 +150,37 @@ TF32_GPU = (not TRITON_ON_CPU and torch.cuda.is_available() and torch.version.hi
 @pytest.mark.skipif(not (TRITON_ON_CPU or TF32_GPU),
                     reason="needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest) or an NVIDIA GPU "
                            "with TF32 tensor cores")
-def test_transposed_split_product_rounds_as_the_forward(monkeypatch):
+def test_transposed_split_product_rounds_as_the_forward(monkeypatch, record_property):
     """The attention's dk/dv kernel recomputes the forward's logits q k^T as k q^T, and the
-    similarity window kernel the LSE pass's q_u.k_t as k_t q_u^T. With tf32x3 the two small terms
-    are added in the order the other kernel adds them (_tf32x3.mm_t), so that every element comes
-    out bit for bit as the other kernel's: on a GPU's tensor cores, and here in a model of their
-    step-by-step accumulation. Added the other way round (mm), some elements round an ulp apart
-    in that model: a backward's probability exp(s ulp) off the forward's, its softmax no longer
-    summing to one."""
+    similarity window kernel the LSE pass's q_u.k_t as k_t q_u^T. With tf32x3 (fp32 q, k) the
+    two small terms are added in the order the other kernel adds them (_tf32x3.mm_t), so that
+    every element comes out bit for bit as the other kernel's: here in a model of the tensor
+    cores' step-by-step accumulation, on a GPU on its own tensor cores, with the tiles and warps
+    of the kernels' launches at D = 64 (forward 128 x 32 over 8 warps, on an H100 wgmma; dk/dv 64
+    x 32 over 4; the window kernel 16 x 16 over one warp, mma.sync). Added the other way round
+    (mm), some elements round an ulp apart in that model: a backward's probability exp(s ulp) off
+    the forward's, its softmax no longer summing to one."""
     device = "cuda" if TF32_GPU else "cpu"
     calls = [] if TF32_GPU else _emulate_dots(monkeypatch, "TF32", _tensor_core_steps)
+    n, d = 128, 64
     g = torch.Generator().manual_seed(3)
-    a, b = (torch.randn(rows, 64, generator=g).to(device) for rows in (128, 64))
-    ab, ba, ba_mm = (torch.empty(shape, device=device) for shape in ((128, 64), (64, 128), (64, 128)))
-    _transposed_products_kernel[(1,)](a, b, ab, ba, ba_mm, M=128, N=64, D=64)
-    assert torch.equal(ba.T, ab)
-    torch.testing.assert_close(ab.double(), a.double() @ b.double().T, rtol=0, atol=2e-5)  # 3.4e-6 here
+    a, b = (torch.randn(n, d, generator=g).to(device) for _ in range(2))
+
+    def product(x, y, transposed, block_m, block_n, warps):
+        out = torch.empty(n, n, device=device)
+        _split_products_kernel[(n // block_m, n // block_n)](x, y, out, n, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                             TRANSPOSED=transposed, num_warps=warps)
+        return out
+
+    forward = product(a, b, False, 128, 32, 8)
+    torch.testing.assert_close(forward.double(), a.double() @ b.double().T, rtol=0, atol=2e-5)  # 4.2e-6 here
+    for block_m, block_n, warps in ((64, 32, 4), (16, 16, 1)):  # dk/dv's tiles, the window kernel's
+        assert torch.equal(product(b, a, True, block_m, block_n, warps).T, forward), (block_m, block_n, warps)
+    mismatches = int((product(b, a, False, 64, 32, 4).T != forward).sum())
+    record_property("mm_order_mismatches", mismatches)  # on a GPU: whether its tensor cores see the order
     if not TF32_GPU:
-        assert len(calls) == 9, "three tf32 products per split product"
-        assert (ba_mm.T != ab).sum() > 0  # the model sees the order (3 of 8192 elements here)
+        assert calls, "no tf32 products ran"
+        assert mismatches > 0  # the model sees the order (5 of 16384 elements here)
 
 
 @pytest.fixture

@@ -47,7 +47,8 @@ def mm_t(a_big, a_small, b_big, b_small, SPLIT_A: tl.constexpr, SPLIT_B: tl.cons
     """a @ b as :func:`mm`, for a product whose transpose b^T @ a^T another kernel computes with
     :func:`mm` (the attention's dk/dv kernel recomputes the forward's logits as k q^T): the two
     small terms are added in the other order, so that each element of a @ b takes the same fp32
-    additions as its element of mm(b^T, a^T), small.big of b^T, a^T first. With the small terms
+    additions as its element of mm(b^T, a^T, SPLIT_B, SPLIT_A) (note the flags' order), small.big
+    of b^T, a^T first. With the small terms
     the other way round, on a GPU, whose tensor cores add each depth step's products to the
     accumulator, an element may round one ulp apart from the other kernel's (a backward's
     probabilities then exp(s ulp) away from the forward's)."""
