@@ -10,7 +10,8 @@ DEPS_STAMP    := $(VENV)/.deps-$(TORCH_VERSION)
 BUILD_STAMP   := $(VENV)/.build-stamp
 EXAMPLES_STAMP:= $(VENV)/.examples-stamp
 SOURCES       := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
-PYTEST_ARGS   ?=
+# the slowest tests at the end of every run (CI's budget: 20 minutes)
+PYTEST_ARGS   ?= --durations=25
 DEMO_ARGS     ?=
 BENCH_ARGS    ?=
 

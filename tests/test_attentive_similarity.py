@@ -39,7 +39,9 @@ def _assert_close(got, want, rtol, atol_scale, what=""):
             continue
         assert g is not None, f"{what}{name}: missing gradient"
         atol = atol_scale * max(w.abs().max().item(), 1e-30)
-        torch.testing.assert_close(g.double(), w.double(), rtol=rtol, atol=atol, msg=f"{what}{name}")
+        # the name before torch's own message (how many elements, how far off, where)
+        torch.testing.assert_close(g.double(), w.double(), rtol=rtol, atol=atol,
+                                   msg=lambda text, name=name: f"{what}{name}: {text}")
 
 
 def _tolerance(dtype):
