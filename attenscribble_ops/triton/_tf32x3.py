@@ -26,16 +26,19 @@ def split(x, SPLIT: tl.constexpr):
 
 @triton.jit
 def mm(a_big, a_small, b_big, b_small, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, X3: tl.constexpr,
-       PRECISION: tl.constexpr):
+       PRECISION: tl.constexpr, B_SMALL_FIRST: tl.constexpr = False):
     """a @ b in fp32. X3 (fp32 products as tf32x3): tensor-core "tf32" products of the split
-    operands, small terms first; an operand that is not split (SPLIT_A/B false) is exact in TF32
-    (e.g. q, k from 16-bit inputs), so its small part, zero, is skipped. Otherwise one product in
+    operands, small terms first (a_small.b_big, then a_big.b_small; B_SMALL_FIRST the other way
+    round: :func:`mm_t`); an operand that is not split (SPLIT_A/B false) is exact in TF32 (e.g.
+    q, k from 16-bit inputs), so its small part, zero, is skipped. Otherwise one product in
     PRECISION."""
     if X3:
         acc = tl.zeros([a_big.shape[0], b_big.shape[1]], tl.float32)
+        if SPLIT_B and B_SMALL_FIRST:
+            acc = tl.dot(a_big, b_small, acc, input_precision="tf32")
         if SPLIT_A:
             acc = tl.dot(a_small, b_big, acc, input_precision="tf32")
-        if SPLIT_B:
+        if SPLIT_B and not B_SMALL_FIRST:
             acc = tl.dot(a_big, b_small, acc, input_precision="tf32")
         return tl.dot(a_big, b_big, acc, input_precision="tf32")
     return tl.dot(a_big, b_big, input_precision=PRECISION)
@@ -48,15 +51,7 @@ def mm_t(a_big, a_small, b_big, b_small, SPLIT_A: tl.constexpr, SPLIT_B: tl.cons
     :func:`mm` (the attention's dk/dv kernel recomputes the forward's logits as k q^T): the two
     small terms are added in the other order, so that each element of a @ b takes the same fp32
     additions as its element of mm(b^T, a^T, SPLIT_B, SPLIT_A) (note the flags' order), small.big
-    of b^T, a^T first. With the small terms
-    the other way round, on a GPU, whose tensor cores add each depth step's products to the
-    accumulator, an element may round one ulp apart from the other kernel's (a backward's
-    probabilities then exp(s ulp) away from the forward's)."""
-    if X3:
-        acc = tl.zeros([a_big.shape[0], b_big.shape[1]], tl.float32)
-        if SPLIT_B:
-            acc = tl.dot(a_big, b_small, acc, input_precision="tf32")
-        if SPLIT_A:
-            acc = tl.dot(a_small, b_big, acc, input_precision="tf32")
-        return tl.dot(a_big, b_big, acc, input_precision="tf32")
-    return tl.dot(a_big, b_big, input_precision=PRECISION)
+    of b^T, a^T first. With the small terms the other way round, on a GPU, whose tensor cores add
+    each depth step's products to the accumulator, an element may round one ulp apart from the
+    other kernel's (a backward's probabilities then exp(s ulp) away from the forward's)."""
+    return mm(a_big, a_small, b_big, b_small, SPLIT_A, SPLIT_B, X3, PRECISION, True)
