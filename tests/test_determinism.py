@@ -31,18 +31,18 @@ def _crf(backend, device, shape, radius):
     return [loss.detach(), probs.grad]
 
 
-def _similarity(backend, device, heads):
-    x = make_similarity_inputs(2, heads, (13, 11), 16, seed=4, device=device)
-    leaves = [x[n].requires_grad_() for n in ("q", "k", "probs", "head_weight", "head_bias")]
-    loss = ao.attentive_similarity_loss(*leaves, grid=x["grid"], sample_weight=torch.tensor([1.0, 0.5], device=device),
-                                        backend=backend)
+def _similarity(backend, device, heads, batch=2, grid=(13, 11), dtype=torch.float32):
+    x = make_similarity_inputs(batch, heads, grid, 16, seed=4, device=device)
+    leaves = [x[n].to(dtype).requires_grad_() for n in ("q", "k", "probs", "head_weight", "head_bias")]
+    gate = torch.linspace(1.0, 0.5, batch, device=device, dtype=dtype)
+    loss = ao.attentive_similarity_loss(*leaves, grid=x["grid"], sample_weight=gate, backend=backend)
     return [loss.detach(), *torch.autograd.grad(loss, leaves)]
 
 
-def _attention(backend, device):
-    x = make_similarity_inputs(2, 2, (9, 14), 16, seed=5, device=device)
+def _attention(backend, device, batch=2, heads=2, grid=(9, 14), dtype=torch.float32):
+    x = make_similarity_inputs(batch, heads, grid, 16, seed=5, device=device, dtype=dtype)
     q, k = x["q"].requires_grad_(), x["k"].requires_grad_()
-    v = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(device).requires_grad_()
+    v = torch.randn(q.shape, generator=torch.Generator().manual_seed(6), dtype=dtype).to(device).requires_grad_()
     out, lse, qt, kt = ao.spatial_attention(q, k, v, backend=backend, tie_qk=True)
     loss = ao.attentive_similarity_loss(qt, kt, x["probs"], x["head_weight"], x["head_bias"], grid=x["grid"],
                                         lse=lse, backend=backend)
@@ -56,6 +56,13 @@ CASES = {
     "similarity-1-head": lambda b, d: _similarity(b, d, 1),
     "similarity-3-heads": lambda b, d: _similarity(b, d, 3),
     "attention-and-loss": _attention,
+    # Long sequences: BLAS splits a long product between its threads (other bits with 1 and 2
+    # threads unless the kernels keep each product on one thread); 832 tokens, one slice (whose
+    # backward spreads its products over the threads itself), and 2250 (two key blocks).
+    "attention-one-slice-long": lambda b, d: _attention(b, d, 1, 1, (13, 64)),
+    "attention-one-slice-long-fp64": lambda b, d: _attention(b, d, 1, 1, (13, 64), torch.float64),
+    "attention-long": lambda b, d: _attention(b, d, 2, 2, (45, 50)),
+    "similarity-one-slice-long-fp64": lambda b, d: _similarity(b, d, 1, 1, (13, 64), torch.float64),
 }
 
 

@@ -22,9 +22,15 @@
 // accumulate over a slice's query tiles; with a single slice the region is skipped and the
 // products and row passes parallelise instead. One parallel region per call: many short regions
 // stall whenever another process holds a core. Per tile, the matrix products go to BLAS (ATen's
-// mm; single-threaded inside the region) and the element-wise work is one or two fused passes per
-// row (csrc/cpu/rowwise.h). Every sum runs in a fixed order whatever the thread count:
-// deterministic.
+// mm) and the element-wise work is one or two fused passes per row (csrc/cpu/rowwise.h).
+//
+// Determinism: every sum runs in a fixed order whatever the thread count. BLAS needs help there:
+// MKL splits a product's inner dimension between its threads, so the same product gives other bits
+// with 1 and 2 threads (measured with torch's MKL on this project's development CPU: fp32 from an
+// inner dimension of 256, fp64 from 128; inside a parallel region too). Every product here runs on
+// its calling thread alone (SequentialBlas), and the one-slice backward, which has no region over
+// slices, spreads its products over the threads itself, in chunks of rows that depend only on the
+// shapes (product below).
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -43,8 +49,60 @@
 #include "cpu/rowwise.h"
 #include "spatial_attention_inputs.h"
 
+#if defined(__GNUC__)
+// MKL's per-thread thread count (its C entry point: mkl_service.h maps mkl_set_num_threads_local to
+// it; the lower-case symbol itself is the Fortran one, taking a pointer). Weak: null when torch's
+// BLAS is not MKL, whose determinism across thread counts is then not guaranteed here.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+#endif
+
 namespace attenscribble_ops {
 namespace {
+
+using SetLocalThreads = int (*)(int);
+
+SetLocalThreads mkl_set_local_threads() {
+#if defined(__GNUC__)
+  return &MKL_Set_Num_Threads_Local;
+#else
+  return nullptr;
+#endif
+}
+
+// BLAS on the calling thread only while this lives (then its previous setting again).
+class SequentialBlas {
+ public:
+  SequentialBlas() : set_(mkl_set_local_threads()), before_(set_ ? set_(1) : 0) {}
+  ~SequentialBlas() {
+    if (set_) set_(before_);
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  SetLocalThreads set_;
+  int before_;
+};
+
+// out = a b, or out += a b. split: in row chunks that depend only on out's height (at least 32 rows,
+// at most 16 chunks), spread over the threads outside a parallel region and run in turn inside
+// one; each chunk is one sequential BLAS call, so the bits do not depend on the thread count.
+void product(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate, bool split) {
+  const auto one = [&](at::Tensor o, const at::Tensor& x) {
+    SequentialBlas sequential;
+    if (accumulate) o.addmm_(x, b);
+    else at::mm_out(o, x, b);
+  };
+  const int64_t rows = out.size(0);
+  if (!split) return one(out, a);
+  const int64_t chunk = std::max<int64_t>(32, (rows + 15) / 16), chunks = (rows + chunk - 1) / chunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t r0 = c * chunk, m = std::min(chunk, rows - r0);
+      one(out.narrow(0, r0, m), a.narrow(0, r0, m));
+    }
+  });
+}
 
 constexpr int64_t kTileLogits = int64_t(1) << 18;
 constexpr int64_t kTileRows = 128;
@@ -62,6 +120,7 @@ void forward_sweep(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t tiles = (n + rows - 1) / rows;
   // query tiles are independent: one region over every (slice, tile) pair
   at::parallel_for(0, q.size(0) * tiles, 1, [&](int64_t task_begin, int64_t task_end) {
+    SequentialBlas sequential;
     at::Tensor logits = at::empty({rows, cols}, q.options());
     at::Tensor prob = values ? at::empty({rows, cols}, q.options()) : at::Tensor();
     // per query row: running max and min of the raw logits, sum of exp(s x - shift_s), sum of
@@ -138,6 +197,8 @@ void backward_sweep(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const T* dlse_s = sim ? dlse_sim.const_data_ptr<T>() : nullptr;
   const T* lse_a = values ? lse_attn.const_data_ptr<T>() : nullptr;
   const T* dlt = values ? delta.const_data_ptr<T>() : nullptr;
+  // one slice: no region over slices; its products spread over the threads in fixed chunks
+  const bool split = q.size(0) == 1;
   at::parallel_for(0, q.size(0), 1, [&](int64_t bh_begin, int64_t bh_end) {
     at::Tensor logits = at::empty({rows, cols}, q.options()), dlogits = at::empty({rows, cols}, q.options());
     at::Tensor prob = values ? at::empty({rows, cols}, q.options()) : at::Tensor();
@@ -152,28 +213,27 @@ void backward_sweep(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           const int64_t w = std::min(cols, n - j0);
           const at::Tensor kt = kb.narrow(0, j0, w);
           at::Tensor lg = logits.narrow(0, 0, m).narrow(1, 0, w), dl = dlogits.narrow(0, 0, m).narrow(1, 0, w);
-          at::mm_out(lg, qt, kt.t());
+          product(lg, qt, kt.t(), false, split);
           const T* x = lg.const_data_ptr<T>();
           T* d = dl.data_ptr<T>();
           if (values) {
             const at::Tensor dot = dout[bh].narrow(0, r0, m), pr = prob.narrow(0, 0, m).narrow(1, 0, w);
             T* p = pr.data_ptr<T>();
-            at::mm_out(dl, dot, v[bh].narrow(0, j0, w).t());
+            product(dl, dot, v[bh].narrow(0, j0, w).t(), false, split);
             at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
               for (int64_t i = begin; i < end; ++i)
                 rowwise::exp_dlogits(d + i * cols, p + i * cols, x + i * cols, w, c, lse_a[off + i], dlt[off + i],
                                      sim ? s * dlse_s[off + i] : T(0), s, lse_s[off + i]);
             });
-            dv[bh].narrow(0, j0, w).addmm_(pr.t(), dot);
+            product(dv[bh].narrow(0, j0, w), pr.t(), dot, true, split);
           } else {
             at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
               for (int64_t i = begin; i < end; ++i)
                 rowwise::exp_store(d + i * cols, x + i * cols, w, s, lse_s[off + i], s * dlse_s[off + i]);
             });
           }
-          if (accumulate || j0 > 0) dqt.addmm_(dl, kt);
-          else at::mm_out(dqt, dl, kt);
-          dkb.narrow(0, j0, w).addmm_(dl.t(), qt);
+          product(dqt, dl, kt, accumulate || j0 > 0, split);
+          product(dkb.narrow(0, j0, w), dl.t(), qt, true, split);
         }
       }
     }
