@@ -156,14 +156,16 @@ def test_triton_tiles_from_the_environment(monkeypatch):
 @pytest.mark.skipif("cpu" not in FUSED, reason="the cpu backend is not built")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("logit_scale", [1.3, -0.6])
-def test_cpu_long_sequence_spans_key_blocks(dtype, logit_scale):
+@pytest.mark.parametrize("heads", [2, 1])
+def test_cpu_long_sequence_spans_key_blocks(dtype, logit_scale, heads):
     """n = 2348: two key blocks of the CPU tiles (2048 keys each, the second partial) and a partial
     last query tile, with the largest logits in the second block, so the running maxima, the
-    rescaled sums and the rescaled partial output of the online softmax all matter."""
-    q, k, v = _inputs((1, 2, 2348, 16), dv=8, seed=11)
+    rescaled sums and the rescaled partial output of the online softmax all matter. One head: a
+    single slice, whose backward cuts every product into chunks spread over the threads."""
+    q, k, v = _inputs((1, heads, 2348, 16), dv=8, seed=11)
     k[..., 2100:, :] *= 2.5
-    dout = torch.randn(1, 2, 2348, 8, dtype=torch.float64)
-    dlse = torch.randn(1, 2, 2348, dtype=torch.float64)
+    dout = torch.randn(1, heads, 2348, 8, dtype=torch.float64)
+    dlse = torch.randn(1, heads, 2348, dtype=torch.float64)
     want = _run("reference", torch.float64, q, k, v, logit_scale, dout, dlse)
     got = _run("cpu", dtype, q, k, v, logit_scale, dout, dlse)
     _compare(got, want, dtype)
