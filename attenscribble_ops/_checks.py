@@ -8,6 +8,22 @@ import numbers
 from typing import Optional, Sequence
 
 import torch
+from torch.autograd import forward_ad
+
+FORWARD_AD = "forward-mode AD"
+
+
+def forward_ad_option(*tensors) -> str:
+    """:data:`FORWARD_AD` when one of ``tensors`` (None allowed) carries a forward-mode tangent
+    (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``), else "": a backend option
+    (:mod:`attenscribble_ops.backends`), since only the reference has forward-mode derivatives.
+    Not inspected under torch.compile."""
+    if torch.compiler.is_compiling():
+        return ""
+    for t in tensors:
+        if t is not None and forward_ad.unpack_dual(t).tangent is not None:
+            return FORWARD_AD
+    return ""
 
 
 def _describe(x) -> str:

@@ -11,6 +11,11 @@ PyTorch: importing it registers nothing, so either backend family loads without 
 * :func:`first_order`: the backwards of the attention and the similarity loss are not themselves
   differentiable; under ``create_graph=True`` their gradients raise if a second backward reaches
   them, instead of silently missing terms.
+* :func:`with_formula` / :func:`two_forms`: torch.func. torch.library differentiates a registered
+  operator through an ``autograd.Function`` of the old form (forward with ctx), which torch.func's
+  transforms refuse. The backends therefore call their operators through functions of the new
+  form (forward without ctx, setup_context, a generated vmap rule), applied in the old form
+  outside a transform, where autograd applies it faster.
 """
 from __future__ import annotations
 
@@ -24,18 +29,57 @@ SECOND_ORDER_MESSAGE = (
     "masked CRF's fused backends are exact to any order)")
 
 
+def two_forms(cls):
+    """Class decorator for an autograd.Function written in the form torch.func's transforms take
+    (``forward`` without ctx, ``setup_context``): adds ``cls.call(*args)``, which applies that form
+    while a transform (grad, vjp, jacrev, vmap) is active or under torch.compile, and otherwise
+    the same functions in the old form (``forward(ctx, ...)`` running forward and setup_context),
+    which autograd applies about 13 us faster per call on the development CPU: for the new form
+    it binds the arguments to forward's signature on every call."""
+
+    def forward(ctx, *args):
+        output = cls.forward(*args)
+        cls.setup_context(ctx, args, output)
+        return output
+
+    body = {"forward": staticmethod(forward), "backward": staticmethod(cls.backward)}
+    if "jvp" in vars(cls):
+        body["jvp"] = staticmethod(cls.jvp)
+    eager = type(cls.__name__ + "Eager", (torch.autograd.Function,), body)
+    transforms_active = torch._C._are_functorch_transforms_active
+
+    def call(*args):
+        if torch.compiler.is_compiling() or transforms_active():
+            return cls.apply(*args)
+        return eager.apply(*args)
+
+    cls.call = staticmethod(call)
+    return cls
+
+
+@two_forms
 class _NoSecondOrder(torch.autograd.Function):
     """forward(what, count, *grads, *inputs) -> grads: identity on the ``count`` first-order
     gradients of a fused op, with the tensors they were computed from as inputs, so that every
-    second-order path from the gradients to those tensors meets this node. Its backward raises."""
+    second-order path from the gradients to those tensors meets this node. Its backward (and its
+    forward-mode derivative) raises."""
+
+    generate_vmap_rule = True  # torch.func.vmap over a per-sample gradient
 
     @staticmethod
-    def forward(ctx, what, count, *tensors):
-        ctx.what = what
+    def forward(what, count, *tensors):
         return tensors[:count]
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.what = inputs[0]
+
+    @staticmethod
     def backward(ctx, *_):
+        raise RuntimeError(SECOND_ORDER_MESSAGE.format(what=ctx.what))
+
+    @staticmethod
+    def jvp(ctx, *_):
         raise RuntimeError(SECOND_ORDER_MESSAGE.format(what=ctx.what))
 
 
@@ -55,11 +99,65 @@ def first_order(what: str, compute, inputs):
     where = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor) and g.is_floating_point()]
     if not linked or not where:
         return grads
-    marked = _NoSecondOrder.apply(what, len(where), *(grads[i] for i in where), *linked)
+    marked = _NoSecondOrder.call(what, len(where), *(grads[i] for i in where), *linked)
     out = list(grads)
     for i, g in zip(where, marked):
         out[i] = g
     return tuple(out)
+
+
+class _Formula:
+    """An operator with its registered autograd formula (``setup(ctx, inputs, output)``,
+    ``backward(ctx, *grads)``), for :class:`_Registered`."""
+
+    __slots__ = ("op", "setup", "backward")
+
+    def __init__(self, op, setup, backward):
+        self.op, self.setup, self.backward = op, setup, backward
+
+
+@two_forms
+class _Registered(torch.autograd.Function):
+    """forward(*operator arguments, formula) -> the operator's outputs, differentiated by the
+    formula registered for it. torch.library wraps a registered formula in an autograd.Function
+    of the old form (forward with ctx), which torch.func's transforms refuse; this one has the
+    form they take (forward without ctx, setup_context) and a generated vmap rule, so that
+    torch.func.grad, vjp, jacrev and vmap over them run the fused kernels."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return args[-1].op(*args[:-1])  # grad mode is off here: the operator's no-gradient path
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.formula = inputs[-1]
+        ctx.formula.setup(ctx, inputs[:-1], output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        needs = ctx.needs_input_grad
+        ctx.needs_input_grad = needs[:-1]  # the formula indexes the operator's own arguments
+        try:
+            result = ctx.formula.backward(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = needs
+        return (*result, None) if isinstance(result, tuple) else (result, None)
+
+
+def with_formula(op, backward, setup):
+    """``op`` (an operator whose autograd is registered as ``backward``, ``setup``) as the backends
+    call it: in eager mode through :class:`_Registered` (torch.func transforms work), under
+    torch.compile as registered (the compiler traces the operator and its formula itself)."""
+    formula = _Formula(op, setup, backward)
+
+    def call(*args):
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            return op(*args)
+        return _Registered.call(*args, formula)
+
+    return call
 
 
 def attention_autograd(backward_op, lse_backward_op):
@@ -164,19 +262,30 @@ def _accumulator(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tens
     return grad.detach().to(acc, copy=True, memory_format=torch.contiguous_format)
 
 
+@two_forms
 class TiedAttention(torch.autograd.Function):
-    """(out, lse_sim, q_view, k_view) from a forward op; the backward adds the attention's dq, dk
-    into the gradients of q_view, k_view with an accumulate op (see the module docstring)."""
+    """(out, lse_sim, q_view, k_view, lse_attn) from a forward op (lse_attn, not differentiable, is
+    returned for the backward only); the backward adds the attention's dq, dk into the gradients
+    of q_view, k_view with an accumulate op (see the module docstring). In the form torch.func
+    needs (forward without ctx, setup_context)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, q, k, v, logit_scale, forward_op, accumulate_op):
+    def forward(q, k, v, logit_scale, forward_op, accumulate_op):
         out, lse_attn, lse_sim = forward_op(q, k, v, logit_scale)
+        return out, lse_sim, q.view_as(q), k.view_as(k), lse_attn
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, logit_scale, _, accumulate_op = inputs
+        out, lse_sim, _, _, lse_attn = output
+        ctx.mark_non_differentiable(lse_attn)
         ctx.save_for_backward(q, k, v, out, lse_attn, lse_sim)
         ctx.logit_scale, ctx.accumulate_op = logit_scale, accumulate_op
-        return out, lse_sim, q.view_as(q), k.view_as(k)
 
     @staticmethod
-    def backward(ctx, dout, dlse_sim, dq, dk):
+    def backward(ctx, dout, dlse_sim, dq, dk, _):
         q, k, v, out, lse_attn, lse_sim = ctx.saved_tensors
 
         def compute():
@@ -193,6 +302,6 @@ def attention(q, k, v, logit_scale, tie_qk, forward_op, accumulate_op):
     """``forward_op(q, k, v, s) -> (out, lse_attn, lse_sim)`` (an op with registered autograd);
     ``accumulate_op``: its backward adding dq, dk into given buffers, returning dv."""
     if tie_qk:
-        return TiedAttention.apply(q, k, v, logit_scale, forward_op, accumulate_op)
+        return TiedAttention.call(q, k, v, logit_scale, forward_op, accumulate_op)[:4]
     out, _, lse_sim = forward_op(q, k, v, logit_scale)
     return out, lse_sim

@@ -15,7 +15,8 @@ the operator's other tensor arguments: :class:`_Gradient`) and scales it by the 
 nothing window-sized is ever kept.
 
 The backends call an operator through :func:`loss`. In eager mode with a gradient to compute, it
-runs the operator inside a plain ``torch.autograd.Function`` with the same formula as the one
+runs the operator inside an ``autograd.Function`` of its own (:class:`_EagerLoss`, in the form
+torch.func's transforms take: ``_composite.two_forms``) with the same formula as the one
 registered with ``torch.library``. The registered path rebuilds the argument list from the schema
 (``fill_defaults``) and wraps the call in a generated ``autograd.Function`` on every call. On the
 development machine (Triton's launches compiled for sm_90 and not run, both paths in one process)
@@ -30,6 +31,7 @@ from typing import Optional
 import torch
 
 from ._checks import accumulate_dtype
+from ._composite import two_forms
 from ._crf_params import CRFParams
 
 
@@ -51,10 +53,11 @@ def _scaled_gradient(grad_raw: torch.Tensor, grad: torch.Tensor, probs: torch.Te
         if rest is None:  # a compiled graph's backward
             raise RuntimeError("double backward through a compiled masked CRF loss is not supported; call it "
                                "eagerly for a gradient penalty or Hessian-vector products")
-        grad = _Gradient.apply(probs, grad, op, rest)
+        grad = _Gradient.call(probs, grad, op, rest)
     return (grad_raw.to(grad.dtype) * grad).to(probs.dtype)
 
 
+@two_forms
 class _Gradient(torch.autograd.Function):
     """g(p) = d raw / d probs at p, given its value ``grad`` there, as a differentiable function of
     p (for double backward: gradient penalties, Hessian-vector products); ``op(probs, *rest)`` is
@@ -67,10 +70,16 @@ class _Gradient(torch.autograd.Function):
     the accumulate dtype (``grad``'s), which the operator takes probs in as well (its other tensor
     arguments are in that dtype whatever the probabilities' own)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, p, grad, op, rest):
-        ctx.op, ctx.rest, ctx.p_dtype = op, rest, p.dtype
+    def forward(p, grad, op, rest):
         return grad
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        p, _, op, rest = inputs
+        ctx.op, ctx.rest, ctx.p_dtype = op, rest, p.dtype
 
     @staticmethod
     def backward(ctx, u):
@@ -79,28 +88,40 @@ class _Gradient(torch.autograd.Function):
         with torch.no_grad():
             hu = ctx.op(u, *ctx.rest)[1]
         if torch.is_grad_enabled():
-            hu = _Gradient.apply(u, hu, ctx.op, ctx.rest)
+            hu = _Gradient.call(u, hu, ctx.op, ctx.rest)
         return (hu.to(ctx.p_dtype),) + (None,) * 3
 
 
 _TENSORS = 4  # image, mask_dst, mask_src, compat: the tensor arguments after probs
 
 
+@two_forms
 class _EagerLoss(torch.autograd.Function):
     """The registered autograd formula of the operators without torch.library's per-call argument
-    handling (module docstring). forward(op, *operator arguments) -> raw."""
+    handling (module docstring), in the form torch.func's transforms take (forward without ctx,
+    setup_context; torch.library's own wrapper has the old form, which they refuse).
+    forward(op, *operator arguments) -> (raw, grad), grad not differentiable."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, op, probs, *rest):
-        raw, grad = op(probs, *rest)  # grad mode is off here: the operator's no-gradient path
-        ctx.op, ctx.options = op, rest[_TENSORS:]
+    def forward(op, probs, *rest):
+        return op(probs, *rest)  # grad mode is off here: the operator's no-gradient path
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        op, probs, *rest = inputs
+        ctx.op, ctx.options = op, tuple(rest[_TENSORS:])
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
         # image, masks and compat only for a double backward; saved (not attributes) so that
         # autograd frees them with the graph's buffers and saved-tensor hooks see them
-        ctx.save_for_backward(grad, probs, *rest[:_TENSORS])
-        return raw
+        ctx.save_for_backward(output[1], probs, *rest[:_TENSORS])
 
     @staticmethod
-    def backward(ctx, grad_raw):
+    def backward(ctx, grad_raw, _):
+        if grad_raw is None:
+            return (None,) * 11
         grad, probs, *tensors = ctx.saved_tensors
         rest = tuple(tensors) + ctx.options
         return (None, _scaled_gradient(grad_raw, grad, probs, ctx.op, rest)) + (None,) * 9
@@ -111,7 +132,7 @@ def loss(op, probs: torch.Tensor, image: Optional[torch.Tensor], mask_dst: Optio
     """The un-normalised loss from the operator ``op`` (a backend's), differentiable in probs."""
     args = op_arguments(probs, image, mask_dst, mask_src, compat, params)
     if args[-1] and not torch.compiler.is_compiling():
-        return _EagerLoss.apply(op, *args)
+        return _EagerLoss.call(op, *args)[0]
     return op(*args)[0]
 
 

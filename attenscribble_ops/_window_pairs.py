@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from ._composite import two_forms
+
 _CHUNK_ELEMENTS = 1 << 22
 
 
@@ -73,9 +75,12 @@ def _neighbour_probs(p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return p[:, idx.reshape(-1)].view(p.shape[0], idx.shape[0], idx.shape[1], p.shape[2])
 
 
+@two_forms
 class _WindowPairsLoss(torch.autograd.Function):
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, kernel, p, gate, structure: WindowStructure):
+    def forward(kernel, p, gate, structure: WindowStructure):
         batch, n, _ = kernel.shape
         total = kernel.new_zeros((), dtype=p.dtype)
         for r0, r1 in _row_chunks(n, batch, structure.width, p.shape[2]):
@@ -83,9 +88,13 @@ class _WindowPairsLoss(torch.autograd.Function):
             kern = kernel[:, r0:r1].gather(2, idx.expand(batch, -1, -1)).to(p.dtype)
             dissim = 1 - torch.einsum("brc,brkc->brk", p[:, r0:r1], _neighbour_probs(p, idx))
             total = total + (gate.view(batch, 1, 1) * structure.val[r0:r1] * kern * dissim).sum()
+        return total
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        kernel, p, gate, structure = inputs
         ctx.save_for_backward(kernel, p, gate)
         ctx.structure = structure
-        return total
 
     @staticmethod
     def backward(ctx, grad):
@@ -119,4 +128,4 @@ def window_pairs_loss(kernel: torch.Tensor, probs_tokens: torch.Tensor, gate: Op
     (B,) or None; structure already on the kernel's device in the compute dtype."""
     if gate is None:
         gate = probs_tokens.new_ones(kernel.shape[0])
-    return _WindowPairsLoss.apply(kernel, probs_tokens, gate.to(probs_tokens.dtype), structure)
+    return _WindowPairsLoss.call(kernel, probs_tokens, gate.to(probs_tokens.dtype), structure)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends
-from ._composite import acc_dtype, first_order
+from ._composite import acc_dtype, first_order, two_forms
 from .reference.spatial_attention import spatial_attention_reference
 
 
@@ -86,34 +86,46 @@ def _lse_carrier(dlse: torch.Tensor, width: int, dtype: torch.dtype) -> tuple:
     factor = 1.0 / _pow2_floor(biggest, -126, 126) if dtype in (torch.float16, torch.bfloat16) else None
     if factor is not None:
         g = g * factor
-    b, h, n = dlse.shape
-    dout = torch.zeros((b, n, h, width), dtype=dtype, device=dlse.device).transpose(1, 2)
-    out = torch.zeros((b, n, h, width), dtype=dtype, device=dlse.device).transpose(1, 2)
+    def carrier(*columns):
+        # (B, heads, n, width) in the layout of the kernel's output ((B, n, heads, width) transposed):
+        # the given per-row columns, then zeros; built without writing into a tensor, so that
+        # torch.func.vmap can batch it (jacrev)
+        cols = torch.stack([c.to(dtype).transpose(1, 2) for c in columns], -1)
+        rest = cols.new_zeros(cols.shape[:-1] + (width - len(columns),))
+        return torch.cat([cols, rest], -1).transpose(1, 2)
+
     if dtype in (torch.float16, torch.bfloat16):
         low, high = (-14, 15) if dtype == torch.float16 else (-126, 126)
         sigma = _pow2_floor(g, low, high)  # per row: -g / sigma lies in [1, 2) where it can
         hi = (-g / sigma).to(dtype)
         lo = (-g / sigma - hi.to(g.dtype)).to(dtype)
-        dout[..., 0] = sigma.to(dtype)
-        out[..., 0] = hi
-        if width > 1:
-            dout[..., 1] = sigma.to(dtype)
-            out[..., 1] = lo
+        pairs = ((sigma, hi), (sigma, lo))[:min(width, 2)]
+        dout, out = carrier(*(d for d, _ in pairs)), carrier(*(o for _, o in pairs))
     else:
-        dout[..., 0] = 1
-        out[..., 0] = (-g).to(dtype)
+        dout, out = carrier(torch.ones_like(g)), carrier(-g)
     return dout, out, factor
+
+
+def _like(x: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """x in the memory layout of ``layout`` (a kernel's output: (B, n, heads, W) transposed, or
+    contiguous), without writing into a tensor, so that torch.func.vmap can batch it."""
+    if layout.transpose(1, 2).is_contiguous():
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout.is_contiguous():
+        return x.contiguous()
+    return torch.empty_like(layout).copy_(x)
 
 
 def _gradients(ctx, dout, dlse):
     """dq, dk, dv of _AtenAttention (None where nothing flows)."""
-    qp, kp, vp, out_p, lse_a, lse_s, *state = ctx.saved_tensors
+    q, k, v, out_p, lse_a, lse_s, *state = ctx.saved_tensors
     d, dv, width, c, s, n_state = ctx.meta
+    qp, kp, vp = _pad(q, width), _pad(k, width), _pad(v, width)  # as the forward's
     state_a, state_s = tuple(state[:n_state]), tuple(state[n_state:])
     acc = acc_dtype(qp.dtype)
     dq = dk = dvp = None
     if dout is not None:  # in the layout of the kernel's output, as the carrier below
-        dout_p = torch.empty_like(out_p).copy_(dout if width == dv else F.pad(dout, (0, width - dv)))
+        dout_p = _like(dout if width == dv else F.pad(dout, (0, width - dv)), out_p)
         dq, dk, dvp = _sdpa_backward(dout_p, qp, kp, vp, out_p, lse_a, state_a, c)
     if dlse is not None:
         carrier_dout, carrier_out, factor = _lse_carrier(dlse, width, qp.dtype)
@@ -130,25 +142,42 @@ def _gradients(ctx, dout, dlse):
     return dq, dk, dv_out
 
 
+@two_forms
 class _AtenAttention(torch.autograd.Function):
+    """forward(q, k, v, logit_scale) -> (out, lse_sim, *saved): ``saved`` (not differentiable) is
+    what the backward needs besides the inputs, returned rather than kept on a ctx so that the
+    function has the form torch.func's transforms take (forward without ctx, setup_context)."""
+
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, q, k, v, logit_scale):
+    def forward(q, k, v, logit_scale):
         d, dv = q.shape[-1], v.shape[-1]
         width = _width(q, d, dv)
         qp, kp, vp = _pad(q, width), _pad(k, width), _pad(v, width)
         c = d ** -0.5
         out_p, lse_a, state_a = _sdpa_forward(qp, kp, vp, c)
         _, lse_s, state_s = _sdpa_forward(qp, kp, torch.zeros_like(vp), logit_scale)
-        ctx.save_for_backward(qp, kp, vp, out_p, lse_a, lse_s, *state_a, *state_s)
-        ctx.meta = (d, dv, width, c, logit_scale, len(state_a))
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: its pass is skipped
         out = out_p[..., :dv].contiguous() if width != dv else out_p
-        return out, lse_s[..., :q.shape[2]].to(acc_dtype(q.dtype), copy=True)
+        lse = lse_s[..., :q.shape[2]].to(acc_dtype(q.dtype), copy=True)
+        # the kernel's padded output where it is not ``out`` itself (tensors only: torch.compile)
+        return (out, lse, out.new_empty(0) if out is out_p else out_p, lse_a, lse_s, *state_a, *state_s)
 
     @staticmethod
-    def backward(ctx, dout, dlse):
-        qp, kp, vp = ctx.saved_tensors[:3]
-        return first_order("spatial attention", lambda: _gradients(ctx, dout, dlse), (qp, kp, vp, dout, dlse)) + (None,)
+    def setup_context(ctx, inputs, output):
+        q, k, v, logit_scale = inputs
+        out, _, out_p, lse_a, lse_s, *state = output
+        ctx.mark_non_differentiable(*output[2:])
+        d, dv = q.shape[-1], v.shape[-1]
+        width = _width(q, d, dv)
+        ctx.save_for_backward(q, k, v, out if width == dv else out_p, lse_a, lse_s, *state)
+        ctx.meta = (d, dv, width, d ** -0.5, logit_scale, len(state) // 2)  # the two passes' states
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: its pass is skipped
+
+    @staticmethod
+    def backward(ctx, dout, dlse, *_):
+        q, k, v = ctx.saved_tensors[:3]
+        return first_order("spatial attention", lambda: _gradients(ctx, dout, dlse), (q, k, v, dout, dlse)) + (None,)
 
 
 def check(meta: backends.Meta) -> Optional[str]:
@@ -166,5 +195,5 @@ def spatial_attention_aten(q, k, v, logit_scale, tie_qk=False):
     gradients to the attention's)."""
     if q.numel() == 0 or v.numel() == 0:  # nothing to launch: the reference's empty results
         return spatial_attention_reference(q, k, v, logit_scale, tie_qk)
-    out, lse = _AtenAttention.apply(q, k, v, float(logit_scale))
+    out, lse = _AtenAttention.call(q, k, v, float(logit_scale))[:2]
     return (out, lse, q, k) if tie_qk else (out, lse)

@@ -10,7 +10,9 @@ them and the rules that say why one cannot run.
 * "auto" walks ``AUTO_ORDER[op][device_type]`` and takes the first backend that can run; it reads
   only metadata (device, dtype, ndim, options), never tensor values, so it is free under
   ``torch.compile``. Under ``torch.use_deterministic_algorithms(True)`` it skips implementations
-  registered as non-deterministic.
+  registered as non-deterministic. Inputs that carry forward-mode tangents (the option
+  ``_checks.FORWARD_AD``: torch.func.jvp, jacfwd) run on "reference" only, the one backend with
+  forward-mode derivatives.
 * :func:`explain` says what is compiled and why each faster backend was skipped.
 
 The order is data: change ``AUTO_ORDER`` (from benchmark results), not the code.
@@ -24,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import _extension
+from . import _checks, _extension
 from ._version import __version__
 
 BACKENDS = ("reference", "cpu", "cuda", "triton", "aten")
@@ -158,6 +160,9 @@ def why_not(op: str, backend: str, meta: Meta) -> Optional[str]:
     if entry is None:
         return f"no {backend!r} implementation of {op} exists in attenscribble_ops {__version__}"
     reason = _device_rule(backend, meta)
+    if reason is None and backend != "reference" and _checks.FORWARD_AD in meta.options:
+        reason = ("forward-mode AD (torch.func.jvp or jacfwd, torch.autograd.forward_ad) needs backend='reference': "
+                  "the fused kernels have reverse-mode derivatives only (grad, vjp, jacrev and vmap work)")
     if reason is None and entry.check is not None:
         reason = entry.check(meta)
     return reason
@@ -192,7 +197,7 @@ def resolve(op: str, example: torch.Tensor, backend: str = "auto", *options: str
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if not isinstance(example, torch.Tensor):
         raise TypeError(f"example must be a tensor like the op's first input, got {type(example).__name__}")
-    return select(op, backend, Meta.of(example, *options))[0]
+    return select(op, backend, Meta.of(example, *options, _checks.forward_ad_option(example)))[0]
 
 
 def available_backends() -> dict[str, list[str]]:
@@ -228,7 +233,8 @@ def explain(op: Optional[str] = None, example: Optional[torch.Tensor] = None, *,
 
     Args:
         op: one of ``OPS``; None reports every op.
-        example: a tensor like the op's first input (its device, dtype and ndim are used).
+        example: a tensor like the op's first input (its device, dtype and ndim are used, and
+            whether it carries a forward-mode tangent).
             Without it, the report covers float32 on the CPU and, if visible, on CUDA.
         meta: an explicit :class:`Meta` instead of ``example``.
 
@@ -246,7 +252,7 @@ def explain(op: Optional[str] = None, example: Optional[torch.Tensor] = None, *,
     elif example is not None:
         if not isinstance(example, torch.Tensor):
             raise TypeError(f"example must be a tensor like the op's first input, got {type(example).__name__}")
-        metas = [Meta.of(example)]
+        metas = [Meta.of(example, _checks.forward_ad_option(example))]
     else:
         metas = [Meta("cpu", torch.float32, 4)]
         if torch.cuda.is_available():

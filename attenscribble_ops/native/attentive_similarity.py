@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .. import _extension, backends
-from .._composite import acc_dtype, fused_loss, fused_similarity_autograd, window_similarity_autograd
+from .._composite import acc_dtype, fused_loss, fused_similarity_autograd, window_similarity_autograd, with_formula
 from .spatial_attention import CUDA_MAX_HEAD_DIM
 
 _OPS = torch.ops.attenscribble_ops
@@ -58,6 +58,9 @@ def _fused_backward_fake(grad_rows, grad_lse, q, k, lse, probs, head_weight, hea
 _fused_backward, _fused_setup = fused_similarity_autograd(_OPS.attentive_similarity_fused_backward)
 torch.library.register_autograd("attenscribble_ops::attentive_similarity_fused_forward", _fused_backward,
                                 setup_context=_fused_setup)
+# what the backend calls (torch.func transforms work through these)
+_window = with_formula(_OPS.attentive_similarity_forward, _backward, _setup)
+_fused = with_formula(_OPS.attentive_similarity_fused_forward, _fused_backward, _fused_setup)
 
 
 def _check(device_type: str):
@@ -72,7 +75,7 @@ def _check(device_type: str):
 
 def _native(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, grid, radius, sigma, logit_scale):
     return fused_loss(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, radius, sigma, logit_scale,
-                      _OPS.attentive_similarity_fused_forward, _OPS.attentive_similarity_forward)
+                      _fused, _window)
 
 
 backends.register("attentive_similarity", "cpu", check=_check("cpu"))(_native)

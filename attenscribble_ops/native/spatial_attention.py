@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from .. import _extension, backends
-from .._composite import acc_dtype, attention, attention_autograd
+from .._composite import acc_dtype, attention, attention_autograd, with_formula
 
 _OPS = torch.ops.attenscribble_ops
 # Why each device has no kernel (None: it has one), computed once at import so that the registry
@@ -61,6 +61,7 @@ def _lse_backward_fake(dlse, q, k, lse, logit_scale):
     _OPS.spatial_attention_backward, _OPS.spatial_attention_lse_backward)
 torch.library.register_autograd("attenscribble_ops::spatial_attention_forward", _fwd_bwd, setup_context=_fwd_setup)
 torch.library.register_autograd("attenscribble_ops::spatial_attention_lse", _lse_bwd, setup_context=_lse_setup)
+_forward = with_formula(_OPS.spatial_attention_forward, _fwd_bwd, _fwd_setup)  # what the backends call
 
 
 def _check(device_type: str):
@@ -76,11 +77,9 @@ def _check(device_type: str):
 
 @backends.register("spatial_attention", "cpu", check=_check("cpu"))
 def spatial_attention_cpu(q, k, v, logit_scale, tie_qk=False):
-    return attention(q, k, v, logit_scale, tie_qk, _OPS.spatial_attention_forward,
-                     _OPS.spatial_attention_backward_accumulate)
+    return attention(q, k, v, logit_scale, tie_qk, _forward, _OPS.spatial_attention_backward_accumulate)
 
 
 @backends.register("spatial_attention", "cuda", check=_check("cuda"))
 def spatial_attention_cuda(q, k, v, logit_scale, tie_qk=False):
-    return attention(q, k, v, logit_scale, tie_qk, _OPS.spatial_attention_forward,
-                     _OPS.spatial_attention_backward_accumulate)
+    return attention(q, k, v, logit_scale, tie_qk, _forward, _OPS.spatial_attention_backward_accumulate)

@@ -36,7 +36,7 @@ from . import _target
 from ._tf32x3 import mm as _mm
 from ._tf32x3 import mm_t as _mm_t
 from ._tf32x3 import split as _split
-from .._composite import fused_loss, fused_similarity_autograd, window_similarity_autograd
+from .._composite import fused_loss, fused_similarity_autograd, window_similarity_autograd, with_formula
 from .spatial_attention import LOG2E, mul_rn
 from .spatial_attention import _backward as _attention_backward
 from .spatial_attention import _rows_tile
@@ -403,10 +403,13 @@ def _fused_backward_fake(grad_rows, grad_lse, q, k, lse, probs, head_weight, hea
 
 _fused_grad, _fused_setup = fused_similarity_autograd(attentive_similarity_fused_backward_triton)
 attentive_similarity_fused_forward_triton.register_autograd(_fused_grad, setup_context=_fused_setup)
+# what the backend calls (torch.func transforms work through these)
+_window_op = with_formula(attentive_similarity_forward_triton, _grad, _setup)
+_fused_op = with_formula(attentive_similarity_fused_forward_triton, _fused_grad, _fused_setup)
 
 
 @backends.register("attentive_similarity", "triton", check=_attention_check)
 def attentive_similarity_triton(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, grid, radius, sigma,
                                 logit_scale):
     return fused_loss(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, radius, sigma, logit_scale,
-                      attentive_similarity_fused_forward_triton, attentive_similarity_forward_triton)
+                      _fused_op, _window_op)

@@ -34,7 +34,7 @@ from . import _target
 from ._tf32x3 import mm as _mm
 from ._tf32x3 import mm_t as _mm_t
 from ._tf32x3 import split as _split
-from .._composite import attention, attention_autograd
+from .._composite import attention, attention_autograd, with_formula
 
 try:  # Triton 3.4 and later: the switch triton.jit reads
     from triton import knobs as _knobs
@@ -547,6 +547,7 @@ def _lse_backward_fake(dlse, q, k, lse, logit_scale):
     spatial_attention_backward_triton, spatial_attention_lse_backward_triton)
 spatial_attention_forward_triton.register_autograd(_fwd_bwd, setup_context=_fwd_setup)
 spatial_attention_lse_triton.register_autograd(_lse_bwd, setup_context=_lse_setup)
+_forward_op = with_formula(spatial_attention_forward_triton, _fwd_bwd, _fwd_setup)  # what the backend calls
 
 MAX_HEAD_DIM = 128  # one register tile per head dimension
 
@@ -564,5 +565,4 @@ def check(meta: backends.Meta) -> Optional[str]:
 
 @backends.register("spatial_attention", "triton", check=check)
 def spatial_attention_triton(q, k, v, logit_scale, tie_qk=False):
-    return attention(q, k, v, logit_scale, tie_qk, spatial_attention_forward_triton,
-                     spatial_attention_backward_accumulate_triton)
+    return attention(q, k, v, logit_scale, tie_qk, _forward_op, spatial_attention_backward_accumulate_triton)
