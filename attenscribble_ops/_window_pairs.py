@@ -56,6 +56,11 @@ class WindowStructure:
         val[rows, pos] = mask[rows, cols]
         return idx, val
 
+    def dense_mask(self, device, dtype) -> torch.Tensor:
+        """The (n, n) mask back, diagonal zero (padding entries write 0 onto the diagonal)."""
+        mask = torch.zeros(self.n, self.n, dtype=self.val.dtype, device=self.val.device)
+        return mask.scatter_(1, self.idx, self.val).to(device=device, dtype=dtype)
+
     def to(self, device, dtype) -> "WindowStructure":
         out = object.__new__(WindowStructure)
         out.n = self.n

@@ -266,6 +266,10 @@ class AttnGatedCRF(torch.nn.Module):
         dtype = torch.promote_types(kernel.dtype, torch.float32)
         p = probs.flatten(2).transpose(1, 2).to(dtype)
         lean, dense = self._structure(kernel_xy_mask, n, kernel.device, dtype)
+        if lean is not None and _checks.forward_ad_option(kernel, p):
+            # forward-mode AD (torch.func.jvp): the window-pairs function has reverse mode only
+            dense = lean.dense_mask(kernel.device, dtype)
+            lean = None
         if lean is not None:
             loss = window_pairs_loss(kernel, p, gate, lean) / (b * n)
             # the original multiplies the whole kernel by the mask: a NaN or inf anywhere (inf * 0

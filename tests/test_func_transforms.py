@@ -231,3 +231,34 @@ def test_block_and_loss_parameter_gradients_with_functional_call(backend):
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().max() > 0, name
         torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_attn_gated_crf_drop_in_under_func():
+    """The drop-in AttnGatedCRF (its window-pairs path on the official sparse mask): grad and jvp in
+    the probabilities and the kernel, against the original's dense formula."""
+    from attenscribble_ops.compat import AttnGatedCRF, pre_compute_xy_mask
+
+    h, w, batch = 6, 7, 2
+    n = h * w
+    mask = pre_compute_xy_mask(h, w, 1, 6.0)
+    g = torch.Generator().manual_seed(9)
+    kernel = torch.rand(batch, n, n, generator=g, dtype=torch.float64)
+    probs = torch.softmax(torch.randn(batch, 3, h, w, generator=g, dtype=torch.float64), 1)
+    module = AttnGatedCRF()
+
+    def lean(p, k):
+        return module(p, k, mask, h, w)["loss"]
+
+    def dense(p, k):
+        pairs = k * torch.as_tensor(mask)
+        tokens = p.flatten(2).transpose(1, 2)
+        return (pairs.sum() - (torch.bmm(pairs, tokens) * tokens).sum()) / (batch * n)
+
+    for got, expected in zip(func.grad(lean, argnums=(0, 1))(probs, kernel),
+                             func.grad(dense, argnums=(0, 1))(probs, kernel), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    tangents = (torch.randn(probs.shape, generator=g, dtype=torch.float64),
+                torch.randn(kernel.shape, generator=g, dtype=torch.float64))
+    got = func.jvp(lean, (probs, kernel), tangents)
+    expected = func.jvp(dense, (probs, kernel), tangents)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
