@@ -116,9 +116,9 @@ def _like(x: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(layout).copy_(x)
 
 
-def _gradients(ctx, dout, dlse):
-    """dq, dk, dv of _AtenAttention (None where nothing flows)."""
-    q, k, v, out_p, lse_a, lse_s, *state = ctx.saved_tensors
+def _gradients(ctx, saved, dout, dlse):
+    """dq, dk, dv of _AtenAttention (None where nothing flows) from its saved tensors."""
+    q, k, v, out_p, lse_a, lse_s, *state = saved
     d, dv, width, c, s, n_state = ctx.meta
     qp, kp, vp = _pad(q, width), _pad(k, width), _pad(v, width)  # as the forward's
     state_a, state_s = tuple(state[:n_state]), tuple(state[n_state:])
@@ -176,8 +176,9 @@ class _AtenAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse, *_):
-        q, k, v = ctx.saved_tensors[:3]
-        return first_order("spatial attention", lambda: _gradients(ctx, dout, dlse), (q, k, v, dout, dlse)) + (None,)
+        saved = ctx.saved_tensors  # unpacked once (non-reentrant checkpointing allows no second unpack)
+        return first_order("spatial attention", lambda: _gradients(ctx, saved, dout, dlse),
+                           (*saved[:3], dout, dlse)) + (None,)
 
 
 def check(meta: backends.Meta) -> Optional[str]:

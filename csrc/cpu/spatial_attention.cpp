@@ -34,6 +34,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
@@ -84,6 +85,19 @@ class SequentialBlas {
   int before_;
 };
 
+// at::parallel_for over [begin, end) whose workers take the calling thread's thread-local state
+// (inference mode, grad mode, dispatch keys), as autograd's worker threads do: the sweeps run ATen
+// products into the caller's tensors there (out= and in-place adds), which under
+// torch.inference_mode are inference tensors that only inference mode may write into.
+template <typename F>
+void parallel(int64_t begin, int64_t end, int64_t grain, const F& body) {
+  const at::ThreadLocalState state;
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    at::ThreadLocalStateGuard guard(state);
+    body(b, e);
+  });
+}
+
 // How a product spreads over the threads (the one-slice backward's): not at all, or in chunks of
 // out's rows or of its columns, fixed by the shapes (at least kMinChunk, at most kMaxChunks
 // chunks). Chunks are cut on the side of the large operand, so that each call packs only its own
@@ -106,7 +120,7 @@ void product(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bo
   const int64_t size = out.size(dim);
   const int64_t chunk = std::max<int64_t>(kMinChunk, (size + kMaxChunks - 1) / kMaxChunks);
   const int64_t chunks = (size + chunk - 1) / chunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t c0 = c * chunk, len = std::min(chunk, size - c0);
       if (dim == 0) one(out.narrow(0, c0, len), a.narrow(0, c0, len), b);
@@ -130,7 +144,7 @@ void forward_sweep(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const bool values = v.defined();
   const int64_t tiles = (n + rows - 1) / rows;
   // query tiles are independent: one region over every (slice, tile) pair
-  at::parallel_for(0, q.size(0) * tiles, 1, [&](int64_t task_begin, int64_t task_end) {
+  parallel(0, q.size(0) * tiles, 1, [&](int64_t task_begin, int64_t task_end) {
     SequentialBlas sequential;
     at::Tensor logits = at::empty({rows, cols}, q.options());
     at::Tensor prob = values ? at::empty({rows, cols}, q.options()) : at::Tensor();
@@ -254,7 +268,7 @@ void backward_sweep(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     }
   };
   if (one_slice) sweep(0, 1);
-  else at::parallel_for(0, q.size(0), 1, sweep);
+  else parallel(0, q.size(0), 1, sweep);
 }
 
 }  // namespace
