@@ -72,11 +72,13 @@ def number(x, name: str, *, positive: bool = False, invertible: bool = False) ->
     except OverflowError:  # an int past float64's range
         raise ValueError(f"{name} must be finite, got an integer of {int(x).bit_length()} bits, past "
                          f"float64's range") from None
-    if not math.isfinite(value):
+    # finite: x - x == 0 is False for inf and nan (arithmetic rather than math.isfinite, which
+    # torch.compile cannot trace on a float it keeps symbolic, as with dynamic=True)
+    if not value - value == 0:
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
-    if invertible and not math.isfinite(1.0 / value if value else math.inf):
+    if invertible and not (value != 0 and 1.0 / value - 1.0 / value == 0):
         raise ValueError(f"{name} is too small: 1/{name} overflows, got {value}")
     return value
 
