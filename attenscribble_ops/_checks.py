@@ -3,7 +3,6 @@ names the argument and says what was expected. Only metadata and Python values a
 host synchronisation), so the checks are free under torch.compile."""
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional, Sequence
 
