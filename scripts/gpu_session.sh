@@ -93,7 +93,8 @@ if (( t > 0 )); then
         tests/test_masked_crf.py tests/test_masked_crf_cuda.py tests/test_masked_crf_ops.py \
         $(ls tests/test_attentive_similarity*.py tests/test_spatial_attention*.py 2>/dev/null) \
         tests/test_compile.py tests/test_backends.py tests/test_determinism.py tests/test_autocast.py \
-        tests/test_double_backward.py tests/test_triton_sm90.py::test_transposed_split_product_rounds_as_the_forward
+        tests/test_double_backward.py tests/test_func_transforms.py tests/test_autograd_modes.py \
+        tests/test_triton_sm90.py::test_transposed_split_product_rounds_as_the_forward
     echo "pytest exit: $?"
 else
     echo "GPU tests: no time left"
