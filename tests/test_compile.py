@@ -174,4 +174,4 @@ def test_block_and_losses_trace_with_dynamic_shapes(backend):
         return (torch.randn(2, 16, h, w, generator=g), torch.randn(2, 3, 2 * h, 2 * w, generator=g),
                 torch.rand(2, 1, 2 * h, 2 * w, generator=g))
 
-    _sizes_match_eager(fn, make, SIZES, backend="aot_eager")
+    _sizes_match_eager(fn, make, SIZES[:2], backend="aot_eager")
