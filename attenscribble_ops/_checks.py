@@ -10,6 +10,7 @@ import torch
 from torch.autograd import forward_ad
 
 FORWARD_AD = "forward-mode AD"
+ONNX_EXPORT = "ONNX export"
 
 
 def forward_ad_option(*tensors) -> str:
@@ -23,6 +24,12 @@ def forward_ad_option(*tensors) -> str:
         if t is not None and forward_ad.unpack_dual(t).tangent is not None:
             return FORWARD_AD
     return ""
+
+
+def onnx_option() -> str:
+    """:data:`ONNX_EXPORT` while ``torch.onnx.export`` traces the model, else "": a backend option,
+    since only the reference is made of operators ONNX has."""
+    return ONNX_EXPORT if torch.onnx.is_in_onnx_export() else ""
 
 
 def _describe(x) -> str:

@@ -12,7 +12,8 @@ them and the rules that say why one cannot run.
   ``torch.compile``. Under ``torch.use_deterministic_algorithms(True)`` it skips implementations
   registered as non-deterministic. Inputs that carry forward-mode tangents (the option
   ``_checks.FORWARD_AD``: torch.func.jvp, jacfwd) run on "reference" only, the one backend with
-  forward-mode derivatives.
+  forward-mode derivatives, and so does a call that ``torch.onnx.export`` traces
+  (``_checks.ONNX_EXPORT``): ONNX has operators for the reference's torch ops only.
 * :func:`explain` says what is compiled and why each faster backend was skipped.
 
 The order is data: change ``AUTO_ORDER`` (from benchmark results), not the code.
@@ -163,6 +164,9 @@ def why_not(op: str, backend: str, meta: Meta) -> Optional[str]:
     if reason is None and backend != "reference" and _checks.FORWARD_AD in meta.options:
         reason = ("forward-mode AD (torch.func.jvp or jacfwd, torch.autograd.forward_ad) needs backend='reference': "
                   "the fused kernels have reverse-mode derivatives only (grad, vjp, jacrev and vmap work)")
+    if reason is None and backend != "reference" and _checks.ONNX_EXPORT in meta.options:
+        reason = ("ONNX export (torch.onnx.export) needs backend='reference': ONNX has no operator for the fused "
+                  "kernels")
     if reason is None and entry.check is not None:
         reason = entry.check(meta)
     return reason

@@ -159,7 +159,7 @@ def masked_crf_loss(probs: torch.Tensor, image: Optional[torch.Tensor] = None, *
     last_mask = mask_dst if mask_dst is not None else mask_src
     denom = last_mask.sum().clamp(min=1) if last_mask is not None else float(batch * torch.Size(shape).numel())
     meta = backends.Meta.of(probs, "compatibility" if compat is not None else "",
-                            _checks.forward_ad_option(probs, compat))
+                            _checks.forward_ad_option(probs, compat), _checks.onnx_option())
     _, impl = backends.select("masked_crf", backend, meta)
     return impl(probs, image, mask_dst, mask_src, compat, params) / denom
 
@@ -286,7 +286,8 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
         # the dense part of dq, dk (through d lse / d q, d k): recompute it.
         lse = None
     _, impl = backends.select("attentive_similarity", backend, backends.Meta.of(
-        q, _head_dim_option(q), _checks.forward_ad_option(q, k, probs_grid, head_weight, head_bias, lse)))
+        q, _head_dim_option(q), _checks.forward_ad_option(q, k, probs_grid, head_weight, head_bias, lse),
+        _checks.onnx_option()))
     raw = impl(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, (h, w), radius, sigma, logit_scale)
     return raw / (batch * n)
 
@@ -321,5 +322,5 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, logi
     tie_qk = _checks.flag(tie_qk, "tie_qk")
     _, impl = backends.select("spatial_attention", backend,
                               backends.Meta.of(q, _head_dim_option(q), _head_dim_option(v),
-                                               _checks.forward_ad_option(q, k, v)))
+                                               _checks.forward_ad_option(q, k, v), _checks.onnx_option()))
     return impl(q, k, v, logit_scale, tie_qk=tie_qk)
