@@ -4,6 +4,7 @@ host synchronisation), so the checks are free under torch.compile."""
 from __future__ import annotations
 
 import numbers
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -28,8 +29,10 @@ def forward_ad_option(*tensors) -> str:
 
 def onnx_option() -> str:
     """:data:`ONNX_EXPORT` while ``torch.onnx.export`` traces the model, else "": a backend option,
-    since only the reference is made of operators ONNX has."""
-    return ONNX_EXPORT if torch.onnx.is_in_onnx_export() else ""
+    since only the reference is made of operators ONNX has. torch.onnx not imported yet: no
+    export is running (and importing it would take ~20 ms)."""
+    onnx = sys.modules.get("torch.onnx")
+    return ONNX_EXPORT if onnx is not None and onnx.is_in_onnx_export() else ""
 
 
 def _describe(x) -> str:
