@@ -60,7 +60,7 @@ def _problem(op, backend, device, batch=2):
 
 
 @contextlib.contextmanager
-def _no_warning_check():
+def _quiet_vmap_fallback():
     """vmap's fallback for a custom operator warns about its speed; that is not under test."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*batching rule.*")
@@ -121,7 +121,7 @@ def test_per_sample_gradients(op, backend, device):
         return f(*(x.unsqueeze(0) for x in xs_i), *shared)
 
     argnums = tuple(range(len(per_sample)))
-    with _no_warning_check():
+    with _quiet_vmap_fallback():
         got = func.vmap(func.grad(single, argnums=argnums))(*per_sample)
     for i in range(per_sample[0].shape[0]):
         expected = _autograd(single, [x[i] for x in per_sample])
@@ -138,7 +138,7 @@ def test_vmap_forward_equals_loop(op, backend, device):
     def single(*xs_i):
         return f(*(x.unsqueeze(0) for x in xs_i), *shared)
 
-    with _no_warning_check():
+    with _quiet_vmap_fallback():
         got = func.vmap(single)(*per_sample)
     expected = torch.stack([single(*(x[i] for x in per_sample)) for i in range(per_sample[0].shape[0])])
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
