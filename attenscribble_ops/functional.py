@@ -293,7 +293,7 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
 
 
 def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, logit_scale: float = 1.0,
-                      backend: str = "auto", tie_qk: bool = False) -> tuple[torch.Tensor, ...]:
+                      backend: str = "auto", tie_qk: bool = False, return_lse: bool = True) -> tuple:
     """Attention of the spatial self-attention block, with the similarity normaliser.
 
     Args:
@@ -303,11 +303,16 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, logi
             :func:`attentive_similarity_loss` with the LSE: the fused backends then add the
             attention's dq, dk into the loss's window terms in place (one gradient buffer per
             tensor instead of two). Values and gradients are the same either way.
+        return_lse: False when no similarity loss will read the LSE (inference): ``lse_sim`` is
+            then None, and "auto" computes ``out`` with torch's own fused attention
+            (``F.scaled_dot_product_attention``) where nothing is differentiated, which is faster
+            than the fused kernels' sweep (that computes the LSE too); otherwise the chosen
+            backend runs as usual. Not with ``tie_qk``.
 
     Returns:
         ``(out, lse_sim)``, or ``(out, lse_sim, q, k)`` with ``tie_qk``: out = softmax(q k^T /
         sqrt(D)) v, (B, heads, n, D) in the dtype of q; lse_sim = logsumexp_j(logit_scale *
-        q_i . k_j), (B, heads, n) in fp32 (fp64 for fp64).
+        q_i . k_j), (B, heads, n) in fp32 (fp64 for fp64), or None without ``return_lse``.
     """
     _check_attention_qk(q, k)
     v = _checks.floating_tensor(v, "v", (4,), "(B, heads, n, D)")
@@ -320,7 +325,23 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, logi
     logit_scale = _checks.number(logit_scale, "logit_scale")
     backend = _checks.choice(backend, "backend", backends.CHOICES)
     tie_qk = _checks.flag(tie_qk, "tie_qk")
-    _, impl = backends.select("spatial_attention", backend,
-                              backends.Meta.of(q, _head_dim_option(q), _head_dim_option(v),
-                                               _checks.forward_ad_option(q, k, v), _checks.onnx_option()))
+    return_lse = _checks.flag(return_lse, "return_lse")
+    if tie_qk and not return_lse:
+        raise ValueError("tie_qk=True hands q, k to the similarity loss with the LSE; it needs return_lse=True")
+    meta = backends.Meta.of(q, _head_dim_option(q), _head_dim_option(v), _checks.forward_ad_option(q, k, v),
+                            _checks.onnx_option())
+    if not return_lse and backend == "auto" and _sdpa_output_only(q, k, v, meta):
+        return F.scaled_dot_product_attention(q, k, v), None
+    _, impl = backends.select("spatial_attention", backend, meta)
+    if not return_lse:
+        return impl(q, k, v, logit_scale)[0], None
     return impl(q, k, v, logit_scale, tie_qk=tie_qk)
+
+
+def _sdpa_output_only(q, k, v, meta: backends.Meta) -> bool:
+    """Whether "auto" computes an attention output without its LSE with torch's SDPA: nothing to
+    differentiate (no backward, whose kernel may not be deterministic), and neither forward-mode
+    AD nor an ONNX export, which take the reference."""
+    if meta.options & {_checks.FORWARD_AD, _checks.ONNX_EXPORT} or meta.device_type not in ("cpu", "cuda"):
+        return False
+    return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))

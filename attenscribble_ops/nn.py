@@ -110,9 +110,13 @@ class _Block(nn.Module):
         u = self.norm1(x)
         q = self.q(u).reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
         k, v = self.kv(u).reshape(b, n, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        # q, k tied to the attention node: the loss's dq, dk window terms join the attention's in place
-        out, lse, q, k = functional.spatial_attention(q, k, v, logit_scale=self.logit_scale, backend=self.backend,
-                                                      tie_qk=True)
+        if torch.is_grad_enabled():
+            # q, k tied to the attention node: the loss's dq, dk window terms join the attention's in place
+            out, lse, q, k = functional.spatial_attention(q, k, v, logit_scale=self.logit_scale,
+                                                          backend=self.backend, tie_qk=True)
+        else:  # inference: no LSE (a similarity loss computed here computes its own)
+            out, lse = functional.spatial_attention(q, k, v, logit_scale=self.logit_scale, backend=self.backend,
+                                                    return_lse=False)
         x = x + self.drop_path(self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c))))
         x = x + self.drop_path(self.mlp(self.norm2(x), h, w))
         return x, q, k, lse
@@ -137,6 +141,10 @@ class SpatialSelfAttention(nn.Module):
 
     Shape:
         x: (B, D, h, w) -> features (B, D, h, w), similarity :class:`AttentionSimilarity`.
+
+    Where no gradient is recorded (``torch.no_grad``, ``torch.inference_mode``) the similarity
+    carries no LSE (a similarity loss computed there computes its own), and "auto" computes the
+    attention with torch's SDPA, which is faster than a sweep that also computes the LSE.
 
     Example:
         >>> block = SpatialSelfAttention(64)

@@ -105,3 +105,48 @@ def test_cpu_attention_ops_under_inference_mode(slices):
         lse = ops.spatial_attention_lse(q, k, 0.7)
     for a, b in zip(got + got_grads + (lse,), expected + expected_grads + (expected[2],)):
         assert torch.equal(a, b)
+
+
+DEVICES = sorted({d for _, d in CASES})
+
+
+@pytest.mark.parametrize("backend,device", [("auto", d) for d in DEVICES] + CASES,
+                         ids=[f"auto-{d}" for d in DEVICES] + IDS)
+def test_attention_without_lse(backend, device):
+    """return_lse=False (what the block asks for where nothing is differentiated): no LSE, the same
+    output; "auto" then runs torch's SDPA, a backend named explicitly its own kernels."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 37, 8, generator=g).to(device) for _ in range(3))
+    with torch.no_grad():
+        out, lse = ao.spatial_attention(q, k, v, logit_scale=0.7, return_lse=False, backend=backend)
+        with_lse = ao.spatial_attention(q, k, v, logit_scale=0.7, backend=backend)[0]
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert lse is None
+    if backend == "auto":
+        assert torch.equal(out, expected)
+    else:
+        assert torch.equal(out, with_lse)
+    torch.testing.assert_close(out, with_lse, rtol=1e-5, atol=1e-6)
+    # with something to differentiate, "auto" keeps its backend (and its deterministic backward)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out_grad, none = ao.spatial_attention(*leaves, logit_scale=0.7, return_lse=False, backend=backend)
+    assert none is None and out_grad.requires_grad
+    torch.testing.assert_close(out_grad, with_lse, rtol=0, atol=0)
+    out_grad.square().sum().backward()
+    assert all(t.grad is not None and t.grad.abs().max() > 0 for t in leaves)
+
+
+@pytest.mark.parametrize("backend,device", CASES, ids=IDS)
+def test_block_without_gradients_skips_the_lse(backend, device):
+    """Under no_grad the block hands no LSE: its features are the recorded forward's (to rounding)
+    and a similarity loss computed from it computes its own LSE, giving the same loss."""
+    block, objective, x, logits = _model(backend, device)
+    with torch.no_grad():
+        features, sim = block(x)
+    recorded, sim_recorded = block(x)
+    assert sim.lse is None and sim_recorded.lse is not None
+    torch.testing.assert_close(features, recorded.detach(), rtol=1e-5, atol=1e-6)
+    loss = ao.nn.AttentiveSimilarityLoss(heads=2, radius=1, backend=loss_backend_for(backend)).to(device)
+    probs = torch.softmax(logits, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(loss(sim, probs), loss(sim_recorded, probs), rtol=1e-5, atol=1e-7)

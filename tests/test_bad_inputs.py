@@ -147,6 +147,8 @@ ATTENTION_CASES = [
     ("v on another device", dict(v=torch.empty(1, 2, 5, 4, device="meta")), ValueError, "v"),
     ("infinite logit_scale", dict(logit_scale=math.inf), ValueError, "logit_scale"),
     ("tie_qk not a bool", dict(tie_qk="yes"), TypeError, "tie_qk"),
+    ("return_lse not a bool", dict(return_lse=1), TypeError, "return_lse"),
+    ("tie_qk without the LSE", dict(tie_qk=True, return_lse=False), ValueError, "needs return_lse=True"),
     ("unknown backend", dict(backend="flash"), ValueError, "backend"),
 ]
 
