@@ -35,6 +35,12 @@ def onnx_option() -> str:
     return ONNX_EXPORT if onnx is not None and onnx.is_in_onnx_export() else ""
 
 
+def reference_only_options(*tensors) -> tuple[str, str]:
+    """The backend options of a call that only the reference can run: forward-mode tangents on
+    ``tensors``, an ONNX export in progress."""
+    return forward_ad_option(*tensors), onnx_option()
+
+
 def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"

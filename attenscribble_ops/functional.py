@@ -159,7 +159,7 @@ def masked_crf_loss(probs: torch.Tensor, image: Optional[torch.Tensor] = None, *
     last_mask = mask_dst if mask_dst is not None else mask_src
     denom = last_mask.sum().clamp(min=1) if last_mask is not None else float(batch * torch.Size(shape).numel())
     meta = backends.Meta.of(probs, "compatibility" if compat is not None else "",
-                            _checks.forward_ad_option(probs, compat), _checks.onnx_option())
+                            *_checks.reference_only_options(probs, compat))
     _, impl = backends.select("masked_crf", backend, meta)
     return impl(probs, image, mask_dst, mask_src, compat, params) / denom
 
@@ -286,8 +286,7 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
         # the dense part of dq, dk (through d lse / d q, d k): recompute it.
         lse = None
     _, impl = backends.select("attentive_similarity", backend, backends.Meta.of(
-        q, _head_dim_option(q), _checks.forward_ad_option(q, k, probs_grid, head_weight, head_bias, lse),
-        _checks.onnx_option()))
+        q, _head_dim_option(q), *_checks.reference_only_options(q, k, probs_grid, head_weight, head_bias, lse)))
     raw = impl(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, (h, w), radius, sigma, logit_scale)
     return raw / (batch * n)
 
@@ -328,8 +327,7 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, logi
     return_lse = _checks.flag(return_lse, "return_lse")
     if tie_qk and not return_lse:
         raise ValueError("tie_qk=True hands q, k to the similarity loss with the LSE; it needs return_lse=True")
-    meta = backends.Meta.of(q, _head_dim_option(q), _head_dim_option(v), _checks.forward_ad_option(q, k, v),
-                            _checks.onnx_option())
+    meta = backends.Meta.of(q, _head_dim_option(q), _head_dim_option(v), *_checks.reference_only_options(q, k, v))
     if not return_lse and backend == "auto" and _sdpa_output_only(q, k, v, meta):
         return F.scaled_dot_product_attention(q, k, v), None
     _, impl = backends.select("spatial_attention", backend, meta)
