@@ -272,36 +272,50 @@ class TiedAttention(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v, logit_scale, forward_op, accumulate_op):
+    def forward(q, k, v, logit_scale, forward_op, accumulate_op, backward_op):
         out, lse_attn, lse_sim = forward_op(q, k, v, logit_scale)
         return out, lse_sim, q.view_as(q), k.view_as(k), lse_attn
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, logit_scale, _, accumulate_op = inputs
+        q, k, v, logit_scale, _, accumulate_op, backward_op = inputs
         out, lse_sim, _, _, lse_attn = output
         ctx.mark_non_differentiable(lse_attn)
         ctx.save_for_backward(q, k, v, out, lse_attn, lse_sim)
-        ctx.logit_scale, ctx.accumulate_op = logit_scale, accumulate_op
+        ctx.logit_scale, ctx.accumulate_op, ctx.backward_op = logit_scale, accumulate_op, backward_op
 
     @staticmethod
     def backward(ctx, dout, dlse_sim, dq, dk, _):
         q, k, v, out, lse_attn, lse_sim = ctx.saved_tensors
 
         def compute():
-            dq_acc, dk_acc = _accumulator(dq, q), _accumulator(dk, k)
             dout_ = torch.zeros_like(out) if dout is None else dout
-            dv = ctx.accumulate_op(dout_, None, dlse_sim, q, k, v, out, lse_attn, lse_sim, ctx.logit_scale, dq_acc,
-                                   dk_acc)
+            args = (dout_, None, dlse_sim, q, k, v, out, lse_attn, lse_sim, ctx.logit_scale)
+            if torch._C._are_functorch_transforms_active():
+                # torch.func: vmap has no rule for an operator that writes into its arguments (its
+                # per-sample fallback refuses one), so the backward op and an addition instead
+                dq_attn, dk_attn, dv = ctx.backward_op(*args)
+                return _added(dq, dq_attn, q.dtype), _added(dk, dk_attn, k.dtype), dv
+            dq_acc, dk_acc = _accumulator(dq, q), _accumulator(dk, k)
+            dv = ctx.accumulate_op(*args, dq_acc, dk_acc)
             return dq_acc.to(q.dtype), dk_acc.to(k.dtype), dv
 
-        return first_order("spatial attention", compute, (q, k, v, dout, dlse_sim, dq, dk)) + (None, None, None)
+        return first_order("spatial attention", compute, (q, k, v, dout, dlse_sim, dq, dk)) + (None,) * 4
 
 
-def attention(q, k, v, logit_scale, tie_qk, forward_op, accumulate_op):
+def _added(grad: Optional[torch.Tensor], attention_grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad + attention_grad``, summed in the accumulation type, as the accumulate op sums."""
+    if grad is None:
+        return attention_grad.to(dtype)
+    acc = acc_dtype(dtype)
+    return (grad.to(acc) + attention_grad.to(acc)).to(dtype)
+
+
+def attention(q, k, v, logit_scale, tie_qk, forward_op, accumulate_op, backward_op):
     """``forward_op(q, k, v, s) -> (out, lse_attn, lse_sim)`` (an op with registered autograd);
-    ``accumulate_op``: its backward adding dq, dk into given buffers, returning dv."""
+    ``accumulate_op``: its backward adding dq, dk into given buffers, returning dv;
+    ``backward_op``: the backward returning (dq, dk, dv), for torch.func's transforms."""
     if tie_qk:
-        return TiedAttention.call(q, k, v, logit_scale, forward_op, accumulate_op)[:4]
+        return TiedAttention.call(q, k, v, logit_scale, forward_op, accumulate_op, backward_op)[:4]
     out, _, lse_sim = forward_op(q, k, v, logit_scale)
     return out, lse_sim

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from ._checks import accumulate_dtype
+from . import _vmap
 from ._composite import two_forms
 from ._crf_params import CRFParams
 
@@ -137,7 +138,8 @@ def loss(op, probs: torch.Tensor, image: Optional[torch.Tensor], mask_dst: Optio
 
 
 def register_fake_and_autograd(name: str) -> None:
-    """The fake kernel and the autograd formula of the operator ``name``."""
+    """The fake kernel, the autograd formula and the vmap rule (a loop: the loss is a sum over the
+    batch) of the operator ``name``."""
 
     @torch.library.register_fake(name)
     def _fake(probs, image, mask_dst, mask_src, compat, table, radius, spacing, zero_padding, with_grad):
@@ -169,3 +171,4 @@ def register_fake_and_autograd(name: str) -> None:
         return (_scaled_gradient(grad_raw, grad, probs, op, rest),) + (None,) * 9
 
     torch.library.register_autograd(name, backward, setup_context=setup_context)
+    _vmap.register_looped(op.default)

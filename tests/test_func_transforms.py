@@ -3,6 +3,7 @@ included, run the fused kernels and give what autograd gives. Forward mode (jvp,
 torch.autograd.forward_ad), which only the reference differentiates, makes "auto" take the
 reference, and a fused backend named explicitly raises BackendUnavailableError: never a silently
 zero tangent (what a custom operator without a forward-mode formula gives otherwise)."""
+import collections
 import contextlib
 import warnings
 
@@ -12,7 +13,7 @@ from torch import func
 from torch.autograd import forward_ad
 
 import attenscribble_ops as ao
-from attenscribble_ops.testing import make_crf_inputs, make_similarity_inputs, runnable_backends
+from attenscribble_ops.testing import loss_backend_for, make_crf_inputs, make_similarity_inputs, runnable_backends
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
@@ -61,7 +62,9 @@ def _problem(op, backend, device, batch=2):
 
 @contextlib.contextmanager
 def _quiet_vmap_fallback():
-    """vmap's fallback for a custom operator warns about its speed; that is not under test."""
+    """vmap's per-sample fallback warns about its speed for torch's operators without a batching
+    rule (the CPU SDPA kernels of "aten", unfold_backward in the reference masked CRF); this
+    package's operators have rules (test_vmap_has_a_rule_for_every_operator)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*batching rule.*")
         yield
@@ -111,8 +114,8 @@ def test_attention_jacrev_matches_reference(backend, device):
 @pytest.mark.parametrize("op,backend,device", [(op, b, d) for op in OPS for b, d in ALL[op]],
                          ids=[f"{op}-{b}-{d}" for op in OPS for b, d in ALL[op]])
 def test_per_sample_gradients(op, backend, device):
-    """vmap(grad(f)) over the batch, the torch.func recipe for per-sample gradients (the custom
-    operators run per sample through vmap's fallback), against one autograd call per sample."""
+    """vmap(grad(f)) over the batch, the torch.func recipe for per-sample gradients, against one
+    autograd call per sample."""
     f, xs = _problem(op, backend, device)
     shared = xs[2:] if op == "attentive_similarity" else ()  # head_weight is not per sample
     per_sample = xs[:len(xs) - len(shared)]
@@ -262,3 +265,183 @@ def test_attn_gated_crf_drop_in_under_func():
     got = func.jvp(lean, (probs, kernel), tangents)
     expected = func.jvp(dense, (probs, kernel), tangents)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+# --- vmap rules of the operators (attenscribble_ops/_vmap.py) -------------------------------------
+
+KERNEL_OPS = {op: [(b, d) for b, d in FUSED[op] if b != "aten"] for op in OPS}  # "aten": torch's SDPA ops
+
+
+def _op_calls(fn) -> collections.Counter:
+    """How often each operator of this package ran inside ``fn`` (profiler events)."""
+    with torch.profiler.profile() as prof:
+        fn()
+    return collections.Counter(e.name for e in prof.events() if e.name.startswith("attenscribble_ops::"))
+
+
+def _fallback_warnings(fn) -> list[str]:
+    """The messages of vmap's per-sample fallback warning for this package's operators in ``fn``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in caught if "batching rule" in str(w.message) and "attenscribble_ops" in str(w.message)]
+
+
+def _per_sample(op, backend, device, batch):
+    f, xs = _problem(op, backend, device, batch=batch)
+    shared = xs[2:] if op == "attentive_similarity" else ()
+    per_sample = xs[:len(xs) - len(shared)]
+    return (lambda *xs_i: f(*(x.unsqueeze(0) for x in xs_i), *shared)), per_sample
+
+
+@pytest.mark.parametrize("op,backend,device", [(op, b, d) for op in OPS for b, d in KERNEL_OPS[op]],
+                         ids=[f"{op}-{b}-{d}" for op in OPS for b, d in KERNEL_OPS[op]])
+def test_vmap_has_a_rule_for_every_operator(op, backend, device):
+    """vmap(grad) and vmap over the fused operators: no operator goes through torch's per-sample
+    fallback (which warns "please file us an issue" on every call); the results equal a loop."""
+    single, per_sample = _per_sample(op, backend, device, batch=3)
+    argnums = tuple(range(len(per_sample)))
+    grads = []
+    assert _fallback_warnings(lambda: grads.append(func.vmap(func.grad(single, argnums=argnums))(*per_sample))) == []
+    values = []
+    assert _fallback_warnings(lambda: values.append(func.vmap(single)(*per_sample))) == []
+    for i in range(3):
+        _close([g[i] for g in grads[0]], _autograd(single, [x[i] for x in per_sample]))
+        torch.testing.assert_close(values[0][i], single(*(x[i] for x in per_sample)), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_OPS["spatial_attention"], ids=_ids(KERNEL_OPS["spatial_attention"]))
+def test_vmap_runs_the_attention_once_for_all_samples(backend, device):
+    """The attention operators fold the vmapped dimension into their batch: per-sample gradients
+    over 5 samples run the forward and the backward operator once each, not 5 times."""
+    single, per_sample = _per_sample("spatial_attention", backend, device, batch=5)
+    calls = _op_calls(lambda: func.vmap(func.grad(single, argnums=(0, 1, 2)))(*per_sample))
+    suffix = "_triton" if backend == "triton" else ""
+    for name in ("forward", "backward"):
+        count = calls[f"attenscribble_ops::spatial_attention_{name}{suffix}"]
+        assert 1 <= count < 5, calls  # the vmapped call (and, in this profiler, the kernel's) vs 1 + 5 without
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_OPS["spatial_attention"], ids=_ids(KERNEL_OPS["spatial_attention"]))
+def test_vmap_attention_in_dims_and_nesting(backend, device):
+    """The fold rule takes a vmapped dimension anywhere, arguments that are not vmapped, and
+    nested vmaps: against a loop over the samples."""
+    g = torch.Generator().manual_seed(12)
+    shape = (2, 2, 12, 8)  # (B, heads, n, D) of one sample
+
+    def rand(*lead):
+        return torch.randn(*lead, *shape, generator=g).to(device)
+
+    def attention(q, k, v):
+        out, lse = ao.spatial_attention(q, k, v, logit_scale=0.6, backend=backend)
+        return out, lse
+
+    q, k, v = rand(3).movedim(0, 2), rand(), rand(3)  # q vmapped at dim 2, k shared, v at dim 0
+    got = func.vmap(attention, in_dims=(2, None, 0))(q, k, v)
+    expected = [attention(q.select(2, i), k, v[i]) for i in range(3)]
+    for j in range(2):
+        torch.testing.assert_close(got[j], torch.stack([e[j] for e in expected]), rtol=1e-5, atol=1e-6)
+
+    q2, k2 = rand(4), rand(3)  # vmap over q's samples inside a vmap over k's
+    nested = func.vmap(func.vmap(attention, in_dims=(0, None, None)), in_dims=(None, 0, None))(q2, k2, v[0])
+    assert nested[0].shape == (3, 4) + shape
+    for i in range(3):
+        for j in range(4):
+            out, lse = attention(q2[j], k2[i], v[0])
+            torch.testing.assert_close(nested[0][i, j], out, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(nested[1][i, j], lse, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_OPS["attentive_similarity"],
+                         ids=_ids(KERNEL_OPS["attentive_similarity"]))
+@pytest.mark.parametrize("with_lse", [False, True], ids=["own-lse", "given-lse"])
+def test_vmap_similarity_per_sample_head_weights(backend, device, with_lse):
+    """Per-sample gradients of the loss in q, k and a per-sample head weight (the fold rule's loop
+    path, and the looped backward), with and without a given LSE: against autograd per sample."""
+    s = make_similarity_inputs(3, heads=2, grid=(4, 5), dim=8, device=device, seed=13)
+    g = torch.Generator().manual_seed(14)
+    head_weights = torch.randn(3, 2, generator=g).to(device)
+    sample_weight = torch.tensor([1.0, 0.0, 0.5], device=device)
+
+    def single(q, k, head_weight, gate):
+        lse = None
+        if with_lse:  # the attention's similarity LSE, as the block hands it over
+            lse = ao.spatial_attention(q[None], k[None], k[None], logit_scale=0.5, backend=backend)[1]
+        return ao.attentive_similarity_loss(q[None], k[None], s["probs"][:1], head_weight, s["head_bias"],
+                                            grid=(4, 5), radius=1, lse=lse, logit_scale=0.5,
+                                            sample_weight=gate[None], backend=backend)
+
+    per_sample = (s["q"], s["k"], head_weights, sample_weight)
+    grads = []
+    assert _fallback_warnings(
+        lambda: grads.append(func.vmap(func.grad(single, argnums=(0, 1, 2)))(*per_sample))) == []
+    for i in range(3):
+        _close([gr[i] for gr in grads[0]], _autograd(lambda q, k, w: single(q, k, w, sample_weight[i]),
+                                                      [x[i] for x in per_sample[:3]]))
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_OPS["masked_crf"], ids=_ids(KERNEL_OPS["masked_crf"]))
+def test_vmap_masked_crf_per_sample_images_and_masks(backend, device):
+    """vmap over the probabilities, the image and the destination mask (the mask's clean-up runs
+    on the batched tensor; the loss loops, being a sum over the batch): against a loop."""
+    inputs = make_crf_inputs(4, 3, (8, 9), device=device, seed=15)
+
+    def single(probs, image, mask):
+        return ao.masked_crf_loss(probs[None], image[None], mask_dst=mask[None], radius=2, backend=backend)
+
+    xs = (inputs["probs"], inputs["image"], inputs["mask_dst"].float())
+    got = []
+    assert _fallback_warnings(lambda: got.append(func.vmap(func.grad(single), in_dims=(0, 0, 0))(*xs))) == []
+    for i in range(4):
+        torch.testing.assert_close(got[0][i], _autograd(lambda p: single(p, xs[1][i], xs[2][i]), [xs[0][i]])[0],
+                                   rtol=1e-6, atol=1e-7)
+    values = func.vmap(single)(*xs)
+    torch.testing.assert_close(values, torch.stack([single(*(x[i] for x in xs)) for i in range(4)]))
+
+
+@pytest.mark.parametrize("backend", [b for b in runnable_backends("spatial_attention", "cpu")])
+def test_vmap_per_sample_gradients_of_the_block_and_loss(backend):
+    """Per-sample gradients of the block's parameters under the method's losses, vmap(grad) over
+    functional_call: the block's tied q, k path, whose backward adds the attention's dq, dk into
+    the loss's (under torch.func through the plain backward operator: vmap cannot batch an
+    operator that writes into its arguments). Against autograd, one sample at a time."""
+    torch.manual_seed(0)
+    block = ao.nn.SpatialSelfAttention(16, heads=2, backend=backend).eval()
+    loss_fn = ao.nn.AttentiveSimilarityLoss(heads=block.similarity_heads, radius=1,
+                                            backend=loss_backend_for(backend))
+    x = torch.randn(3, 16, 4, 5)
+    probs = torch.softmax(torch.randn(3, 3, 8, 10), 1)
+    params = {k: v.detach() for k, v in block.named_parameters()}
+
+    def per_sample(params, x_i, probs_i):
+        feats, sim = func.functional_call(block, params, (x_i[None],))
+        return loss_fn(sim, probs_i[None]) + feats.square().mean()
+
+    with _quiet_vmap_fallback():  # "aten": torch's CPU SDPA operators have no batching rule
+        got = func.vmap(func.grad(per_sample), in_dims=(None, 0, 0))(params, x, probs)
+    for i in range(3):
+        block.zero_grad()
+        feats, sim = block(x[i:i + 1])
+        (loss_fn(sim, probs[i:i + 1]) + feats.square().mean()).backward()
+        for name, p in block.named_parameters():
+            assert p.grad.abs().max() > 0, name
+            torch.testing.assert_close(got[name][i], p.grad, rtol=1e-5, atol=1e-7)
+
+
+NOT_ATEN = [(b, d) for b, d in ALL["spatial_attention"] if b != "aten"]
+
+
+@pytest.mark.parametrize("backend,device", NOT_ATEN, ids=_ids(NOT_ATEN))
+def test_vmap_over_no_samples(backend, device):
+    """vmap over a dimension of size 0 gives empty outputs and gradients, as the reference does
+    (the kernels themselves take no empty batch). Not "aten": torch's fallback for its SDPA
+    operators refuses size 0."""
+    q = torch.randn(0, 1, 2, 12, 8, device=device)
+
+    def f(q):
+        return ao.spatial_attention(q, q, q, logit_scale=0.5, backend=backend)
+
+    with _quiet_vmap_fallback():
+        out, lse = func.vmap(f)(q)
+        grad = func.vmap(func.grad(lambda q: f(q)[0].sum() + f(q)[1].sum()))(q)
+    assert out.shape == q.shape and lse.shape == q.shape[:4] and grad.shape == q.shape

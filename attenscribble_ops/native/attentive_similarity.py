@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .. import _extension, backends
+from .. import _extension, _vmap, backends
 from .._composite import acc_dtype, fused_loss, fused_similarity_autograd, window_similarity_autograd, with_formula
 from .spatial_attention import CUDA_MAX_HEAD_DIM
 
@@ -61,6 +61,9 @@ torch.library.register_autograd("attenscribble_ops::attentive_similarity_fused_f
 # what the backend calls (torch.func transforms work through these)
 _window = with_formula(_OPS.attentive_similarity_forward, _backward, _setup)
 _fused = with_formula(_OPS.attentive_similarity_fused_forward, _fused_backward, _fused_setup)
+_vmap.register_similarity(_OPS.attentive_similarity_forward.default, _OPS.attentive_similarity_backward.default,
+                          _OPS.attentive_similarity_fused_forward.default,
+                          _OPS.attentive_similarity_fused_backward.default)
 
 
 def _check(device_type: str):

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from .. import _extension
+from .. import _extension, _vmap
 
 
 @torch.library.register_fake("attenscribble_ops::clean_mask")
 def _clean_mask_fake(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.new_empty(mask.shape, dtype=dtype)
+
+
+_vmap.register_elementwise(torch.ops.attenscribble_ops.clean_mask.default)
 
 
 def compiled_for(device_type: str) -> bool:

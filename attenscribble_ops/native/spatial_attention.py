@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .. import _extension, backends
+from .. import _extension, _vmap, backends
 from .._composite import acc_dtype, attention, attention_autograd, with_formula
 
 _OPS = torch.ops.attenscribble_ops
@@ -62,6 +62,8 @@ def _lse_backward_fake(dlse, q, k, lse, logit_scale):
 torch.library.register_autograd("attenscribble_ops::spatial_attention_forward", _fwd_bwd, setup_context=_fwd_setup)
 torch.library.register_autograd("attenscribble_ops::spatial_attention_lse", _lse_bwd, setup_context=_lse_setup)
 _forward = with_formula(_OPS.spatial_attention_forward, _fwd_bwd, _fwd_setup)  # what the backends call
+_vmap.register_attention(_OPS.spatial_attention_forward.default, _OPS.spatial_attention_backward.default,
+                         _OPS.spatial_attention_lse.default, _OPS.spatial_attention_lse_backward.default)
 
 
 def _check(device_type: str):
@@ -77,9 +79,11 @@ def _check(device_type: str):
 
 @backends.register("spatial_attention", "cpu", check=_check("cpu"))
 def spatial_attention_cpu(q, k, v, logit_scale, tie_qk=False):
-    return attention(q, k, v, logit_scale, tie_qk, _forward, _OPS.spatial_attention_backward_accumulate)
+    return attention(q, k, v, logit_scale, tie_qk, _forward, _OPS.spatial_attention_backward_accumulate,
+                     _OPS.spatial_attention_backward)
 
 
 @backends.register("spatial_attention", "cuda", check=_check("cuda"))
 def spatial_attention_cuda(q, k, v, logit_scale, tie_qk=False):
-    return attention(q, k, v, logit_scale, tie_qk, _forward, _OPS.spatial_attention_backward_accumulate)
+    return attention(q, k, v, logit_scale, tie_qk, _forward, _OPS.spatial_attention_backward_accumulate,
+                     _OPS.spatial_attention_backward)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import backends
+from .. import _vmap, backends
 from . import _target
 from ._tf32x3 import mm as _mm
 from ._tf32x3 import mm_t as _mm_t
@@ -406,6 +406,8 @@ attentive_similarity_fused_forward_triton.register_autograd(_fused_grad, setup_c
 # what the backend calls (torch.func transforms work through these)
 _window_op = with_formula(attentive_similarity_forward_triton, _grad, _setup)
 _fused_op = with_formula(attentive_similarity_fused_forward_triton, _fused_grad, _fused_setup)
+_vmap.register_similarity(attentive_similarity_forward_triton, attentive_similarity_backward_triton,
+                          attentive_similarity_fused_forward_triton, attentive_similarity_fused_backward_triton)
 
 
 @backends.register("attentive_similarity", "triton", check=_attention_check)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .. import backends
+from .. import _vmap, backends
 from . import _target
 from ._tf32x3 import mm as _mm
 from ._tf32x3 import mm_t as _mm_t
@@ -548,6 +548,8 @@ def _lse_backward_fake(dlse, q, k, lse, logit_scale):
 spatial_attention_forward_triton.register_autograd(_fwd_bwd, setup_context=_fwd_setup)
 spatial_attention_lse_triton.register_autograd(_lse_bwd, setup_context=_lse_setup)
 _forward_op = with_formula(spatial_attention_forward_triton, _fwd_bwd, _fwd_setup)  # what the backend calls
+_vmap.register_attention(spatial_attention_forward_triton, spatial_attention_backward_triton,
+                         spatial_attention_lse_triton, spatial_attention_lse_backward_triton)
 
 MAX_HEAD_DIM = 128  # one register tile per head dimension
 
@@ -565,4 +567,5 @@ def check(meta: backends.Meta) -> Optional[str]:
 
 @backends.register("spatial_attention", "triton", check=check)
 def spatial_attention_triton(q, k, v, logit_scale, tie_qk=False):
-    return attention(q, k, v, logit_scale, tie_qk, _forward_op, spatial_attention_backward_accumulate_triton)
+    return attention(q, k, v, logit_scale, tie_qk, _forward_op, spatial_attention_backward_accumulate_triton,
+                     spatial_attention_backward_triton)
