@@ -2,7 +2,7 @@
 transforms built on it (``jacrev``, ``jacfwd``'s batching, per-sample gradients).
 
 Without a rule, vmap runs a custom operator once per sample through torch's fallback, which warns
-"please file us an issue" on every call. Two kinds of rule here:
+"please file us an issue" on every call. Three kinds of rule here:
 
 * **fold** (``register_folded``): operators whose tensor arguments and outputs all lead with the
   batch B of the op (the attention: (B, heads, n, D) and (B, heads, n); the similarity window
