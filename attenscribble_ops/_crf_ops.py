@@ -30,8 +30,8 @@ from typing import Optional
 
 import torch
 
-from ._checks import accumulate_dtype
 from . import _vmap
+from ._checks import accumulate_dtype
 from ._composite import two_forms
 from ._crf_params import CRFParams
 
