@@ -12,6 +12,7 @@ from torch.autograd import forward_ad
 
 FORWARD_AD = "forward-mode AD"
 ONNX_EXPORT = "ONNX export"
+TORCHSCRIPT_TRACE = "TorchScript trace"
 
 
 def forward_ad_option(*tensors) -> str:
@@ -27,18 +28,24 @@ def forward_ad_option(*tensors) -> str:
     return ""
 
 
-def onnx_option() -> str:
-    """:data:`ONNX_EXPORT` while ``torch.onnx.export`` traces the model, else "": a backend option,
-    since only the reference is made of operators ONNX has. torch.onnx not imported yet: no
-    export is running (and importing it would take ~20 ms)."""
+def export_option() -> str:
+    """A backend option while the model is being exported, else "": :data:`ONNX_EXPORT` while
+    ``torch.onnx.export`` traces it (only the reference is made of operators ONNX has),
+    :data:`TORCHSCRIPT_TRACE` while ``torch.jit.trace`` does (a trace records the fused backends'
+    Python autograd functions as Python calls, which ``torch.jit.save`` cannot store).
+    torch.onnx not imported yet: no ONNX export is running (and importing it would take ~20 ms)."""
     onnx = sys.modules.get("torch.onnx")
-    return ONNX_EXPORT if onnx is not None and onnx.is_in_onnx_export() else ""
+    if onnx is not None and onnx.is_in_onnx_export():
+        return ONNX_EXPORT
+    if not torch.compiler.is_compiling() and torch.jit.is_tracing():
+        return TORCHSCRIPT_TRACE
+    return ""
 
 
 def reference_only_options(*tensors) -> tuple[str, str]:
     """The backend options of a call that only the reference can run: forward-mode tangents on
-    ``tensors``, an ONNX export in progress."""
-    return forward_ad_option(*tensors), onnx_option()
+    ``tensors``, an ONNX export or a TorchScript trace in progress."""
+    return forward_ad_option(*tensors), export_option()
 
 
 def _describe(x) -> str:

@@ -13,7 +13,9 @@ them and the rules that say why one cannot run.
   registered as non-deterministic. Inputs that carry forward-mode tangents (the option
   ``_checks.FORWARD_AD``: torch.func.jvp, jacfwd) run on "reference" only, the one backend with
   forward-mode derivatives, and so does a call that ``torch.onnx.export`` traces
-  (``_checks.ONNX_EXPORT``): ONNX has operators for the reference's torch ops only.
+  (``_checks.ONNX_EXPORT``): ONNX has operators for the reference's torch ops only; and one that
+  ``torch.jit.trace`` traces (``_checks.TORCHSCRIPT_TRACE``): the trace would record the fused
+  backends' Python autograd functions, which TorchScript cannot save.
 * :func:`explain` says what is compiled and why each faster backend was skipped.
 
 The order is data: change ``AUTO_ORDER`` (from benchmark results), not the code.
@@ -167,6 +169,10 @@ def why_not(op: str, backend: str, meta: Meta) -> Optional[str]:
     if reason is None and backend != "reference" and _checks.ONNX_EXPORT in meta.options:
         reason = ("ONNX export (torch.onnx.export) needs backend='reference': ONNX has no operator for the fused "
                   "kernels")
+    if reason is None and backend != "reference" and _checks.TORCHSCRIPT_TRACE in meta.options:
+        reason = ("a TorchScript trace (torch.jit.trace) needs backend='reference': it would record the fused "
+                  "kernels' Python autograd functions, which torch.jit.save cannot store (torch.export and "
+                  "torch.compile take the fused kernels)")
     if reason is None and entry.check is not None:
         reason = entry.check(meta)
     return reason

@@ -339,7 +339,11 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, logi
 def _sdpa_output_only(q, k, v, meta: backends.Meta) -> bool:
     """Whether "auto" computes an attention output without its LSE with torch's SDPA: nothing to
     differentiate (no backward, whose kernel may not be deterministic), and neither forward-mode
-    AD nor an ONNX export, which take the reference."""
+    AD nor an ONNX export, which take the reference. Under a TorchScript trace whatever the grad
+    mode, so that the traced graph (aten's SDPA operator) does not depend on it, unless
+    deterministic algorithms are asked for (the reference then)."""
     if meta.options & {_checks.FORWARD_AD, _checks.ONNX_EXPORT} or meta.device_type not in ("cpu", "cuda"):
         return False
+    if _checks.TORCHSCRIPT_TRACE in meta.options:
+        return not torch.are_deterministic_algorithms_enabled()
     return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
