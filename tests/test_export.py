@@ -146,3 +146,21 @@ def test_losses_trace_as_the_reference():
     traced = _trace(similarity, q, k, probs)
     assert _python_calls(traced.inlined_graph) == []
     torch.testing.assert_close(traced(q, k, probs), similarity(q, k, probs), rtol=1e-5, atol=1e-6)
+
+
+def test_trace_under_deterministic_algorithms_takes_the_reference():
+    """With deterministic algorithms asked for, the traced attention is the reference's (torch's
+    operators still, no SDPA, whose backward kernels may not be deterministic)."""
+    torch.manual_seed(0)
+    net = _Net("auto").eval()
+    x = torch.randn(2, 3, 6, 5)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        traced = _trace(net, x)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    graph = str(traced.inlined_graph)
+    assert _python_calls(traced.inlined_graph) == [] and "scaled_dot_product_attention" not in graph
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), net(x), rtol=1e-5, atol=1e-5)
