@@ -4,9 +4,12 @@
 # benchmarks; everything under $OUT (at most 8 files come back: one log, the junit report, one
 # JSON per benchmark suite).
 #
-#   device run:  bash scripts/gpu_session.sh            (run's timeout_s: DEADLINE + 30)
+#   device run:  bash scripts/gpu_session.sh            (run's timeout_s: DEADLINE + 30 or 40)
 #   knobs:       DEADLINE=530 (seconds: every step's time limit is cut to what is left of it),
-#                STEPS="tests sanitizer bench" (a second call on the warm machine: STEPS=bench),
+#                STEPS="tests sanitizer bench" (a second call on the warm machine: STEPS=bench).
+#                With 900 s of device time per session, the machine's start (1-2 min) included,
+#                make one call: DEADLINE=700 leaves the benchmarks about 240 s after the tests
+#                (200 + 90 s at most) and the sanitizer (2 x 75 s at most),
 #                QUICK=1 (small benchmark shapes), SUITES="train_step masked_crf ..." (in this order),
 #                SUITE_CAP=200 (seconds per benchmark suite at most),
 #                SKIP_PROVIDERS="reference-compile" (the default: its compiles take the longest;
