@@ -64,7 +64,7 @@ def _problem(op, backend, device, batch=2):
 def _quiet_vmap_fallback():
     """vmap's per-sample fallback warns about its speed for torch's operators without a batching
     rule (the CPU SDPA kernels of "aten", unfold_backward in the reference masked CRF); this
-    package's operators have rules (test_vmap_has_a_rule_for_every_operator)."""
+    package's operators have rules (_vmapped asserts it)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*batching rule.*")
         yield
@@ -111,21 +111,43 @@ def test_attention_jacrev_matches_reference(backend, device):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def _per_sample(op, backend, device, batch=2):
+    """(single, per_sample): the problem's function of one sample's inputs (the similarity's head
+    weight shared, not per sample) and the inputs batched over the samples."""
+    f, xs = _problem(op, backend, device, batch=batch)
+    shared = xs[2:] if op == "attentive_similarity" else ()
+    per_sample = xs[:len(xs) - len(shared)]
+    return (lambda *xs_i: f(*(x.unsqueeze(0) for x in xs_i), *shared)), per_sample
+
+
+def _fallback_warnings(fn) -> list[str]:
+    """The messages of vmap's per-sample fallback warning for this package's operators in ``fn``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in caught if "batching rule" in str(w.message) and "attenscribble_ops" in str(w.message)]
+
+
+def _vmapped(backend, fn):
+    """``fn()``, which vmaps: this package's operators must not go through torch's per-sample
+    fallback (they have rules, attenscribble_ops/_vmap.py); the warnings of torch's own operators
+    without one ("aten", the reference masked CRF) are quieted."""
+    if backend in ("aten", "reference"):
+        with _quiet_vmap_fallback():
+            return fn()
+    result = []
+    assert _fallback_warnings(lambda: result.append(fn())) == []
+    return result[0]
+
+
 @pytest.mark.parametrize("op,backend,device", [(op, b, d) for op in OPS for b, d in ALL[op]],
                          ids=[f"{op}-{b}-{d}" for op in OPS for b, d in ALL[op]])
 def test_per_sample_gradients(op, backend, device):
     """vmap(grad(f)) over the batch, the torch.func recipe for per-sample gradients, against one
-    autograd call per sample."""
-    f, xs = _problem(op, backend, device)
-    shared = xs[2:] if op == "attentive_similarity" else ()  # head_weight is not per sample
-    per_sample = xs[:len(xs) - len(shared)]
-
-    def single(*xs_i):
-        return f(*(x.unsqueeze(0) for x in xs_i), *shared)
-
+    autograd call per sample; no operator of this package through vmap's fallback."""
+    single, per_sample = _per_sample(op, backend, device)
     argnums = tuple(range(len(per_sample)))
-    with _quiet_vmap_fallback():
-        got = func.vmap(func.grad(single, argnums=argnums))(*per_sample)
+    got = _vmapped(backend, lambda: func.vmap(func.grad(single, argnums=argnums))(*per_sample))
     for i in range(per_sample[0].shape[0]):
         expected = _autograd(single, [x[i] for x in per_sample])
         _close([g[i] for g in got], expected)
@@ -134,15 +156,8 @@ def test_per_sample_gradients(op, backend, device):
 @pytest.mark.parametrize("op,backend,device", [(op, b, d) for op in OPS for b, d in ALL[op]],
                          ids=[f"{op}-{b}-{d}" for op in OPS for b, d in ALL[op]])
 def test_vmap_forward_equals_loop(op, backend, device):
-    f, xs = _problem(op, backend, device)
-    shared = xs[2:] if op == "attentive_similarity" else ()
-    per_sample = xs[:len(xs) - len(shared)]
-
-    def single(*xs_i):
-        return f(*(x.unsqueeze(0) for x in xs_i), *shared)
-
-    with _quiet_vmap_fallback():
-        got = func.vmap(single)(*per_sample)
+    single, per_sample = _per_sample(op, backend, device)
+    got = _vmapped(backend, lambda: func.vmap(single)(*per_sample))
     expected = torch.stack([single(*(x[i] for x in per_sample)) for i in range(per_sample[0].shape[0])])
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
 
@@ -213,7 +228,7 @@ def test_block_and_loss_parameter_gradients_with_functional_call(backend):
     torch.manual_seed(0)
     block = ao.nn.SpatialSelfAttention(16, heads=2, backend=backend).eval()
     loss_fn = ao.nn.AttentiveSimilarityLoss(heads=block.similarity_heads, radius=1,
-                                            backend=backend if backend != "aten" else "auto")
+                                            backend=loss_backend_for(backend))
     x = torch.randn(2, 16, 4, 5)
     probs = torch.softmax(torch.randn(2, 3, 8, 10), 1)
     params = {**{f"block.{k}": v.detach() for k, v in block.named_parameters()},
@@ -277,37 +292,6 @@ def _op_calls(fn) -> collections.Counter:
     with torch.profiler.profile() as prof:
         fn()
     return collections.Counter(e.name for e in prof.events() if e.name.startswith("attenscribble_ops::"))
-
-
-def _fallback_warnings(fn) -> list[str]:
-    """The messages of vmap's per-sample fallback warning for this package's operators in ``fn``."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fn()
-    return [str(w.message) for w in caught if "batching rule" in str(w.message) and "attenscribble_ops" in str(w.message)]
-
-
-def _per_sample(op, backend, device, batch):
-    f, xs = _problem(op, backend, device, batch=batch)
-    shared = xs[2:] if op == "attentive_similarity" else ()
-    per_sample = xs[:len(xs) - len(shared)]
-    return (lambda *xs_i: f(*(x.unsqueeze(0) for x in xs_i), *shared)), per_sample
-
-
-@pytest.mark.parametrize("op,backend,device", [(op, b, d) for op in OPS for b, d in KERNEL_OPS[op]],
-                         ids=[f"{op}-{b}-{d}" for op in OPS for b, d in KERNEL_OPS[op]])
-def test_vmap_has_a_rule_for_every_operator(op, backend, device):
-    """vmap(grad) and vmap over the fused operators: no operator goes through torch's per-sample
-    fallback (which warns "please file us an issue" on every call); the results equal a loop."""
-    single, per_sample = _per_sample(op, backend, device, batch=3)
-    argnums = tuple(range(len(per_sample)))
-    grads = []
-    assert _fallback_warnings(lambda: grads.append(func.vmap(func.grad(single, argnums=argnums))(*per_sample))) == []
-    values = []
-    assert _fallback_warnings(lambda: values.append(func.vmap(single)(*per_sample))) == []
-    for i in range(3):
-        _close([g[i] for g in grads[0]], _autograd(single, [x[i] for x in per_sample]))
-        torch.testing.assert_close(values[0][i], single(*(x[i] for x in per_sample)), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_OPS["spatial_attention"], ids=_ids(KERNEL_OPS["spatial_attention"]))

@@ -43,9 +43,10 @@ def window_decay(h: int, w: int, radius: int, sigma: float, dtype: torch.dtype,
     """Dense (n, n) decay mask M as a tensor, built with torch ops (traceable by torch.compile).
 
     exp(c (dy^2 + dx^2)) = exp(c dy^2) exp(c dx^2), each factor from a table of the C library's
-    exp over the offsets 0..radius: torch's float64 exp, applied to the whole mask, gave values
-    off by up to 3.2e-9 relative in about 1 fresh process in 15 (torch 2.13.0+cpu on the
-    development CPU), which made the test oracle itself nondeterministic."""
+    exp over the offsets 0..radius: with torch 2.13.0+cpu on the development CPU, the first
+    float64 exp of a process that MKL splits over its threads (this mask's, when the oracle ran
+    first) was off by up to 3.2e-9 relative in about 1 fresh process in 13, which made the test
+    oracle itself nondeterministic (tests/conftest.py warms that call up too)."""
     t = torch.arange(h * w, device=device)
     rows, cols = t // w, t % w
     drow = (rows[:, None] - rows[None, :]).abs()
