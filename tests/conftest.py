@@ -22,7 +22,12 @@ if not _gpu_visible():
 import torch  # noqa: E402
 
 import attenscribble_ops  # noqa: E402,F401
+import triton_memcheck  # noqa: E402
 from attenscribble_ops.testing import cuda_matmul_fp32  # noqa: E402
+
+if triton_memcheck.enabled():
+    # every Triton launch of the run: in bounds, no race between programs (tests/triton_memcheck.py)
+    triton_memcheck.install()
 
 CUDA = torch.cuda.is_available()
 
@@ -50,6 +55,14 @@ def pytest_report_header(config):
     return attenscribble_ops.explain().splitlines()[:4]
 
 
+def pytest_terminal_summary(terminalreporter):
+    if triton_memcheck.enabled():
+        terminalreporter.write_line(
+            f"Triton memcheck (interpreter): {triton_memcheck.launches_checked} launches, "
+            f"{triton_memcheck.accesses_checked} loads and stores checked, "
+            f"{triton_memcheck.faults_found} faults found")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -59,10 +72,15 @@ def _seed():
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 
+# AddressSanitizer and UndefinedBehaviorSanitizer, every report fatal (tests/test_sanitizers.py)
+SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer")
+
+
 def build_cuda_emulation(tmp_path_factory, source: str, *flags: str):
     """tests/cuda_emulation/<source>: host code running a CUDA kernel's device functions, compiled
     with the system C++ compiler as a shared library (skips when there is none) and loaded by
-    ctypes."""
+    ctypes. With ATTENSCRIBBLE_EMULATION_SANITIZE=1, built with SANITIZE_FLAGS (the process must
+    have the sanitizers' runtimes preloaded)."""
     import ctypes
     import pathlib
 
@@ -71,6 +89,8 @@ def build_cuda_emulation(tmp_path_factory, source: str, *flags: str):
         pytest.skip("no C++ compiler for the CUDA emulation")
     root = pathlib.Path(__file__).resolve().parents[1]
     out = tmp_path_factory.mktemp("cuda_emulation") / (pathlib.Path(source).stem + ".so")
+    if os.environ.get("ATTENSCRIBBLE_EMULATION_SANITIZE") == "1":
+        flags = (*flags, *SANITIZE_FLAGS)  # tests/test_sanitizers.py
     cmd = [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", *flags, f"-I{root / 'csrc'}",
            str(root / "tests" / "cuda_emulation" / source), "-o", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True)
