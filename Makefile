@@ -15,7 +15,7 @@ PYTEST_ARGS   ?= --durations=25
 DEMO_ARGS     ?=
 BENCH_ARGS    ?=
 
-.PHONY: all install examples demo quick-demo test test-extended bench clean
+.PHONY: all install examples demo quick-demo test test-extended test-sanitize bench clean
 
 all: install
 
@@ -58,6 +58,11 @@ test: install $(EXAMPLES_STAMP)
 # tensors past 2**31 elements, about 19 GiB of memory and 17 GiB of free disk).
 test-extended: install $(EXAMPLES_STAMP)
 	ATTENSCRIBBLE_HYPOTHESIS_EXAMPLES=3000 $(PY) -m pytest $(PYTEST_ARGS)
+
+# The compiled CPU kernels' tests under AddressSanitizer and UndefinedBehaviorSanitizer: a copy of
+# the package under build/sanitize with its own sanitized extension (scripts/sanitize_cpu.sh).
+test-sanitize: install $(EXAMPLES_STAMP)
+	PY=$(PY) bash scripts/sanitize_cpu.sh $(PYTEST_ARGS)
 
 # Speed and memory of every op and backend against the reference and the peers (all suites; pick
 # with BENCH_ARGS="--suite masked_crf --quick"); results and plots under benchmarks/results/.

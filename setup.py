@@ -7,6 +7,9 @@ A visible GPU is never required. Environment:
                      without a driver, with TORCH_CUDA_ARCH_LIST set)
   FORCE_ONLY_CPU=1   never build the CUDA sources
   ATTENSCRIBBLE_DEBUG=1  -O0 -g, for a debugger
+  ATTENSCRIBBLE_SANITIZE=1  -O1 -g with AddressSanitizer and UndefinedBehaviorSanitizer, CPU sources
+                     only (`make test-sanitize` builds such a copy under build/sanitize and runs
+                     the CPU kernels' tests with the sanitizers' runtimes preloaded)
 Build with `pip install --no-build-isolation .` so that the extension matches the installed torch.
 """
 import glob
@@ -70,14 +73,21 @@ def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     omp_c, omp_l = _openmp_flags()
     debug = _flag("ATTENSCRIBBLE_DEBUG")
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    sanitize = _flag("ATTENSCRIBBLE_SANITIZE")
+    if sanitize and with_cuda:
+        with_cuda, why = False, "ATTENSCRIBBLE_SANITIZE=1 (the host sanitizers do not see device code)"
+    opt = ["-O0", "-g"] if debug else ["-O1", "-g"] if sanitize else ["-O3"]
+    # vptr: torch's classes cross shared-library boundaries with hidden visibility here; -fno-wrapv
+    # undoes Python's -fwrapv, under which a signed overflow in index arithmetic is not reported
+    sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=undefined",
+                  "-fno-omit-frame-pointer", "-fno-wrapv"] if sanitize else []
     # -ffp-contract=off: products rounded before they are added, as in the reference. GCC otherwise
     # fuses a * b - c into one FMA wherever the target has FMA (the AVX2/AVX-512 clones, aarch64,
     # -march=native), in C++ whatever -std says; the softmax exponents s x - lse then keep the
     # rounding error of s x instead of cancelling it for a row's maximum (README, Large logit
     # scales: the attention's dq had 14000 times the fp32 reference's error at logit_scale 1e4, NaN
     # at 1e10). The masked CRF, whose sums do not cancel, keeps its FMAs (csrc/cpu/masked_crf.cpp).
-    cxx = [*opt, *omp_c, "-fvisibility=hidden", "-ffp-contract=off"]  # the C++ standard is torch's own choice
+    cxx = [*opt, *omp_c, *sanitizers, "-fvisibility=hidden", "-ffp-contract=off"]  # the C++ standard is torch's
     define_macros = [("AT_PARALLEL_OPENMP", "1")] if omp_c else []
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -85,7 +95,7 @@ def _extension():
     print(
         f"attenscribble_ops build: torch {torch.__version__}, CUDA sources "
         f"{'ON' if with_cuda else 'OFF'} ({why}), OpenMP {'ON' if omp_c else 'OFF'}, "
-        f"{'debug' if debug else 'release'}; {len(sources)} translation units",
+        f"{'debug' if debug else 'sanitizers' if sanitize else 'release'}; {len(sources)} translation units",
         flush=True,
     )
     kwargs = dict(
@@ -93,7 +103,7 @@ def _extension():
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define_macros,
-        extra_link_args=omp_l,
+        extra_link_args=[*omp_l, *sanitizers],
     )
     if with_cuda:
         nvcc = [*opt, "--expt-relaxed-constexpr", "-lineinfo", "--use_fast_math"]

@@ -36,7 +36,12 @@ ASL_HOST_DEVICE float exp_f32(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) * (int32_t(1) << 23);
+  // 2^k for k in [-126, 127]. Below, x < -87 and the result is 0; a NaN x makes p NaN. Clamped
+  // before the conversion all the same: for x below about -266 the exponent bits' product
+  // overflowed int (UndefinedBehaviorSanitizer, `make test-sanitize`), below about -1.5e9 the
+  // conversion itself was undefined; a NaN k converts to -126 here.
+  const float k_normal = k >= -126.0f ? k : -126.0f;
+  const int32_t bits = (static_cast<int32_t>(k_normal) + 127) * (int32_t(1) << 23);
   float two_k;
   memcpy(&two_k, &bits, sizeof two_k);
   return x < -87.0f ? 0.0f : p * two_k;
