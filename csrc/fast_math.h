@@ -26,7 +26,8 @@ namespace attenscribble_ops {
 
 ASL_HOST_DEVICE float exp_f32(float x) {
   x = x > 88.0f ? 88.0f : x;
-  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float k = shifted - 12582912.0f;
   const float r = (x - k * 0.693359375f) - k * -2.12194440054690583e-4f;
   float p = 1.0f / 5040;
   p = p * r + 1.0f / 720;
@@ -36,12 +37,14 @@ ASL_HOST_DEVICE float exp_f32(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  // 2^k for k in [-126, 127]. Below, x < -87 and the result is 0; a NaN x makes p NaN. Clamped
-  // before the conversion all the same: for x below about -266 the exponent bits' product
-  // overflowed int (UndefinedBehaviorSanitizer, `make test-sanitize`), below about -1.5e9 the
-  // conversion itself was undefined; a NaN k converts to -126 here.
-  const float k_normal = k >= -126.0f ? k : -126.0f;
-  const int32_t bits = (static_cast<int32_t>(k_normal) + 127) * (int32_t(1) << 23);
+  // 2^k: k sits in the low mantissa bits of `shifted` (1.5 * 2^23 + k, exact for |k| < 2^22), so
+  // its exponent bits come from those, in unsigned arithmetic, defined for every x: below -87 the
+  // result is 0 whatever they are, and a NaN x makes p NaN. The former conversion of k to int
+  // overflowed the exponent bits' product for x below about -266, and was itself undefined below
+  // about -1.5e9 (UndefinedBehaviorSanitizer, `make test-sanitize`).
+  uint32_t shifted_bits;
+  memcpy(&shifted_bits, &shifted, sizeof shifted_bits);
+  const uint32_t bits = (shifted_bits - 0x4B400000u + 127u) << 23;
   float two_k;
   memcpy(&two_k, &bits, sizeof two_k);
   return x < -87.0f ? 0.0f : p * two_k;

@@ -52,7 +52,6 @@ class _Launch:
     # the current program's accesses, not yet merged
     pending_reads: list = dataclasses.field(default_factory=list)
     own_writes: list = dataclasses.field(default_factory=list)
-    checked: int = 0
 
 
 _stack: list = []
