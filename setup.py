@@ -87,7 +87,8 @@ def _extension():
     # rounding error of s x instead of cancelling it for a row's maximum (README, Large logit
     # scales: the attention's dq had 14000 times the fp32 reference's error at logit_scale 1e4, NaN
     # at 1e10). The masked CRF, whose sums do not cancel, keeps its FMAs (csrc/cpu/masked_crf.cpp).
-    cxx = [*opt, *omp_c, *sanitizers, "-fvisibility=hidden", "-ffp-contract=off"]  # the C++ standard is torch's
+    # the C++ standard is torch's own choice
+    cxx = [*opt, *omp_c, *sanitizers, "-fvisibility=hidden", "-ffp-contract=off"]
     define_macros = [("AT_PARALLEL_OPENMP", "1")] if omp_c else []
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))

@@ -43,6 +43,7 @@ class _Argument:
 class _Launch:
     kernel: str
     arguments: list
+    # the union of the arguments' spans as disjoint intervals, ascending: [lo[i], hi[i])
     lo: np.ndarray
     hi: np.ndarray
     pid: Optional[tuple] = None
@@ -52,6 +53,7 @@ class _Launch:
     # the current program's accesses, not yet merged
     pending_reads: list = dataclasses.field(default_factory=list)
     own_writes: list = dataclasses.field(default_factory=list)
+    own_span: tuple = (0, 0)  # the bytes they cover, from the lowest to one past the highest
 
 
 _stack: list = []
@@ -102,6 +104,17 @@ def _arguments(names, args, kwargs) -> list:
     return found
 
 
+def _union(arguments: list) -> dict:
+    merged: list = []
+    for lo, hi in sorted((a.lo, a.hi) for a in arguments):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return dict(lo=np.array([m[0] for m in merged], dtype=np.uint64),
+                hi=np.array([m[1] for m in merged], dtype=np.uint64))
+
+
 def _describe(launch: _Launch, address: int) -> str:
     if not launch.arguments:
         return f"address {address:#x} (the launch has no tensor argument)"
@@ -142,6 +155,7 @@ def _switch_program(launch: _Launch, pid: tuple) -> None:
     launch.pid = pid
     launch.pending_reads = []
     launch.own_writes = []
+    launch.own_span = (0, 0)
 
 
 def _touched(launch: _Launch, ptrs, mask, kind: str) -> Optional[np.ndarray]:
@@ -161,10 +175,11 @@ def _touched(launch: _Launch, ptrs, mask, kind: str) -> Optional[np.ndarray]:
         return None
     accesses_checked += 1
     size = _element_size(ptrs)
-    inside = np.zeros(addresses.shape, dtype=bool)
-    ends = addresses + np.uint64(size)
-    for lo, hi in zip(launch.lo, launch.hi):
-        inside |= (addresses >= lo) & (ends <= hi)
+    if launch.lo.size:
+        interval = np.searchsorted(launch.lo, addresses, side="right") - 1
+        inside = (interval >= 0) & (addresses + np.uint64(size) <= launch.hi[np.maximum(interval, 0)])
+    else:
+        inside = np.zeros(addresses.shape, dtype=bool)
     if not inside.all():
         bad = addresses[~inside]
         _fail(
@@ -174,7 +189,9 @@ def _touched(launch: _Launch, ptrs, mask, kind: str) -> Optional[np.ndarray]:
 
 
 def _check_own_writes(launch: _Launch, addresses: np.ndarray, size: int) -> None:
-    if not launch.own_writes:
+    low, high = launch.own_span
+    # most loads read other tensors than the program's outputs: outside the span, nothing to match
+    if not launch.own_writes or int(addresses.max()) + size <= low or int(addresses.min()) >= high:
         return
     written = np.concatenate([_bytes(a, s) for a, s in launch.own_writes])
     hit = np.isin(_bytes(addresses, size), written)
@@ -261,7 +278,12 @@ def install() -> None:
             launch = _stack[-1]
             addresses = _touched(launch, ptrs, mask, "stores")
             if addresses is not None:
-                launch.own_writes.append((addresses, _element_size(ptrs)))
+                size = _element_size(ptrs)
+                launch.own_writes.append((addresses, size))
+                low, high = int(addresses.min()), int(addresses.max()) + size
+                if len(launch.own_writes) > 1:
+                    low, high = min(low, launch.own_span[0]), max(high, launch.own_span[1])
+                launch.own_span = (low, high)
         return original_store(self, ptrs, value, mask, *rest)
 
     def init_args_hst(self, args_dev, kwargs):
@@ -269,8 +291,7 @@ def install() -> None:
         arguments = _arguments(self.arg_names, args_hst, kwargs_hst)
         _stack.append(_Launch(
             kernel=getattr(self.fn, "__name__", str(self.fn)), arguments=arguments,
-            lo=np.array([a.lo for a in arguments], dtype=np.uint64),
-            hi=np.array([a.hi for a in arguments], dtype=np.uint64)))
+            **_union(arguments)))
         return args_hst, kwargs_hst
 
     def call(self, *args, **kwargs):
