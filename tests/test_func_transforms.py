@@ -221,16 +221,21 @@ def test_masked_crf_hessian_vector_product_under_func(backend, device):
     torch.testing.assert_close(hvp(f), hvp(f_ref), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", [b for b in runnable_backends("spatial_attention", "cpu")])
-def test_block_and_loss_parameter_gradients_with_functional_call(backend):
-    """The block and the loss as torch.func uses a model: func.grad over the parameters of
-    functional_call (the tied q, k path of the fused attention), against autograd."""
+def _block_loss_and_inputs(backend, batch):
+    """The block (dim 16, 2 heads, on a 4 x 5 grid) and its similarity loss (radius 1), seeded, with
+    features and 3-class probabilities for `batch` samples."""
     torch.manual_seed(0)
     block = ao.nn.SpatialSelfAttention(16, heads=2, backend=backend).eval()
     loss_fn = ao.nn.AttentiveSimilarityLoss(heads=block.similarity_heads, radius=1,
                                             backend=loss_backend_for(backend))
-    x = torch.randn(2, 16, 4, 5)
-    probs = torch.softmax(torch.randn(2, 3, 8, 10), 1)
+    return block, loss_fn, torch.randn(batch, 16, 4, 5), torch.softmax(torch.randn(batch, 3, 8, 10), 1)
+
+
+@pytest.mark.parametrize("backend", [b for b in runnable_backends("spatial_attention", "cpu")])
+def test_block_and_loss_parameter_gradients_with_functional_call(backend):
+    """The block and the loss as torch.func uses a model: func.grad over the parameters of
+    functional_call (the tied q, k path of the fused attention), against autograd."""
+    block, loss_fn, x, probs = _block_loss_and_inputs(backend, 2)
     params = {**{f"block.{k}": v.detach() for k, v in block.named_parameters()},
               **{f"loss.{k}": v.detach() for k, v in loss_fn.named_parameters()}}
     model = torch.nn.ModuleDict({"block": block, "loss": loss_fn})
@@ -389,12 +394,7 @@ def test_vmap_per_sample_gradients_of_the_block_and_loss(backend):
     functional_call: the block's tied q, k path, whose backward adds the attention's dq, dk into
     the loss's (under torch.func through the plain backward operator: vmap cannot batch an
     operator that writes into its arguments). Against autograd, one sample at a time."""
-    torch.manual_seed(0)
-    block = ao.nn.SpatialSelfAttention(16, heads=2, backend=backend).eval()
-    loss_fn = ao.nn.AttentiveSimilarityLoss(heads=block.similarity_heads, radius=1,
-                                            backend=loss_backend_for(backend))
-    x = torch.randn(3, 16, 4, 5)
-    probs = torch.softmax(torch.randn(3, 3, 8, 10), 1)
+    block, loss_fn, x, probs = _block_loss_and_inputs(backend, 3)
     params = {k: v.detach() for k, v in block.named_parameters()}
 
     def per_sample(params, x_i, probs_i):

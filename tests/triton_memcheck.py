@@ -188,6 +188,15 @@ def _touched(launch: _Launch, ptrs, mask, kind: str) -> Optional[np.ndarray]:
     return addresses
 
 
+def _access(ptrs, mask, kind: str) -> tuple:
+    """(launch, element addresses, element size) of a load or a store inside a checked launch,
+    after the bounds check; addresses None outside a launch or when the mask is all false."""
+    if not _stack:
+        return None, None, 0
+    launch = _stack[-1]
+    return launch, _touched(launch, ptrs, mask, kind), _element_size(ptrs)
+
+
 def _check_own_writes(launch: _Launch, addresses: np.ndarray, size: int) -> None:
     low, high = launch.own_span
     # most loads read other tensors than the program's outputs: outside the span, nothing to match
@@ -264,26 +273,20 @@ def install() -> None:
     original_call = executor.__call__
 
     def create_masked_load(self, ptrs, mask, other, *rest):
-        if _stack:
-            launch = _stack[-1]
-            addresses = _touched(launch, ptrs, mask, "loads")
-            if addresses is not None:
-                size = _element_size(ptrs)
-                _check_own_writes(launch, addresses, size)
-                launch.pending_reads.append((addresses, size))
+        launch, addresses, size = _access(ptrs, mask, "loads")
+        if addresses is not None:
+            _check_own_writes(launch, addresses, size)
+            launch.pending_reads.append((addresses, size))
         return original_load(self, ptrs, mask, other, *rest)
 
     def create_masked_store(self, ptrs, value, mask, *rest):
-        if _stack:
-            launch = _stack[-1]
-            addresses = _touched(launch, ptrs, mask, "stores")
-            if addresses is not None:
-                size = _element_size(ptrs)
-                launch.own_writes.append((addresses, size))
-                low, high = int(addresses.min()), int(addresses.max()) + size
-                if len(launch.own_writes) > 1:
-                    low, high = min(low, launch.own_span[0]), max(high, launch.own_span[1])
-                launch.own_span = (low, high)
+        launch, addresses, size = _access(ptrs, mask, "stores")
+        if addresses is not None:
+            launch.own_writes.append((addresses, size))
+            low, high = int(addresses.min()), int(addresses.max()) + size
+            if len(launch.own_writes) > 1:
+                low, high = min(low, launch.own_span[0]), max(high, launch.own_span[1])
+            launch.own_span = (low, high)
         return original_store(self, ptrs, value, mask, *rest)
 
     def init_args_hst(self, args_dev, kwargs):
