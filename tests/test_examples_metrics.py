@@ -3,12 +3,13 @@ spacing included, and the honest handling of empty predictions."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 
 import examples_support  # noqa: F401  (puts examples/ on sys.path)
-from scribseg.evaluation import format_table, score_case, summarise
+from scribseg.evaluation import directed_surface_distances, format_table, score_case, summarise
 
 
 def _box(shape, z, y, x, value=1):
@@ -45,6 +46,83 @@ def test_shifted_slab_dice_and_hd95():
     # every boundary voxel of one box is at most 2 voxels (3 mm) in x from the other's boundary,
     # and the shifted faces are exactly that far: the 95th percentile is 3 mm
     assert row["hd95"] == pytest.approx(3.0)
+
+
+def _brute_surface(m):
+    """Coordinates of the voxels of m with a face neighbour outside m or outside the volume."""
+    padded = np.pad(m, 1, constant_values=False)
+    inner = np.ones_like(m)
+    for axis in range(m.ndim):
+        for step in (-1, 1):
+            inner &= np.roll(padded, step, axis=axis)[tuple(slice(1, -1) for _ in m.shape)]
+    return np.argwhere(m & ~inner)
+
+
+def _brute_hd95(pred, gt, spacing):
+    """MedPy's hd95 written out: every pairwise distance between the two surfaces, the nearest in
+    each direction, both directions pooled, 95th percentile."""
+    a = _brute_surface(pred) * np.asarray(spacing, float)
+    b = _brute_surface(gt) * np.asarray(spacing, float)
+    d = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+    return float(np.percentile(np.concatenate([d.min(1), d.min(0)]), 95))
+
+
+def _blobs(rng, shape, density):
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(rng.random(shape) < density, iterations=int(rng.integers(0, 2)))
+
+
+def test_hd95_matches_the_written_out_definition():
+    rng = np.random.default_rng(7)
+    checked = 0
+    for _ in range(30):
+        shape = tuple(int(v) for v in rng.integers(3, 12, size=3))
+        pred, gt = _blobs(rng, shape, 0.04), _blobs(rng, shape, 0.04)
+        if not pred.any() or not gt.any():
+            continue
+        spacing = tuple(float(v) for v in rng.uniform(0.5, 6.0, size=3))
+        (row,) = score_case(pred.astype(np.uint8), gt.astype(np.uint8), 2, spacing)
+        assert row["hd95"] == pytest.approx(_brute_hd95(pred, gt, spacing), rel=1e-12, abs=1e-12)
+        checked += 1
+    assert checked >= 20
+
+
+def test_hd95_pools_both_directions_unlike_monai():
+    """A far false-positive strip: MONAI's percentile=95 is the larger one-way percentile; the
+    pooled one (MedPy, the papers) is smaller. Both share the one-way distance sets."""
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    gt = _box((6, 60, 40), (1, 3), (5, 25), (5, 25))
+    pred = gt.copy()
+    pred[4, 44:50, 2:32] = 1
+    spacing = (5.0, 1.5, 1.5)
+    (row,) = score_case(pred, gt, 2, spacing)
+    to_gt, to_pred = directed_surface_distances(pred.astype(bool), gt.astype(bool), spacing)
+    assert row["hd95"] == pytest.approx(float(np.percentile(np.concatenate([to_gt, to_pred]), 95)))
+    assert row["hd95"] == pytest.approx(_brute_hd95(pred.astype(bool), gt.astype(bool), spacing))
+    with warnings.catch_warnings():   # MONAI 1.5 warns about an argument of its own internal call
+        warnings.simplefilter("ignore", FutureWarning)
+        monai = float(compute_hausdorff_distance(torch.from_numpy(pred[None, None].astype(np.float32)),
+                                                 torch.from_numpy(gt[None, None].astype(np.float32)),
+                                                 include_background=True, percentile=95,
+                                                 spacing=list(spacing)).reshape(-1)[0])
+    assert monai == pytest.approx(max(np.percentile(to_gt, 95), np.percentile(to_pred, 95)), rel=1e-5)
+    assert row["hd95"] < monai - 1.0
+
+
+def test_surface_distances_crop_keeps_the_volume_edge():
+    # masks touching the volume's faces: the edge voxels are surface, as on the whole volume
+    gt = np.ones((3, 6, 6), bool)
+    pred = np.zeros((3, 6, 6), bool)
+    pred[:, :, :3] = True
+    to_gt, to_pred = directed_surface_distances(pred, gt, (2.0, 1.0, 1.0))
+    assert to_gt.size == len(_brute_surface(pred)) and to_pred.size == len(_brute_surface(gt))
+    assert score_case(pred.astype(np.uint8), gt.astype(np.uint8), 2, (2.0, 1.0, 1.0))[0]["hd95"] == \
+        pytest.approx(_brute_hd95(pred, gt, (2.0, 1.0, 1.0)))
+    with pytest.raises(ValueError, match="non-empty"):
+        directed_surface_distances(np.zeros((2, 2, 2), bool), gt[:2, :2, :2], (1.0, 1.0, 1.0))
 
 
 def test_partial_overlap_in_z():
