@@ -6,8 +6,9 @@ PyTorch: importing it registers nothing, so either backend family loads without 
 * :func:`attention` / :class:`TiedAttention`: the spatial attention; with ``tie_qk=True`` it also
   returns q and k as views owned by its autograd node, for the similarity loss. The loss's window
   terms of dq, dk then arrive in the attention's backward as the gradients of those views, and an
-  accumulate op adds the attention's own dq, dk into them in place: q and k hold one gradient
-  buffer each instead of two (the window terms alive while a second dq, dk pair is produced).
+  accumulate op adds the attention's own dq, dk into a copy of them in its sweep (no separate
+  dq, dk pair to add afterwards). Not into the incoming tensors themselves: autograd may hand
+  one tensor to both views, or the caller's own ``grad_outputs``.
 * :func:`first_order`: the backwards of the attention and the similarity loss are not themselves
   differentiable; under ``create_graph=True`` their gradients raise if a second backward reaches
   them, instead of silently missing terms.
@@ -251,14 +252,13 @@ def fused_loss(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, rad
 
 
 def _accumulator(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """A buffer the accumulate op may add into: the incoming gradient itself when it is already a
-    contiguous accumulation-type tensor (the window op's output), else a converted copy; a copy
-    too when it is part of a graph (create_graph: first_order's output, which must stay as it is)."""
+    """A buffer the accumulate op adds into: a contiguous copy of the incoming gradient in the
+    accumulation type, or zeros. Never the incoming tensor itself: autograd may hand one tensor to
+    both q_view and k_view (``(q_view + k_view).sum()``), or the caller's own ``grad_outputs``, and
+    a backward must not write into either. The copy is one pass over a (B, heads, n, D) tensor."""
     acc = acc_dtype(like.dtype)
     if grad is None:
         return torch.zeros(like.shape, dtype=acc, device=like.device)
-    if grad.dtype == acc and grad.is_contiguous() and grad.shape == like.shape and not grad.requires_grad:
-        return grad
     return grad.detach().to(acc, copy=True, memory_format=torch.contiguous_format)
 
 

@@ -300,8 +300,8 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, logi
         logit_scale: scale of the similarity logits whose row log-sum-exp is returned.
         tie_qk: also return q and k as views owned by the attention's autograd node, to hand to
             :func:`attentive_similarity_loss` with the LSE: the fused backends then add the
-            attention's dq, dk into the loss's window terms in place (one gradient buffer per
-            tensor instead of two). Values and gradients are the same either way.
+            attention's dq, dk to (a copy of) the loss's window terms in their backward sweep.
+            Values and gradients are the same either way.
         return_lse: False when no similarity loss will read the LSE (inference): ``lse_sim`` is
             then None, and "auto" computes ``out`` with torch's own fused attention
             (``F.scaled_dot_product_attention``) where nothing is differentiated, which is faster

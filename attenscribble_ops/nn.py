@@ -111,7 +111,7 @@ class _Block(nn.Module):
         q = self.q(u).reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
         k, v = self.kv(u).reshape(b, n, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         if torch.is_grad_enabled() and not torch.jit.is_tracing():
-            # q, k tied to the attention node: the loss's dq, dk window terms join the attention's in place
+            # q, k tied to the attention node: the attention backward adds its dq, dk to the loss's window terms
             out, lse, q, k = functional.spatial_attention(q, k, v, logit_scale=self.logit_scale,
                                                           backend=self.backend, tie_qk=True)
         else:  # inference, or a TorchScript trace (its graph then does not depend on the grad mode): no LSE

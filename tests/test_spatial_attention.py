@@ -305,6 +305,43 @@ def test_tied_q_k_give_the_same_gradients(backend):
         torch.testing.assert_close(tied, untied, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_tied_views_sharing_one_gradient_and_callers_grad_outputs(backend):
+    """tie_qk when autograd hands q_view and k_view one gradient tensor ((q_view + k_view) feeds
+    the loss), and when the caller passes its own grad_outputs: the attention's dq, dk go into
+    buffers of the backward's own, so both gradients are right and the caller's tensors unchanged."""
+    q, k, v = _inputs((2, 2, 30, 16), seed=10)
+    dtype = _dtype_for(backend)
+    dout = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(11)).to(dtype)
+    want = None
+    for be, dt in (("reference", torch.float64), (backend, dtype)):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        out, lse, qv, kv = A.spatial_attention(*leaves, backend=be, tie_qk=True)
+        ((out * dout.to(dt)).sum() + ((qv + kv) * 2.0).sum() + lse.sum()).backward()
+        got = [t.grad.double() for t in leaves]
+        if want is None:
+            want = got
+    tol = dict(rtol=1e-8, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g, w, **tol, msg=name)
+
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out, lse, qv, kv = A.spatial_attention(*leaves, backend=backend, tie_qk=True)
+    g_out, g_lse = torch.ones_like(out), torch.ones_like(lse)
+    g_q = torch.full_like(qv, 0.5)
+    g_k = g_q  # one tensor for both views, as autograd may pass it
+    before = g_q.clone()
+    grads = torch.autograd.grad([out, lse, qv, kv], leaves, grad_outputs=[g_out, g_lse, g_q, g_k])
+    assert torch.equal(g_q, before) and torch.equal(g_out, torch.ones_like(out))
+    assert torch.equal(g_lse, torch.ones_like(lse))
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    r = A.spatial_attention(*ref_leaves, backend="reference", tie_qk=True)
+    ref = torch.autograd.grad(list(r), ref_leaves, grad_outputs=[g_out.double(), g_lse.double(), before.double(),
+                                                                before.double()])
+    for name, g, w in zip("qkv", grads, ref):
+        torch.testing.assert_close(g.double(), w, **tol, msg=name)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("heads, depth", [(1, 1), (2, 2)])
 def test_block_and_loss_match_reference(backend, heads, depth):
