@@ -3,6 +3,8 @@ names the argument and says what was expected. Only metadata and Python values a
 host synchronisation), so the checks are free under torch.compile."""
 from __future__ import annotations
 
+import functools
+import inspect
 import numbers
 import sys
 from typing import Optional, Sequence
@@ -54,11 +56,16 @@ def _describe(x) -> str:
     return f"{type(x).__name__} {x!r}"
 
 
+# the floating-point dtypes the ops compute in (float8 types, which PyTorch counts as floating
+# point, have no arithmetic there)
+FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def floating_tensor(x, name: str, ndims: Sequence[int], shape_doc: str) -> torch.Tensor:
     """A real floating-point tensor with one of ``ndims`` dimensions and no empty dimension."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {_describe(x)}")
-    if not x.is_floating_point():
+    if x.dtype not in FLOATING:
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
                         f"got {x.dtype}")
     if x.dim() not in ndims:
@@ -79,8 +86,9 @@ def real_tensor(x, name: str, shape_doc: str) -> torch.Tensor:
     """A real (bool, integer or floating) tensor, e.g. a mask or a gate."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {_describe(x)}")
-    if x.is_complex():
-        raise TypeError(f"{name} must be a real tensor, got {x.dtype}")
+    if x.is_complex() or (x.is_floating_point() and x.dtype not in FLOATING):
+        raise TypeError(f"{name} must be a bool, integer, float16, bfloat16, float32 or float64 tensor, "
+                        f"got {x.dtype}")
     return x
 
 
@@ -177,3 +185,27 @@ def integer_ratio(big: Sequence[int], small: Sequence[int], name: str, ref_name:
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 accumulation (and result) for fp16/bf16/fp32 inputs, fp64 for fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def same_device_fake(fake):
+    """A fake kernel that first checks, as the real kernels do, that its tensor arguments share
+    one device. A direct call of an operator that mixes a meta tensor with real ones is dispatched
+    to the fake kernel (the Meta key wins), which would otherwise return uninitialised tensors on
+    the first argument's device."""
+    names = list(inspect.signature(fake).parameters)
+
+    @functools.wraps(fake)
+    def checked(*args, **kwargs):
+        first = None
+        for name, value in [*zip(names, args), *kwargs.items()]:
+            for item in (value if isinstance(value, (list, tuple)) else (value,)):
+                if not isinstance(item, torch.Tensor):
+                    continue
+                if first is None:
+                    first = (name, item.device)
+                elif item.device != first[1]:
+                    raise ValueError(f"{name} is on {item.device} but {first[0]} is on {first[1]}; the "
+                                     f"operator's tensors must be on one device")
+        return fake(*args, **kwargs)
+
+    return checked

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from . import _vmap
-from ._checks import accumulate_dtype
+from ._checks import accumulate_dtype, same_device_fake
 from ._composite import two_forms
 from ._crf_params import CRFParams
 
@@ -142,6 +142,7 @@ def register_fake_and_autograd(name: str) -> None:
     batch) of the operator ``name``."""
 
     @torch.library.register_fake(name)
+    @same_device_fake
     def _fake(probs, image, mask_dst, mask_src, compat, table, radius, spacing, zero_padding, with_grad):
         acc = accumulate_dtype(probs.dtype)
         return probs.new_empty((), dtype=acc), probs.new_empty(probs.shape if with_grad else (0,), dtype=acc)

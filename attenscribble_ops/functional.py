@@ -65,6 +65,9 @@ def _prepare_compat(compatibility, classes: int, dtype: torch.dtype, device) -> 
     if isinstance(compatibility, torch.Tensor):
         if compatibility.is_complex() or compatibility.dtype == torch.bool:
             raise TypeError(f"compatibility must be a real (C, C) matrix, got {compatibility.dtype}")
+        if compatibility.device.type == "meta":
+            raise ValueError("compatibility is on meta but its values are read on the host: pass a CPU or "
+                             f"{torch.device(device).type} tensor, or a nested list")
         mat = compatibility.detach().to("cpu", torch.float64)
     else:
         try:
@@ -247,7 +250,7 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
         raise ValueError(f"head_weight must have one entry per head of q: shape ({heads},), got "
                          f"{tuple(head_weight.shape)}")
     _checks.same_device("head_weight", head_weight, "q", q)
-    if not isinstance(head_bias, torch.Tensor) or not head_bias.is_floating_point() or head_bias.numel() != 1:
+    if not isinstance(head_bias, torch.Tensor) or head_bias.dtype not in _checks.FLOATING or head_bias.numel() != 1:
         raise TypeError(f"head_bias must be a floating-point scalar tensor (shape () or (1,)), got "
                         f"{_checks._describe(head_bias)}")
     _checks.same_device("head_bias", head_bias, "q", q)
@@ -268,8 +271,9 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
         if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (batch, heads, n):
             raise ValueError(f"lse must be a (B, heads, n) = ({batch}, {heads}, {n}) tensor, got "
                              f"{_checks._describe(lse)}")
-        if not lse.is_floating_point():
-            raise TypeError(f"lse must be a floating-point tensor (row log-sum-exps), got {lse.dtype}")
+        if lse.dtype not in _checks.FLOATING:
+            raise TypeError(f"lse must be a float16, bfloat16, float32 or float64 tensor (row log-sum-exps), "
+                            f"got {lse.dtype}")
         _checks.same_device("lse", lse, "q", q)
     backend = _checks.choice(backend, "backend", backends.CHOICES)
     probs_grid = _resize_to_grid(probs, (h, w))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import functional
-from ._checks import bandwidth, integer, number, window_radius
+from ._checks import FLOATING, bandwidth, integer, number, window_radius
 
 
 @dataclasses.dataclass
@@ -186,8 +186,8 @@ class SpatialSelfAttention(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.dim:
             raise ValueError(f"x must be a (B, {self.dim}, h, w) feature map, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point feature map, got {x.dtype}")
+        if x.dtype not in FLOATING:
+            raise TypeError(f"x must be a float16, bfloat16, float32 or float64 feature map, got {x.dtype}")
         b, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)
         qs, ks, lses = [], [], []

@@ -17,6 +17,7 @@ CRF_CASES = [
     ("probs as a list", dict(probs=[[1.0]]), TypeError, "probs"),
     ("integer probs", dict(probs=torch.ones(2, 3, 8, 8, dtype=torch.int64)), TypeError, "probs"),
     ("complex probs", dict(probs=torch.ones(2, 3, 8, 8, dtype=torch.complex64)), TypeError, "probs"),
+    ("float8 probs", dict(probs=P.to(torch.float8_e4m3fn)), TypeError, "probs must be a floating-point"),
     ("3-D probs", dict(probs=torch.rand(3, 8, 8)), ValueError, "probs"),
     ("batch of size 0", dict(probs=torch.rand(0, 3, 8, 8), image=torch.rand(0, 1, 8, 8)), ValueError, "probs"),
     ("image batch differs", dict(image=torch.rand(1, 1, 8, 8)), ValueError, "image"),
@@ -47,6 +48,7 @@ CRF_CASES = [
     ("mask batch differs", dict(mask_dst=torch.ones(1, 1, 8, 8)), ValueError, "mask_dst"),
     ("mask with 2 channels", dict(mask_src=torch.ones(2, 2, 8, 8)), ValueError, "mask_src"),
     ("complex mask", dict(mask_dst=torch.ones(2, 1, 8, 8, dtype=torch.complex64)), TypeError, "mask_dst"),
+    ("float8 mask", dict(mask_dst=torch.ones(2, 1, 8, 8, dtype=torch.float8_e5m2)), TypeError, "mask_dst"),
     ("mask not a tensor", dict(mask_dst=[[1.0]]), TypeError, "mask_dst"),
     ("mask not an integer multiple", dict(mask_dst=torch.ones(2, 1, 12, 12)), ValueError, "mask_dst"),
     ("mask on another device", dict(mask_dst=torch.empty(2, 1, 8, 8, device="meta")), ValueError, "mask_dst"),
@@ -55,6 +57,8 @@ CRF_CASES = [
     ("negative compatibility", dict(compatibility=-(1 - torch.eye(3))), ValueError, "negative"),
     ("complex compatibility", dict(compatibility=torch.ones(3, 3, dtype=torch.complex64)), TypeError,
      "compatibility"),
+    ("compatibility on meta", dict(compatibility=torch.empty(3, 3, device="meta")), ValueError,
+     "compatibility is on meta"),
     ("unknown padding", dict(padding="reflect"), ValueError, "padding"),
     ("sigma past float64 as a Python int", dict(sigma_xy=10 ** 400), ValueError, "sigma_xy must be finite"),
     ("sigma_xy too small for float32 probs", dict(sigma_xy=1e-20), ValueError, "sigma_xy = 1e-20 is out of range"),
@@ -89,6 +93,8 @@ SIM = dict(q=Q, k=torch.randn(2, 1, 16, 8), probs=torch.rand(2, 3, 16, 16).softm
 SIM_CASES = [
     ("3-D q", dict(q=torch.randn(2, 16, 8)), ValueError, "q"),
     ("integer q", dict(q=torch.ones(2, 1, 16, 8, dtype=torch.int32)), TypeError, "q"),
+    ("float8 q and k", dict(q=torch.ones(2, 1, 16, 8, dtype=torch.float8_e4m3fn),
+                            k=torch.ones(2, 1, 16, 8, dtype=torch.float8_e4m3fn)), TypeError, "q must be a floating"),
     ("k shape differs", dict(k=torch.randn(2, 1, 16, 4)), ValueError, "k must have the shape"),
     ("k dtype differs", dict(k=torch.randn(2, 1, 16, 8, dtype=torch.float64)), TypeError, "k must have the dtype"),
     ("k on another device", dict(k=torch.empty(2, 1, 16, 8, device="meta")), ValueError, "k is on"),
@@ -116,6 +122,7 @@ SIM_CASES = [
     ("both gradients off", dict(grad_probs=False, grad_kernel=False), ValueError, "grad_probs and grad_kernel"),
     ("lse of wrong shape", dict(lse=torch.zeros(2, 16)), ValueError, "lse"),
     ("integer lse", dict(lse=torch.zeros(2, 1, 16, dtype=torch.long)), TypeError, "lse"),
+    ("float8 head_bias", dict(head_bias=torch.zeros((), dtype=torch.float8_e5m2)), TypeError, "head_bias"),
     ("lse on another device", dict(lse=torch.empty(2, 1, 16, device="meta")), ValueError, "lse"),
     ("batch of size 0", dict(q=torch.randn(0, 1, 16, 8), k=torch.randn(0, 1, 16, 8),
                              probs=torch.rand(0, 3, 16, 16)), ValueError, "q"),
@@ -144,6 +151,8 @@ ATTENTION_CASES = [
     ("3-D q", dict(q=torch.randn(2, 5, 4)), ValueError, "q"),
     ("k head dim differs", dict(k=torch.randn(1, 2, 5, 8)), ValueError, "k"),
     ("integer q", dict(q=torch.ones(1, 2, 5, 4, dtype=torch.long)), TypeError, "q"),
+    ("float8 q, k, v", dict(q=QA.to(torch.float8_e4m3fn), k=QA.to(torch.float8_e4m3fn),
+                            v=QA.to(torch.float8_e4m3fn)), TypeError, "q must be a floating"),
     ("v on another device", dict(v=torch.empty(1, 2, 5, 4, device="meta")), ValueError, "v"),
     ("infinite logit_scale", dict(logit_scale=math.inf), ValueError, "logit_scale"),
     ("tie_qk not a bool", dict(tie_qk="yes"), TypeError, "tie_qk"),
@@ -197,3 +206,37 @@ def test_nan_inputs_propagate():
     q[0, 0, 0, 0] = float("nan")
     assert torch.isnan(attentive_similarity_loss(q, SIM["k"], SIM["probs"], SIM["head_weight"], SIM["head_bias"],
                                                  grid=(4, 4)))
+
+
+def _direct_op_calls():
+    """(operator name, arguments) of direct operator calls, all on the CPU; the Triton operators
+    where the Triton backend runs here (the interpreter)."""
+    q, k, v = (torch.randn(1, 1, 6, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    lse = torch.randn(1, 1, 6)
+    sim = (q, k, lse, torch.rand(1, 2, 2, 3), torch.ones(1), torch.zeros(()), torch.ones(1), 1, 2.0, 1.0)
+    crf = (torch.rand(1, 2, 4, 4), None, torch.ones(1, 1, 4, 4), None, None, [1.0, 0.2], [1, 1], [1.0, 1.0],
+           True, True)
+    calls = [("masked_crf_forward", crf), ("spatial_attention_forward", (q, k, v, 1.0)),
+             ("spatial_attention_lse", (q, k, 1.0)), ("attentive_similarity_forward", sim)]
+    from attenscribble_ops.testing import runnable_backends
+
+    if "triton" in runnable_backends("spatial_attention"):
+        calls += [("masked_crf_forward_triton", crf), ("spatial_attention_forward_triton", (q, k, v, 1.0)),
+                  ("spatial_attention_lse_triton", (q, k, 1.0)), ("attentive_similarity_forward_triton", sim)]
+    return calls
+
+
+@pytest.mark.parametrize("name,args", _direct_op_calls(), ids=[c[0] for c in _direct_op_calls()])
+def test_direct_operator_call_mixing_a_meta_tensor(name, args):
+    """A direct torch.ops call with one tensor on meta and the rest on the CPU is dispatched to the
+    fake kernel (Meta wins the dispatch): it raises, naming the argument, instead of returning
+    uninitialised tensors."""
+    op = getattr(torch.ops.attenscribble_ops, name)
+    op(*args)  # valid as given
+    for i, arg in enumerate(args):
+        if not isinstance(arg, torch.Tensor) or i == 0:
+            continue
+        mixed = list(args)
+        mixed[i] = arg.to("meta")
+        with pytest.raises(ValueError, match="is on meta but .* is on cpu"):
+            op(*mixed)

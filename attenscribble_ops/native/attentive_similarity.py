@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from .. import _extension, _vmap, backends
+from .._checks import same_device_fake
 from .._composite import acc_dtype, fused_loss, fused_similarity_autograd, window_similarity_autograd, with_formula
 from .spatial_attention import CUDA_MAX_HEAD_DIM
 
@@ -25,11 +26,13 @@ _WHY = {d: _extension.why_no_kernel("attentive_similarity_forward", d)
 
 
 @torch.library.register_fake("attenscribble_ops::attentive_similarity_forward")
+@same_device_fake
 def _forward_fake(q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale):
     return q.new_empty((q.shape[0], q.shape[2]), dtype=acc_dtype(q.dtype))
 
 
 @torch.library.register_fake("attenscribble_ops::attentive_similarity_backward")
+@same_device_fake
 def _backward_fake(grad_rows, q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale):
     contiguous = dict(memory_format=torch.contiguous_format)
     return (torch.empty_like(q, **contiguous), torch.empty_like(k, **contiguous), torch.empty_like(lse, **contiguous),
@@ -42,12 +45,14 @@ torch.library.register_autograd("attenscribble_ops::attentive_similarity_forward
 
 
 @torch.library.register_fake("attenscribble_ops::attentive_similarity_fused_forward")
+@same_device_fake
 def _fused_forward_fake(q, k, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale):
     acc = acc_dtype(q.dtype)
     return q.new_empty((q.shape[0], q.shape[2]), dtype=acc), q.new_empty(q.shape[:3], dtype=acc)
 
 
 @torch.library.register_fake("attenscribble_ops::attentive_similarity_fused_backward")
+@same_device_fake
 def _fused_backward_fake(grad_rows, grad_lse, q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma,
                          logit_scale):
     contiguous = dict(memory_format=torch.contiguous_format)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 from .. import _extension, _vmap
+from .._checks import same_device_fake
 
 
 @torch.library.register_fake("attenscribble_ops::clean_mask")
+@same_device_fake
 def _clean_mask_fake(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.new_empty(mask.shape, dtype=dtype)
 

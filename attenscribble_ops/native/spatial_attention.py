@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .. import _extension, _vmap, backends
+from .._checks import same_device_fake
 from .._composite import acc_dtype, attention, attention_autograd, with_formula
 
 _OPS = torch.ops.attenscribble_ops
@@ -28,6 +29,7 @@ CUDA_MAX_HEAD_DIM = 128
 
 
 @torch.library.register_fake("attenscribble_ops::spatial_attention_forward")
+@same_device_fake
 def _forward_fake(q, k, v, logit_scale):
     rows = q.shape[:3]
     acc = acc_dtype(q.dtype)
@@ -35,6 +37,7 @@ def _forward_fake(q, k, v, logit_scale):
 
 
 @torch.library.register_fake("attenscribble_ops::spatial_attention_backward")
+@same_device_fake
 def _backward_fake(dout, dlse_attn, dlse_sim, q, k, v, out, lse_attn, lse_sim, logit_scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), \
@@ -42,16 +45,19 @@ def _backward_fake(dout, dlse_attn, dlse_sim, q, k, v, out, lse_attn, lse_sim, l
 
 
 @torch.library.register_fake("attenscribble_ops::spatial_attention_backward_accumulate")
+@same_device_fake
 def _backward_accumulate_fake(dout, dlse_attn, dlse_sim, q, k, v, out, lse_attn, lse_sim, logit_scale, dq, dk):
     return torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("attenscribble_ops::spatial_attention_lse")
+@same_device_fake
 def _lse_fake(q, k, logit_scale):
     return q.new_empty(q.shape[:3], dtype=acc_dtype(q.dtype))
 
 
 @torch.library.register_fake("attenscribble_ops::spatial_attention_lse_backward")
+@same_device_fake
 def _lse_backward_fake(dlse, q, k, lse, logit_scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format)

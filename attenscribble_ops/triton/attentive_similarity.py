@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .. import _vmap, backends
+from .._checks import same_device_fake
 from . import _target
 from ._tf32x3 import mm as _mm
 from ._tf32x3 import mm_t as _mm_t
@@ -375,11 +376,13 @@ def attentive_similarity_fused_backward_triton(
 
 
 @attentive_similarity_forward_triton.register_fake
+@same_device_fake
 def _forward_fake(q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale):
     return q.new_empty((q.shape[0], q.shape[2]), dtype=torch.float32)
 
 
 @attentive_similarity_backward_triton.register_fake
+@same_device_fake
 def _backward_fake(grad_rows, q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale):
     return (q.new_empty(q.shape), k.new_empty(k.shape), lse.new_empty(lse.shape), probs.new_empty(probs.shape),
             head_weight.new_empty(head_weight.shape), head_bias.new_empty(head_bias.shape))
@@ -390,11 +393,13 @@ attentive_similarity_forward_triton.register_autograd(_grad, setup_context=_setu
 
 
 @attentive_similarity_fused_forward_triton.register_fake
+@same_device_fake
 def _fused_forward_fake(q, k, probs, head_weight, head_bias, sample_weight, radius, sigma, logit_scale):
     return q.new_empty((q.shape[0], q.shape[2]), dtype=torch.float32), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @attentive_similarity_fused_backward_triton.register_fake
+@same_device_fake
 def _fused_backward_fake(grad_rows, grad_lse, q, k, lse, probs, head_weight, head_bias, sample_weight, radius, sigma,
                          logit_scale):
     return (q.new_empty(q.shape), k.new_empty(k.shape), probs.new_empty(probs.shape),

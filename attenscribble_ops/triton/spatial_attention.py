@@ -30,6 +30,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .. import _vmap, backends
+from .._checks import same_device_fake
 from . import _target
 from ._tf32x3 import mm as _mm
 from ._tf32x3 import mm_t as _mm_t
@@ -518,27 +519,32 @@ def spatial_attention_lse_backward_triton(dlse: torch.Tensor, q: torch.Tensor, k
 
 
 @spatial_attention_forward_triton.register_fake
+@same_device_fake
 def _forward_fake(q, k, v, logit_scale):
     rows = q.shape[:3]
     return q.new_empty(v.shape), q.new_empty(rows, dtype=torch.float32), q.new_empty(rows, dtype=torch.float32)
 
 
 @spatial_attention_backward_triton.register_fake
+@same_device_fake
 def _backward_fake(dout, dlse_attn, dlse_sim, q, k, v, out, lse_attn, lse_sim, logit_scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @spatial_attention_backward_accumulate_triton.register_fake
+@same_device_fake
 def _backward_accumulate_fake(dout, dlse_attn, dlse_sim, q, k, v, out, lse_attn, lse_sim, logit_scale, dq, dk):
     return v.new_empty(v.shape)
 
 
 @spatial_attention_lse_triton.register_fake
+@same_device_fake
 def _lse_fake(q, k, logit_scale):
     return q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @spatial_attention_lse_backward_triton.register_fake
+@same_device_fake
 def _lse_backward_fake(dlse, q, k, lse, logit_scale):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
