@@ -333,7 +333,9 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, logi
         raise ValueError("tie_qk=True hands q, k to the similarity loss with the LSE; it needs return_lse=True")
     meta = backends.Meta.of(q, _head_dim_option(q), _head_dim_option(v), *_checks.reference_only_options(q, k, v))
     if not return_lse and backend == "auto" and _sdpa_output_only(q, k, v, meta):
-        return F.scaled_dot_product_attention(q, k, v), None
+        from .aten_attention import nan_rows_kept_
+
+        return nan_rows_kept_(F.scaled_dot_product_attention(q, k, v), q), None
     _, impl = backends.select("spatial_attention", backend, meta)
     if not return_lse:
         return impl(q, k, v, logit_scale)[0], None

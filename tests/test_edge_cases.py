@@ -153,3 +153,50 @@ def test_nan_propagates_identically_on_every_backend():
         loss = ao.attentive_similarity_loss(x["q"], x["k"], x["probs"], x["head_weight"], x["head_bias"],
                                             grid=(5, 5), backend=backend)
         assert torch.isnan(loss), backend
+
+
+ATTENTION = runnable_backends("spatial_attention")
+
+
+@pytest.mark.parametrize("backend", ATTENTION)
+@pytest.mark.parametrize("shape, at", [((2, 2, 24, 16), (1, 0, 7, 3)), ((1, 1, 6, 4), (0, 0, 2, 1))])
+def test_nan_query_row_gives_nan_out_and_lse_rows_on_every_backend(backend, shape, at):
+    """A NaN in one row of q: that row of out and of the LSE is NaN, the others are finite, on every
+    backend and on the inference path without an LSE (torch's CPU flash kernel returns 0 there
+    with 6 keys, which the aten backend and that path set back to NaN)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
+    q[at] = float("nan")
+    out, lse = ao.spatial_attention(q, k, v, backend=backend)
+    want = torch.zeros(shape[:3], dtype=torch.bool)
+    want[at[:3]] = True
+    assert torch.equal(torch.isnan(out).any(-1), want) and torch.equal(torch.isnan(lse), want)
+    assert torch.isfinite(out[~want]).all() and torch.isfinite(lse[~want]).all()
+    with torch.no_grad():
+        out, none = ao.spatial_attention(q, k, v, return_lse=False, backend=backend)
+    assert none is None and torch.equal(torch.isnan(out).any(-1), want)
+
+
+def test_nan_query_row_on_the_sdpa_inference_path():
+    """"auto" without an LSE where nothing is differentiated runs torch's SDPA: the NaN row stays."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 1, 6, 4, generator=g) for _ in range(3))
+    q[0, 0, 4, 0] = float("nan")
+    with torch.no_grad():
+        out, _ = ao.spatial_attention(q, k, v, return_lse=False)
+    assert torch.isnan(out[0, 0, 4]).all() and torch.isfinite(out[0, 0, torch.arange(6) != 4]).all()
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_infinite_probs_give_a_non_finite_crf_loss_on_every_backend(value):
+    """NaN on the reference and the C++ kernels, the opposite infinity on Triton (README, "NaN")."""
+    probs, image = _crf_case("random", (6, 6))
+    probs, image = probs.float(), image.float()
+    probs[0, 1, 2, 2] = value
+    for backend in CRF:
+        loss = ao.masked_crf_loss(probs, image, radius=2, backend=backend)
+        assert not torch.isfinite(loss), backend
+        if backend == "triton":
+            assert loss == -value
+        else:
+            assert torch.isnan(loss), backend
