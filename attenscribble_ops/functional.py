@@ -199,6 +199,12 @@ def _head_dim_option(x: torch.Tensor) -> str:
     return "head_dim>128" if x.shape[-1] > 128 else ""
 
 
+def _slice_option(n: int, *widths: int) -> str:
+    """Backend-selection option for a (batch, head) slice of n tokens x width elements (with a
+    tile's margin of rows) past int32 offsets, which the Triton kernels use inside a slice."""
+    return "slice>=2**31" if (n + 256) * max(widths) >= 2 ** 31 else ""
+
+
 def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor, head_weight: torch.Tensor,
                               head_bias: torch.Tensor, *, grid, radius: int = 5, sigma: float = 6.0,
                               logit_scale: float = 1.0, sample_weight: Optional[torch.Tensor] = None,
@@ -290,7 +296,8 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
         # the dense part of dq, dk (through d lse / d q, d k): recompute it.
         lse = None
     _, impl = backends.select("attentive_similarity", backend, backends.Meta.of(
-        q, _head_dim_option(q), *_checks.reference_only_options(q, k, probs_grid, head_weight, head_bias, lse)))
+        q, _head_dim_option(q), _slice_option(n, q.shape[3], probs_grid.shape[1]),
+        *_checks.reference_only_options(q, k, probs_grid, head_weight, head_bias, lse)))
     raw = impl(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, (h, w), radius, sigma, logit_scale)
     return raw / (batch * n)
 
@@ -331,7 +338,8 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, logi
     return_lse = _checks.flag(return_lse, "return_lse")
     if tie_qk and not return_lse:
         raise ValueError("tie_qk=True hands q, k to the similarity loss with the LSE; it needs return_lse=True")
-    meta = backends.Meta.of(q, _head_dim_option(q), _head_dim_option(v), *_checks.reference_only_options(q, k, v))
+    meta = backends.Meta.of(q, _head_dim_option(q), _head_dim_option(v), _slice_option(q.shape[2], q.shape[3], v.shape[3]),
+                            *_checks.reference_only_options(q, k, v))
     if not return_lse and backend == "auto" and _sdpa_output_only(q, k, v, meta):
         from .aten_attention import nan_rows_kept_
 

@@ -57,6 +57,34 @@ def test_every_triton_kernel_compiles_for_sm90_and_fits(tmp_path):
                    and f"PRECISION={dot} " in v["variant"] + " " for v in variants), dot
 
 
+@pytest.mark.parametrize("arch, cases", [
+    ("sm_89", r"^attention .*(D=64 Dv=64|D=128 Dv=128) 16x16 (fp32|tf32)$"),
+    ("sm_75", r"^attention .*(D=64 Dv=64|D=128 Dv=128) 16x16 (fp32|fp16)$"),
+])
+def test_attention_on_cards_with_less_shared_memory(tmp_path, arch, cases):
+    """On an L4 / L40S / RTX 40 (99 KiB of shared memory a block) and a T4 (64 KiB), the H100's
+    attention tiles do not all fit: Triton refuses those before launching, and the attention
+    launches smaller tiles (spatial_attention.launch_fitting). Every case runs, some variant was
+    refused, and every launched variant fits the card."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    report_path = tmp_path / f"{arch}.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_sm90.py"), "--arch", arch, "--only", cases,
+                           "--json", str(report_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
+    report = json.loads(report_path.read_text())
+    assert report["arch"] == arch and report["failed_cases"] == []
+    variants = report["variants"]
+    refused = [v for v in variants if not v["launched"]]
+    assert refused and all(not v["fits"] for v in refused)
+    assert all(v["fits"] for v in variants if v["launched"])
+    launched = {v["kernel"] for v in variants if v["launched"]}
+    assert {"_spatial_attention_fwd_kernel", "_spatial_attention_bwd_dq_kernel",
+            "_spatial_attention_bwd_dkdv_kernel"} <= launched
+
+
 TRITON_ON_CPU = "triton" in runnable_backends("attentive_similarity")
 
 

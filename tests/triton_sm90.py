@@ -1,5 +1,5 @@
 """Compiles every Triton kernel of attenscribble_ops for an H100 (sm_90), on a machine with no GPU,
-and checks that each compiled variant fits the card.
+and checks that each compiled variant fits the card; ``--arch`` compiles for another card.
 
 The Triton interpreter, which runs the Triton tests on the CPU, never compiles a kernel: a kernel
 that the GPU compiler rejects (a ``tl.dot`` tile under 16, a layout it cannot lower, a dtype
@@ -12,11 +12,15 @@ default, as tf32 and as exact "ieee"), fp16 and bf16 (and fp64 for the masked CR
 every compiled variant:
   * shared memory within the 227 KiB (232448 bytes) a block may opt in to on an H100;
   * registers x threads within the 65536 registers of a multiprocessor;
-and every ``*_kernel`` of the package must have compiled at least once. Reported, not checked:
+and every ``*_kernel`` of the package must have compiled at least once. On cards with less shared
+memory (``--arch sm_80``, ``sm_86``, ``sm_89``, ``sm_75``) a variant that does not fit is refused
+by Triton before it launches, and the attention then launches smaller tiles
+(``spatial_attention.launch_fitting``): there the check is that every case runs and every variant
+that launched fits; the refused ones are listed. Reported, not checked:
 each variant's registers and stack frame (bytes per thread; ptxas puts register spills there).
 
 Run (TRITON_INTERPRET unset; a fresh TRITON_CACHE_DIR compiles every variant again):
-    python tests/triton_sm90.py [--json resources.json]
+    python tests/triton_sm90.py [--json resources.json] [--arch sm_89] [--only "^attention"]
 Exit status 0 when everything compiled and fits; the table goes to stdout.
 """
 from __future__ import annotations
@@ -40,8 +44,25 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
-H100 = {"name": "NVIDIA H100 (sm_90)", "target": GPUTarget("cuda", 90, 32), "max_shared_mem": 232448,
-        "registers": 65536, "max_threads": 1024, "multiprocessors": 132}
+# Per card: the shared memory a block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin),
+# multiprocessors; every one has 65536 registers per multiprocessor and 1024 threads per block.
+TARGETS = {
+    "sm_90": ("NVIDIA H100 (sm_90)", 90, 232448, 132),
+    "sm_80": ("NVIDIA A100 (sm_80)", 80, 166912, 108),
+    "sm_86": ("NVIDIA A10 / A40 / RTX 30 (sm_86)", 86, 101376, 84),
+    "sm_89": ("NVIDIA L4 / L40S / RTX 40 (sm_89)", 89, 101376, 142),
+    "sm_75": ("NVIDIA T4 / RTX 20 (sm_75)", 75, 65536, 40),
+}
+
+
+def _card(arch: str) -> dict:
+    name, capability, shared, sms = TARGETS[arch]
+    return {"name": name, "capability": capability, "target": GPUTarget("cuda", capability, 32),
+            "max_shared_mem": shared, "registers": 65536, "max_threads": 1024, "multiprocessors": sms}
+
+
+H100 = _card("sm_90")  # the card compiled for: main() replaces its entries for --arch
+LAUNCHED = set()  # hashes of the compiled kernels launched (refused ones never are)
 
 
 class _Utils:
@@ -70,7 +91,7 @@ class CompileOnlyDriver:
         return H100["target"]
 
     def launcher_cls(self, src, metadata):
-        return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: LAUNCHED.add(metadata.hash)
 
 
 ASKED = []  # the tensors whose tiles were asked for: empty if the launch paths stopped asking _target
@@ -85,6 +106,7 @@ def _gpu_mode():
 
     backends.triton_interpreting = lambda: True
     _target.for_gpu = lambda t: ASKED.append(t.shape) or True
+    _target.tf32_tensor_cores = lambda t: H100["capability"] >= 80
     for key, entry in list(backends._REGISTRY.items()):
         if key[1] == "triton" and entry.check is not None:  # judged as for CUDA tensors
             as_cuda = (lambda meta, check=entry.check: check(dataclasses.replace(meta, device_type="cuda")))
@@ -262,7 +284,7 @@ def compiled_variants() -> list[dict]:
                 "kernel": name, "variant": _variant(kernel), "num_warps": md.num_warps,
                 "num_stages": md.num_stages, "shared_bytes": md.shared, "registers": reg, "stack_bytes": stack,
                 "fits": md.shared <= H100["max_shared_mem"] and reg * threads <= H100["registers"]
-                and threads <= H100["max_threads"],
+                and threads <= H100["max_threads"], "launched": md.hash in LAUNCHED,
             })
     return rows
 
@@ -270,7 +292,10 @@ def compiled_variants() -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the compiled variants and their resources here")
+    parser.add_argument("--arch", choices=sorted(TARGETS), default="sm_90", help="the card to compile for")
+    parser.add_argument("--only", help="only the cases whose name this regular expression matches (re.search)")
     args = parser.parse_args(argv)
+    H100.update(_card(args.arch))
 
     driver.set_active(CompileOnlyDriver())
     import attenscribble_ops  # noqa: F401  (registers the Triton backend)
@@ -279,6 +304,8 @@ def main(argv=None) -> int:
     failures = []
     start = time.perf_counter()
     for name, run in cases():
+        if args.only and not re.search(args.only, name):
+            continue
         t0 = time.perf_counter()
         try:
             run()
@@ -293,12 +320,13 @@ def main(argv=None) -> int:
     print(f"{'kernel':36} {'warps':>5} {'stages':>6} {'shared B':>9} {'regs':>5} {'stack B':>7}  variant")
     for r in rows:
         print(f"{r['kernel']:36} {r['num_warps']:5d} {r['num_stages']:6d} {r['shared_bytes']:9d} "
-              f"{r['registers']:5d} {r['stack_bytes']:7d}  {r['variant']}{'' if r['fits'] else '  DOES NOT FIT'}")
-    missing = sorted(set(package_kernels()) - {r["kernel"] for r in rows})
-    unfit = [r for r in rows if not r["fits"]]
+              f"{r['registers']:5d} {r['stack_bytes']:7d}  {r['variant']}"
+              f"{'' if r['fits'] else '  DOES NOT FIT' + ('' if r['launched'] else ' (refused, smaller tiles ran)')}")
+    missing = [] if args.only else sorted(set(package_kernels()) - {r["kernel"] for r in rows})
+    unfit = [r for r in rows if not r["fits"] and r["launched"]]
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(
-            {"target": H100["name"], "triton": triton.__version__, "torch": torch.__version__,
+            {"target": H100["name"], "arch": args.arch, "triton": triton.__version__, "torch": torch.__version__,
              "failed_cases": failures, "missing_kernels": missing, "variants": rows}, indent=1))
     for k in missing:
         print(f"NOT COMPILED: {k} (no case launches it)")

@@ -309,6 +309,7 @@ class _Prepared:
 
 
 @torch.library.custom_op("attenscribble_ops::attentive_similarity_forward_triton", mutates_args=())
+@_target.on_tensor_device
 def attentive_similarity_forward_triton(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, probs: torch.Tensor,
                                         head_weight: torch.Tensor, head_bias: torch.Tensor,
                                         sample_weight: Optional[torch.Tensor], radius: int, sigma: float,
@@ -337,6 +338,7 @@ def _finish(q, k, probs, head_weight, head_bias, dq, dk, dprobs, dalpha, dbeta):
 
 
 @torch.library.custom_op("attenscribble_ops::attentive_similarity_backward_triton", mutates_args=())
+@_target.on_tensor_device
 def attentive_similarity_backward_triton(
         grad_rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, probs: torch.Tensor,
         head_weight: torch.Tensor, head_bias: torch.Tensor, sample_weight: Optional[torch.Tensor], radius: int,
@@ -349,6 +351,7 @@ def attentive_similarity_backward_triton(
 
 
 @torch.library.custom_op("attenscribble_ops::attentive_similarity_fused_forward_triton", mutates_args=())
+@_target.on_tensor_device
 def attentive_similarity_fused_forward_triton(q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor,
                                               head_weight: torch.Tensor, head_bias: torch.Tensor,
                                               sample_weight: Optional[torch.Tensor], radius: int, sigma: float,
@@ -361,6 +364,7 @@ def attentive_similarity_fused_forward_triton(q: torch.Tensor, k: torch.Tensor, 
 
 
 @torch.library.custom_op("attenscribble_ops::attentive_similarity_fused_backward_triton", mutates_args=())
+@_target.on_tensor_device
 def attentive_similarity_fused_backward_triton(
         grad_rows: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
         lse: torch.Tensor, probs: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor,

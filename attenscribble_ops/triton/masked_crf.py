@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .. import _crf_ops, backends
+from . import _target
 from .._checks import accumulate_dtype
 from .._crf_params import CRFParams
 
@@ -331,6 +332,7 @@ def _common(probs, image, mask_dst, mask_src, compat, table, radius, spacing):
 
 
 @torch.library.custom_op("attenscribble_ops::masked_crf_forward_triton", mutates_args=())
+@_target.on_tensor_device
 def masked_crf_forward_triton(probs: torch.Tensor, image: Optional[torch.Tensor], mask_dst: Optional[torch.Tensor],
                               mask_src: Optional[torch.Tensor], compat: Optional[torch.Tensor], table: list[float],
                               radius: list[int], spacing: list[float], zero_padding: bool,

@@ -407,6 +407,51 @@ def _parse_tiles(text: str) -> tuple[dict, dict, dict]:
     return tuple(out)
 
 
+def _smaller_tiles(cfg: dict) -> list[dict]:
+    """``cfg``, then variants that need less shared memory, for GPUs with less of it than the
+    H100 the tiles were chosen on (sm_86 and sm_89 cards, 99 KiB a block, or 163 KiB on an A100,
+    against 227 KiB): one pipeline stage, then the larger of the two blocks halved (down to
+    16 x 16, at most 4 warps), each with its default stages and with one."""
+    out = [cfg]
+
+    def add(tile):
+        if tile not in out:
+            out.append(tile)
+
+    add(dict(cfg, num_stages=1))
+    tile = cfg
+    while max(tile["BLOCK_M"], tile["BLOCK_N"]) > 16:
+        larger = "BLOCK_M" if tile["BLOCK_M"] >= tile["BLOCK_N"] else "BLOCK_N"
+        tile = dict(tile, **{larger: tile[larger] // 2}, num_warps=min(tile.get("num_warps", 4), 4))
+        add(tile)
+        add(dict(tile, num_stages=1))
+    return out
+
+
+_FITTED: dict = {}  # (kernel, device, preferred tiles) -> the tiles that fitted
+
+
+def launch_fitting(kernel, device: torch.device, cfg: dict, launch):
+    """``launch(tiles)`` with ``cfg``, or where the GPU cannot hold its compiled kernel, with the
+    first of :func:`_smaller_tiles` that it can. Triton raises ``OutOfResources`` before launching
+    a kernel that asks for more shared memory or threads than a block may have, so nothing has run
+    when the next tiles are tried. The choice is remembered per kernel, device and ``cfg``."""
+    key = (kernel, str(device), tuple(sorted(cfg.items())))
+    known = _FITTED.get(key)
+    if known is not None:
+        return launch(known)
+    candidates = _smaller_tiles(cfg)
+    for i, tiles in enumerate(candidates):
+        try:
+            result = launch(tiles)
+        except triton.OutOfResources:
+            if i + 1 == len(candidates):
+                raise
+            continue
+        _FITTED[key] = tiles
+        return result
+
+
 def _even(cfg: dict, n: int) -> bool:
     """Whether the tiles of a launch divide the tokens (no row or key masks)."""
     return n % cfg["BLOCK_M"] == 0 and n % cfg["BLOCK_N"] == 0
@@ -435,12 +480,15 @@ def _forward(q, k, v, logit_scale):
     out = torch.empty((bh, n, dv), device=q.device, dtype=q.dtype) if v is not None else qs
     lse_attn = torch.empty((bh, n), device=q.device, dtype=torch.float32) if v is not None else None
     lse_sim = torch.empty((bh, n), device=q.device, dtype=torch.float32)
-    cfg = _configs(q, d, dv)[0]
     la = lse_attn if lse_attn is not None else lse_sim
-    for c in grid_chunks(bh):
-        _spatial_attention_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), c.stop - c.start)](
-            qs[c], ks[c], vs[c], out[c], la[c], lse_sim[c], n, d, dv, d ** -0.5, logit_scale, HAS_V=v is not None,
-            EVEN=_even(cfg, n), SHARED_MAX=logit_scale > 0, **cfg)
+
+    def launch(cfg):
+        for c in grid_chunks(bh):
+            _spatial_attention_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), c.stop - c.start)](
+                qs[c], ks[c], vs[c], out[c], la[c], lse_sim[c], n, d, dv, d ** -0.5, logit_scale,
+                HAS_V=v is not None, EVEN=_even(cfg, n), SHARED_MAX=logit_scale > 0, **cfg)
+
+    launch_fitting(_spatial_attention_fwd_kernel, q.device, _configs(q, d, dv)[0], launch)
     return out, lse_attn, lse_sim
 
 
@@ -464,16 +512,25 @@ def _backward(dout, delta, lse_attn, dlse_sim, lse_sim, q, k, v, logit_scale, ac
     flags = dict(HAS_V=v is not None, HAS_DLSE=dlse_sim is not None, ACCUMULATE=accumulate_into is not None,
                  SCALE_DS=q.dtype == torch.float16)
     args = (n, d, dv_dim, d ** -0.5, logit_scale)
-    for c in grid_chunks(bh):
-        inputs = (qs[c], ks[c], vs[c], dos[c], dlt[c], lse_a[c], lse_s[c], dls[c])
-        _spatial_attention_bwd_dq_kernel[(triton.cdiv(n, dq_cfg["BLOCK_M"]), c.stop - c.start)](
-            *inputs, dq[c], *args, **flags, EVEN=_even(dq_cfg, n), **dq_cfg)
-        _spatial_attention_bwd_dkdv_kernel[(triton.cdiv(n, dkdv_cfg["BLOCK_N"]), c.stop - c.start)](
-            *inputs, dk[c], dv[c], *args, **flags, EVEN=_even(dkdv_cfg, n), **dkdv_cfg)
+    chunks = [(c, (qs[c], ks[c], vs[c], dos[c], dlt[c], lse_a[c], lse_s[c], dls[c])) for c in grid_chunks(bh)]
+
+    def launch_dq(cfg):
+        for c, inputs in chunks:
+            _spatial_attention_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), c.stop - c.start)](
+                *inputs, dq[c], *args, **flags, EVEN=_even(cfg, n), **cfg)
+
+    def launch_dkdv(cfg):
+        for c, inputs in chunks:
+            _spatial_attention_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), c.stop - c.start)](
+                *inputs, dk[c], dv[c], *args, **flags, EVEN=_even(cfg, n), **cfg)
+
+    launch_fitting(_spatial_attention_bwd_dq_kernel, q.device, dq_cfg, launch_dq)
+    launch_fitting(_spatial_attention_bwd_dkdv_kernel, q.device, dkdv_cfg, launch_dkdv)
     return dq.view(q.shape), dk.view(k.shape), (dv.view(v.shape) if v is not None else None)
 
 
 @torch.library.custom_op("attenscribble_ops::spatial_attention_forward_triton", mutates_args=())
+@_target.on_tensor_device
 def spatial_attention_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                      logit_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, lse_attn, lse_sim = _forward(q, k, v, logit_scale)
@@ -482,6 +539,7 @@ def spatial_attention_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.
 
 
 @torch.library.custom_op("attenscribble_ops::spatial_attention_backward_triton", mutates_args=())
+@_target.on_tensor_device
 def spatial_attention_backward_triton(dout: torch.Tensor, dlse_attn: Optional[torch.Tensor],
                                       dlse_sim: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                                       v: torch.Tensor, out: torch.Tensor, lse_attn: torch.Tensor,
@@ -494,6 +552,7 @@ def spatial_attention_backward_triton(dout: torch.Tensor, dlse_attn: Optional[to
 
 
 @torch.library.custom_op("attenscribble_ops::spatial_attention_backward_accumulate_triton", mutates_args=("dq", "dk"))
+@_target.on_tensor_device
 def spatial_attention_backward_accumulate_triton(dout: torch.Tensor, dlse_attn: Optional[torch.Tensor],
                                                  dlse_sim: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                                                  v: torch.Tensor, out: torch.Tensor, lse_attn: torch.Tensor,
@@ -507,11 +566,13 @@ def spatial_attention_backward_accumulate_triton(dout: torch.Tensor, dlse_attn: 
 
 
 @torch.library.custom_op("attenscribble_ops::spatial_attention_lse_triton", mutates_args=())
+@_target.on_tensor_device
 def spatial_attention_lse_triton(q: torch.Tensor, k: torch.Tensor, logit_scale: float) -> torch.Tensor:
     return _forward(q, k, None, logit_scale)[2].view(q.shape[:3])
 
 
 @torch.library.custom_op("attenscribble_ops::spatial_attention_lse_backward_triton", mutates_args=())
+@_target.on_tensor_device
 def spatial_attention_lse_backward_triton(dlse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
                                           logit_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     dq, dk, _ = _backward(None, None, None, dlse, lse, q, k, None, logit_scale)
@@ -568,6 +629,9 @@ def check(meta: backends.Meta) -> Optional[str]:
         return "the Triton interpreter has no bfloat16 (numpy lacks it); use float16 or float32"
     if "head_dim>128" in meta.options:
         return f"the Triton kernels support head dims up to {MAX_HEAD_DIM}"
+    if "slice>=2**31" in meta.options:
+        return ("the Triton kernels index inside one (batch, head) slice in int32: tokens x head dim (and "
+                "tokens x classes for the loss) must stay below 2**31; use 'cuda' or 'cpu'")
     return None
 
 
