@@ -338,8 +338,8 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, logi
     return_lse = _checks.flag(return_lse, "return_lse")
     if tie_qk and not return_lse:
         raise ValueError("tie_qk=True hands q, k to the similarity loss with the LSE; it needs return_lse=True")
-    meta = backends.Meta.of(q, _head_dim_option(q), _head_dim_option(v), _slice_option(q.shape[2], q.shape[3], v.shape[3]),
-                            *_checks.reference_only_options(q, k, v))
+    meta = backends.Meta.of(q, _head_dim_option(q), _head_dim_option(v),
+                            _slice_option(q.shape[2], q.shape[3], v.shape[3]), *_checks.reference_only_options(q, k, v))
     if not return_lse and backend == "auto" and _sdpa_output_only(q, k, v, meta):
         from .aten_attention import nan_rows_kept_
 

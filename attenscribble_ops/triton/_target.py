@@ -1,6 +1,7 @@
 """Which tile sizes the Triton kernels take: a GPU's, or the interpreter's (there, fewer and
 larger programs run faster). One switch, so that tests/triton_sm90.py can compile the GPU
-variants for sm_90 from CPU tensors on a machine with no GPU."""
+variants for sm_90 from CPU tensors on a machine with no GPU. And the device a launch runs on
+(:func:`on_tensor_device`)."""
 import functools
 import inspect
 
