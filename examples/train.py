@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from scribseg.engine import TrainConfig, train  # noqa: E402
+from scribseg.model import CHANNELS  # noqa: E402
 from scribseg.objective import LossConfig  # noqa: E402
 from scribseg.volume import DataError, parse_spacing  # noqa: E402
 
@@ -99,6 +100,20 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         value = getattr(args, name)
         need(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
     need(math.isfinite(args.lr) and args.lr > 0, f"--lr must be a finite number > 0, got {args.lr}")
+    stages = len(CHANNELS)
+    need(-1 <= args.attention_stage < stages,
+         f"--attention-stage must be an encoder stage 0-{stages - 1}, or -1 for no attention block, got "
+         f"{args.attention_stage}")
+    if args.attention_stage >= 0:
+        channels = CHANNELS[args.attention_stage]
+        need(args.attention_heads >= 1 and channels % args.attention_heads == 0,
+             f"--attention-heads must divide the {channels} channels of stage {args.attention_stage}, got "
+             f"{args.attention_heads}")
+    else:
+        asl = args.lambda_asl if args.lambda_asl is not None else VARIANTS[args.variant].get(
+            "lambda_asl", LossConfig.lambda_asl)
+        need(asl == 0, f"--variant {args.variant} has an attentive similarity loss (weight {asl}), which needs the "
+             "attention block: give --attention-stage 0-4, or --lambda-asl 0")
     for name in ("lambda_crf", "lambda_asl"):
         value = getattr(args, name)
         need(value is None or (math.isfinite(value) and value >= 0),

@@ -34,8 +34,9 @@ def write_h5(path: Path, image: np.ndarray, label: np.ndarray, scribble: np.ndar
 
 
 def write_dicom_slice(path: Path, pixels: np.ndarray, *, z_mm: float, instance: int,
-                      pixel_spacing=(1.5, 1.25), thickness: float = 6.0) -> Path:
-    """A minimal valid MR DICOM file (explicit VR little endian, 16-bit unsigned)."""
+                      pixel_spacing=(1.5, 1.25), thickness: float = 6.0, geometry: bool = True) -> Path:
+    """A minimal valid MR DICOM file (explicit VR little endian, 16-bit unsigned); ``geometry``
+    False leaves out ImagePositionPatient and ImageOrientationPatient."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -49,8 +50,9 @@ def write_dicom_slice(path: Path, pixels: np.ndarray, *, z_mm: float, instance: 
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "MR"
     ds.InstanceNumber = instance
-    ds.ImagePositionPatient = [0.0, 0.0, float(z_mm)]
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    if geometry:
+        ds.ImagePositionPatient = [0.0, 0.0, float(z_mm)]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     ds.PixelSpacing = [float(pixel_spacing[0]), float(pixel_spacing[1])]
     ds.SliceThickness = thickness
     ds.Rows, ds.Columns = pixels.shape

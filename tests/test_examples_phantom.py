@@ -99,6 +99,12 @@ def test_splits_are_by_patient_and_disjoint(tmp_path):
     assert split != split_patients(patients, val_fraction=0.1, test_fraction=0.2, seed=1)
     tiny = split_patients(["a", "b", "c"], val_fraction=0.01, test_fraction=0.01)
     assert all(len(tiny[k]) == 1 for k in tiny)
+    # extreme fractions: every part keeps a patient, the parts stay disjoint and cover everyone
+    for n, val, test in ((3, 0.05, 0.9), (10, 0.05, 0.9), (10, 0.9, 0.05), (4, 0.45, 0.45)):
+        names = [f"p{i}" for i in range(n)]
+        parts = split_patients(names, val_fraction=val, test_fraction=test)
+        assert all(parts[k] for k in parts), (n, val, test, parts)
+        assert sorted(parts["train"] + parts["val"] + parts["test"]) == sorted(names)
     with pytest.raises(ValueError, match="at least 3 patients"):
         split_patients(["a", "b"])
     with pytest.raises(DataError, match="'p1' is in both"):

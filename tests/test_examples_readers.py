@@ -38,6 +38,26 @@ def test_h5_roundtrip_and_patient_id(tmp_path):
     assert readers.read_h5_volume(tmp_path / "patient021_frame01.h5", spacing=(10, 1.5, 1.5)).spacing == (10, 1.5, 1.5)
 
 
+def test_h5_training_slices_are_left_out(tmp_path):
+    """WSL4MIS's data/ACDC holds the volumes and the same volumes cut into slice files: the slices
+    are left out (each would otherwise be a patient of its own, in every split); a folder of slice
+    files only is refused."""
+    image, label, scribble = _volume()
+    (tmp_path / "ACDC_training_volumes").mkdir()
+    (tmp_path / "ACDC_training_slices").mkdir()
+    write_h5(tmp_path / "ACDC_training_volumes" / "patient021_frame01.h5", image, label, scribble)
+    for k in range(image.shape[0]):
+        write_h5(tmp_path / "ACDC_training_slices" / f"patient021_frame01_slice_{k}.h5", image[k], label[k],
+                 scribble[k])
+    vols = readers.load_dataset(tmp_path)
+    assert [v.case_id for v in vols] == ["patient021_frame01"] and vols[0].image.shape == image.shape
+    with pytest.raises(DataError, match="single-slice files.*whole volumes"):
+        readers.load_dataset(tmp_path / "ACDC_training_slices")
+    # a volume named after its patient in another way still belongs to that patient
+    write_h5(tmp_path / "patient022_frame01_cropped.h5", image, label, scribble)
+    assert readers.read_h5_volume(tmp_path / "patient022_frame01_cropped.h5").patient == "patient022"
+
+
 def test_h5_bad_files_are_named(tmp_path):
     bad = tmp_path / "patient001_frame01.h5"
     bad.write_bytes(b"not an hdf5 file")
@@ -121,7 +141,7 @@ def test_acdc_nifti_errors_name_the_file(tmp_path):
 GREY = {0: 0, 1: 63, 2: 126, 3: 189, 4: 252}
 
 
-def _chaos_patient(root, pid="2", n=3, grey=GREY, shuffle_names=True):
+def _chaos_patient(root, pid="2", n=3, grey=GREY, shuffle_names=True, geometry=True):
     rng = np.random.default_rng(1)
     in_dir = root / pid / "T1DUAL" / "DICOM_anon" / "InPhase"
     ground = root / pid / "T1DUAL" / "Ground"
@@ -132,7 +152,8 @@ def _chaos_patient(root, pid="2", n=3, grey=GREY, shuffle_names=True):
     # slice k sits at z = 6 k mm; its file name sorts in the reverse order when shuffled
     for k in range(n):
         name = f"IMG-0004-{(n - k if shuffle_names else k + 1):05d}"
-        write_dicom_slice(in_dir / f"{name}.dcm", pixels[k], z_mm=6.0 * k, instance=n - k if shuffle_names else k + 1)
+        write_dicom_slice(in_dir / f"{name}.dcm", pixels[k], z_mm=6.0 * k, instance=n - k if shuffle_names else k + 1,
+                          geometry=geometry)
         write_png(ground / f"{name}.png", np.vectorize(grey.get)(labels[k]))
     return labels, pixels
 
@@ -147,6 +168,15 @@ def test_chaos_dicom_png(tmp_path):
     np.testing.assert_array_equal(v.label, labels)  # ordered by position, masks matched by file stem
     for k in range(3):  # slice k of the volume is the DICOM at z = 6 k mm, whatever its file name
         assert np.corrcoef(v.image[k].ravel(), pixels[k].ravel())[0, 1] > 0.95
+
+
+def test_chaos_dicom_without_slice_geometry_takes_the_header_spacing(tmp_path):
+    """Without ImagePositionPatient the slices are ordered by InstanceNumber, but their spacing is
+    SliceThickness (6 mm here), not the instance numbers' step of 1."""
+    labels, pixels = _chaos_patient(tmp_path, shuffle_names=False, geometry=False)
+    (v,) = read_chaos_folder(tmp_path)
+    assert v.spacing == pytest.approx((6.0, 1.5, 1.25))
+    np.testing.assert_array_equal(v.label, labels)
 
 
 def test_chaos_grey_level_ranges_and_errors(tmp_path):

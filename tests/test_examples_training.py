@@ -69,6 +69,19 @@ def test_resume_after_interruption_is_exact(data, tmp_path):
     s2 = load_checkpoint(tmp_path / "cut" / "last.pt")["model"]
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     assert straight["test"]["summary"] == resumed["test"]["summary"]
+    assert "scaler" in load_checkpoint(tmp_path / "cut" / "last.pt")  # the fp16 loss scale (empty: AMP off)
+
+
+def test_official_asl_gate_needs_dense_labels(tmp_path):
+    """--asl-gate label reads each training slice's dense label: volumes without one would make the
+    gate 0 everywhere (ASL silently off), so the run stops and names the remedy."""
+    from scribseg.volume import DataError
+
+    root = tiny_phantom(tmp_path / "d", patients=4)
+    for gt in root.rglob("*_gt.nii.gz"):
+        gt.unlink()
+    with pytest.raises(DataError, match="--asl-gate label .* have none .* use --asl-gate scribble"):
+        train(_cfg(root, tmp_path / "run", val_fraction=0.25, test_fraction=0.25), log=lambda *a: None)
 
 
 def test_resume_refuses_another_split(data, tmp_path):
@@ -148,6 +161,11 @@ def test_checkpoints_are_atomic(tmp_path):
     (["--val-fraction", "0.6", "--test-fraction", "0.5"], "must leave patients to train on"),
     (["--spacing", "1,2,inf"], "--spacing must be three positive numbers"),
     (["--device", "bogus"], "--device must be auto or a torch device"),
+    (["--attention-stage", "5"], "--attention-stage must be an encoder stage 0-4, or -1"),
+    (["--attention-stage", "-2"], "--attention-stage must be an encoder stage 0-4, or -1"),
+    (["--attention-heads", "3"], "--attention-heads must divide the 64 channels of stage 2"),
+    (["--attention-heads", "0"], "--attention-heads must divide the 64 channels of stage 2"),
+    (["--attention-stage", "-1"], "needs the attention block"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "sees no CUDA device")]))
 def test_command_line_values_are_checked_before_the_run(argv, match, capsys):
     """Each entry point (train, demo, ablation) exits 2 with "error: ..." naming the option."""

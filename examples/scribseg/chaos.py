@@ -60,9 +60,18 @@ def _read_png(path: Path) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _slice_position(ds, fallback: int) -> float:
+def _has_geometry(ds) -> bool:
+    """Whether the slice's header places it in space (ImagePositionPatient and
+    ImageOrientationPatient)."""
     pos, ori = getattr(ds, "ImagePositionPatient", None), getattr(ds, "ImageOrientationPatient", None)
-    if pos is not None and ori is not None and len(pos) == 3 and len(ori) == 6:
+    return pos is not None and ori is not None and len(pos) == 3 and len(ori) == 6
+
+
+def _slice_position(ds, fallback: int) -> float:
+    """Position along the slice normal in mm, or, without geometry, the InstanceNumber (an order,
+    not a distance)."""
+    pos, ori = getattr(ds, "ImagePositionPatient", None), getattr(ds, "ImageOrientationPatient", None)
+    if _has_geometry(ds):
         normal = np.cross(np.asarray(ori[:3], float), np.asarray(ori[3:], float))
         return float(np.dot(normal, np.asarray(pos, float)))
     return float(getattr(ds, "InstanceNumber", fallback))
@@ -127,7 +136,8 @@ def read_chaos_patient(patient_dir, sequence: str = "T1DUAL-in", *, require_mask
     pixel_spacing = getattr(first, "PixelSpacing", None)
     if pixel_spacing is None or len(pixel_spacing) != 2:
         raise DataError(f"{slices[0][0]}: no PixelSpacing in the DICOM header")
-    spacing = (_z_spacing([s[1] for s in slices], positions, dicom_dir), float(pixel_spacing[0]),
+    geometric = all(_has_geometry(s[1]) for s in slices)  # else positions are instance numbers, not mm
+    spacing = (_z_spacing([s[1] for s in slices], positions if geometric else [], dicom_dir), float(pixel_spacing[0]),
                float(pixel_spacing[1]))
     name = f"chaos{patient_dir.name}_{sequence}"
     return Volume(name, patient_dir.name, normalise_intensity(image), label, None, spacing, 5, CHAOS_CLASSES,

@@ -28,7 +28,7 @@ from .readers import load_dataset
 from .scribbles import ensure_scribbles
 from .slices import SliceSampler, batch_rng
 from .splits import make_or_load_split, partition, save_split
-from .volume import describe
+from .volume import DataError, describe
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,11 +138,13 @@ def load_volumes(cfg: TrainConfig, log=print):
     return volumes
 
 
-def _checkpoint_state(model: ScribbleModel, opt, iteration: int, history: dict, cfg: TrainConfig,
+def _checkpoint_state(model: ScribbleModel, opt, scaler, iteration: int, history: dict, cfg: TrainConfig,
                       split: dict, best: dict) -> dict:
-    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": iteration,
-            "history": history, "config": _config_dict(cfg), "split": split, "best": best,
-            "torch": torch.__version__}
+    """Everything a resumed run continues from; ``scaler``: the fp16 AMP loss scale and its growth
+    tracker (a fresh scale after a resume would skip steps the uninterrupted run takes)."""
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+            "iteration": iteration, "history": history, "config": _config_dict(cfg), "split": split,
+            "best": best, "torch": torch.__version__}
 
 
 def _config_dict(cfg: TrainConfig) -> dict:
@@ -178,6 +180,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
     parts = partition(volumes, split)
     log(f"split by patient (seed {cfg.seed}): train {len(split['train'])} patients / {len(parts['train'])} volumes, "
         f"val {len(split['val'])} / {len(parts['val'])}, test {len(split['test'])} / {len(parts['test'])}")
+    if not cfg.loss.dense and cfg.loss.lambda_asl > 0 and cfg.loss.asl_gate == "label":
+        unlabelled = [v.case_id for v in parts["train"] if v.label is None]
+        if unlabelled:  # the gate would read an all-background label: ASL silently off for those slices
+            raise DataError(f"--asl-gate label (the official gate) reads each training slice's dense label, but "
+                            f"{len(unlabelled)} training volumes have none (e.g. {unlabelled[0]}): use --asl-gate "
+                            "scribble or none")
     sampler = SliceSampler(parts["train"], cfg.size, dense=cfg.loss.dense)
     num_classes = sampler.num_classes
 
@@ -192,6 +200,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     model = ScribbleModel(num_classes, cfg.loss, attention_stage=cfg.attention_stage,
                           attention_heads=cfg.attention_heads).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    amp_dtype = _amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     history: dict = {"train": [], "val": []}
     best = {"mean_dice": -1.0, "iteration": -1}
     start = 0
@@ -203,6 +213,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
                                "the same data, seed and split options (or --split-file)")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):  # absent in checkpoints written before it was saved; empty when disabled
+            scaler.load_state_dict(ckpt["scaler"])
         start, history, best = ckpt["iteration"], ckpt["history"], ckpt["best"]
         log(f"resumed from {last_path} at iteration {start}")
     elif cfg.resume:
@@ -216,8 +228,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=model.asl is not None)
-    amp_dtype = _amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     end = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, cfg.stop_after)
     bar = None
     if main and cfg.progress:
@@ -257,11 +267,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
             history["val"].append(v)
             if v["mean_dice"] > best["mean_dice"]:
                 best = {"mean_dice": v["mean_dice"], "iteration": done}
-                save_atomic(_checkpoint_state(model, opt, done, history, cfg, split, best), best_path)
+                save_atomic(_checkpoint_state(model, opt, scaler, done, history, cfg, split, best), best_path)
             log(f"iteration {done}: validation mean Dice {v['mean_dice']:.4f} (best {best['mean_dice']:.4f} at "
                 f"{best['iteration']})")
         if main and (done % cfg.ckpt_every == 0 or done == end):
-            save_atomic(_checkpoint_state(model, opt, done, history, cfg, split, best), last_path)
+            save_atomic(_checkpoint_state(model, opt, scaler, done, history, cfg, split, best), last_path)
         if world > 1 and done % cfg.val_every == 0:
             dist.barrier()
     if bar is not None:

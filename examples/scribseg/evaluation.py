@@ -158,8 +158,10 @@ def format_table(summary: Sequence[dict], unit: str = "mm", title: Optional[str]
 
 # ---------------------------------------------------------------------------------------------
 # Slice-wise inference (spec §7): each slice is resized to ``size`` x ``size`` by bilinear
-# interpolation, segmented (argmax), the label map resized back by nearest neighbour, and the
-# slices stacked to 3-D.
+# interpolation (align_corners=False: pixel centres at half-integers), segmented (argmax), the label
+# map resized back by nearest neighbour on the same grid ("nearest-exact"; torch's "nearest"
+# samples without the half-pixel offset and shifts the map by up to a pixel), and the slices
+# stacked to 3-D.
 @torch.no_grad()
 def predict_volume(net: UNet, image: np.ndarray, size: int, *, device="cpu", batch: int = 16,
                    amp_dtype: Optional[torch.dtype] = None) -> np.ndarray:
@@ -176,7 +178,7 @@ def predict_volume(net: UNet, image: np.ndarray, size: int, *, device="cpu", bat
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits, _ = net(x)
             pred = logits.float().argmax(dim=1, keepdim=True).float()
-            pred = F.interpolate(pred, size=(h, w), mode="nearest")
+            pred = F.interpolate(pred, size=(h, w), mode="nearest-exact")
             out[start:start + batch] = pred[:, 0].to("cpu", torch.uint8).numpy()
     finally:
         net.train(was_training)

@@ -21,6 +21,8 @@ CHAOS_CLASSES = ("liver", "right kidney", "left kidney", "spleen")
 CHAOS_GREY_LEVELS = ((1, 55, 70), (2, 110, 135), (3, 175, 200), (4, 240, 255))
 
 _ACDC_H5 = re.compile(r"^(patient\d+)_frame(\d+)\.h5$")
+_ACDC_H5_SLICE = re.compile(r"^(patient\d+)_frame(\d+)_slice_(\d+)\.h5$")  # WSL4MIS training slices
+_PATIENT = re.compile(r"^(patient\d+)")
 _ACDC_NII = re.compile(r"^(patient\d+)_frame(\d+)\.nii(\.gz)?$")
 
 
@@ -66,7 +68,7 @@ def read_h5_volume(path, *, spacing: Optional[Sequence[float]] = None, num_class
         scribble = None if scribble is None else scribble[None]
     if image.size and (image.min() < 0 or image.max() > 1):
         image = normalise_intensity(image)
-    match = _ACDC_H5.match(path.name)
+    match = _ACDC_H5.match(path.name) or _PATIENT.match(path.name)
     case = path.stem
     patient = match.group(1) if match else case
     return Volume(case, patient, image, label, scribble, None if spacing is None else tuple(spacing), num_classes,
@@ -74,12 +76,22 @@ def read_h5_volume(path, *, spacing: Optional[Sequence[float]] = None, num_class
 
 
 def read_h5_folder(folder, *, spacing=None, limit: Optional[int] = None) -> list[Volume]:
-    """Every ``*.h5`` under ``folder`` (the WSL4MIS ACDC volumes), sorted by name."""
+    """Every ``*.h5`` volume under ``folder`` (the WSL4MIS ACDC volumes), sorted by name.
+
+    WSL4MIS also ships each volume cut into single-slice files
+    (``patientNNN_frameMM_slice_K.h5``, its training form). Those are left out: the pipeline splits
+    by patient and scores whole volumes, and a folder holding both forms (WSL4MIS's ``data/ACDC``)
+    would otherwise load every slice twice, each as a patient of its own. A folder with only
+    slice files is refused."""
     folder = Path(folder)
     files = sorted(folder.rglob("*.h5"))
     if not files:
         raise DataError(f"{folder}: no .h5 volumes found")
-    return [read_h5_volume(f, spacing=spacing) for f in files[:limit]]
+    volumes = [f for f in files if not _ACDC_H5_SLICE.match(f.name)]
+    if not volumes:
+        raise DataError(f"{folder}: only WSL4MIS single-slice files (patientNNN_frameMM_slice_K.h5, e.g. "
+                        f"{files[0].name}); point --data at the whole volumes (WSL4MIS's ACDC_training_volumes)")
+    return [read_h5_volume(f, spacing=spacing) for f in volumes[:limit]]
 
 
 # ---------------------------------------------------------------------------------------------

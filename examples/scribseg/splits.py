@@ -26,9 +26,9 @@ def split_patients(patients: Sequence[str], *, val_fraction: float = 0.1, test_f
                          "and sum to less than 1")
     order = np.random.default_rng(seed).permutation(len(unique))
     shuffled = [unique[i] for i in order]
-    n_test = max(1, int(round(test_fraction * len(unique))))
-    n_val = max(1, int(round(val_fraction * len(unique))))
-    n_val = min(n_val, len(unique) - n_test - 1)
+    # at least one patient in each part: test leaves two, validation then leaves one to train on
+    n_test = min(max(1, int(round(test_fraction * len(unique)))), len(unique) - 2)
+    n_val = min(max(1, int(round(val_fraction * len(unique)))), len(unique) - n_test - 1)
     split = {"test": sorted(shuffled[:n_test]), "val": sorted(shuffled[n_test:n_test + n_val]),
              "train": sorted(shuffled[n_test + n_val:])}
     return split
