@@ -93,9 +93,9 @@ class _Block(nn.Module):
     """Pre-norm transformer block of the official code (attention, then Mix-FFN)."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, qkv_bias: bool, drop: float, drop_path: float,
-                 logit_scale: float, backend: str):
+                 backend: str):
         super().__init__()
-        self.heads, self.logit_scale, self.backend = heads, logit_scale, backend
+        self.heads, self.backend = heads, backend
         self.norm1 = nn.LayerNorm(dim)
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
@@ -105,18 +105,18 @@ class _Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = _MixFFN(dim, int(dim * mlp_ratio), drop)
 
-    def forward(self, x: torch.Tensor, h: int, w: int):
+    def forward(self, x: torch.Tensor, h: int, w: int, logit_scale: float):
         b, n, c = x.shape
         u = self.norm1(x)
         q = self.q(u).reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
         k, v = self.kv(u).reshape(b, n, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         if torch.is_grad_enabled() and not torch.jit.is_tracing():
             # q, k tied to the attention node: the attention backward adds its dq, dk to the loss's window terms
-            out, lse, q, k = functional.spatial_attention(q, k, v, logit_scale=self.logit_scale,
+            out, lse, q, k = functional.spatial_attention(q, k, v, logit_scale=logit_scale,
                                                           backend=self.backend, tie_qk=True)
         else:  # inference, or a TorchScript trace (its graph then does not depend on the grad mode): no LSE
             # (a similarity loss computed here computes its own)
-            out, lse = functional.spatial_attention(q, k, v, logit_scale=self.logit_scale, backend=self.backend,
+            out, lse = functional.spatial_attention(q, k, v, logit_scale=logit_scale, backend=self.backend,
                                                     return_lse=False)
         x = x + self.drop_path(self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c))))
         x = x + self.drop_path(self.mlp(self.norm2(x), h, w))
@@ -171,11 +171,20 @@ class SpatialSelfAttention(nn.Module):
         if not 0 <= number(drop_path, "drop_path") < 1:  # kept paths are scaled by 1 / (1 - drop_path)
             raise ValueError(f"drop_path must be a probability in [0, 1), got {drop_path}")
         self.dim, self.heads, self.depth = dim, heads, depth
-        self.logit_scale = number(logit_scale, "logit_scale")
+        self.logit_scale = logit_scale  # checked by the property's setter
         self.blocks = nn.ModuleList(
-            _Block(dim, heads, mlp_ratio, qkv_bias, drop, drop_path, self.logit_scale, backend) for _ in range(depth))
+            _Block(dim, heads, mlp_ratio, qkv_bias, drop, drop_path, backend) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.apply(_init_official)
+
+    @property
+    def logit_scale(self) -> float:
+        """Scale of the similarity logits; read by every forward, so it may be changed between calls."""
+        return self._logit_scale
+
+    @logit_scale.setter
+    def logit_scale(self, value: float) -> None:
+        self._logit_scale = number(value, "logit_scale")
 
     @property
     def similarity_heads(self) -> int:
@@ -187,18 +196,21 @@ class SpatialSelfAttention(nn.Module):
             raise ValueError(f"x must be a (B, {self.dim}, h, w) feature map, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.dtype not in FLOATING:
-            raise TypeError(f"x must be a float16, bfloat16, float32 or float64 feature map, got {x.dtype}")
+            raise TypeError(f"x must be a floating-point feature map (float16, bfloat16, float32 or float64), "
+                            f"got {x.dtype}")
         b, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)
         qs, ks, lses = [], [], []
         for block in self.blocks:
-            tokens, q, k, lse = block(tokens, h, w)
+            tokens, q, k, lse = block(tokens, h, w, self.logit_scale)
             qs.append(q)
             ks.append(k)
             lses.append(lse)
         features = self.norm(tokens).transpose(1, 2).reshape(b, c, h, w)
         cat = (lambda t: t[0]) if self.depth == 1 else (lambda t: torch.cat(t, dim=1))
-        return features, AttentionSimilarity(cat(qs), cat(ks), (h, w), cat(lses), self.logit_scale)
+        # no LSE where the blocks computed none (inference, a trace): a loss computes its own
+        lse = None if any(t is None for t in lses) else cat(lses)
+        return features, AttentionSimilarity(cat(qs), cat(ks), (h, w), lse, self.logit_scale)
 
 
 class AttentiveSimilarityLoss(nn.Module):

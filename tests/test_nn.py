@@ -124,3 +124,68 @@ def test_module_argument_errors():
         block(torch.ones(1, 8, 3, 3, dtype=torch.long))
     with pytest.raises(TypeError, match="AttentionSimilarity"):
         AttentiveSimilarityLoss()((torch.zeros(1), torch.zeros(1)), torch.zeros(1, 2, 3, 3))
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "trace", "checkpoint"])
+def test_deep_block_without_an_lse(mode):
+    """depth > 1 where the blocks compute no similarity LSE (no grad, a trace, a reentrant
+    checkpoint's forward): features as with grad, similarity.lse None (a loss computes its own)."""
+    torch.manual_seed(0)
+    block = SpatialSelfAttention(8, heads=2, depth=2)
+    x = torch.randn(2, 8, 4, 5)
+    want, with_grad = block(x)
+    assert with_grad.lse is not None and with_grad.lse.shape == (2, 4, 20)
+    if mode == "no_grad":
+        with torch.no_grad():
+            got, sim = block(x)
+    elif mode == "inference_mode":
+        with torch.inference_mode():
+            got, sim = block(x)
+    elif mode == "trace":
+        class Features(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.block = block
+
+            def forward(self, t):
+                return self.block(t)[0]
+
+        got, sim = torch.jit.trace(Features(), (x,), check_trace=False)(x), None
+    else:
+        from torch.utils.checkpoint import checkpoint
+
+        leaf = x.clone().requires_grad_()
+        got = checkpoint(lambda t: block(t)[0], leaf, use_reentrant=True)
+        got.square().sum().backward()
+        assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+        sim = None
+    torch.testing.assert_close(got, want)
+    if sim is not None:
+        assert sim.lse is None and sim.q.shape == with_grad.q.shape
+
+
+def test_changing_logit_scale_after_construction_takes_effect():
+    """The block reads logit_scale at every forward: the LSE it hands over matches the scale it
+    reports (the loss with it equals the loss computing its own LSE, and the reference's)."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    losses = {}
+    for backend in ("reference", "cpu") if "cpu" in ao.available_backends()["spatial_attention"] else ("reference",):
+        torch.manual_seed(0)
+        block = SpatialSelfAttention(8, backend=backend).double()
+        with torch.no_grad():
+            block.blocks[0].q.weight.mul_(30)
+            block.blocks[0].kv.weight.mul_(30)
+        loss_fn = AttentiveSimilarityLoss(radius=2, backend=backend).double()
+        x = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        probs = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64).softmax(1)
+        block.logit_scale = 3.0
+        _, sim = block(x)
+        assert sim.logit_scale == 3.0
+        handed, own = loss_fn(sim, probs), loss_fn(dataclasses.replace(sim, lse=None), probs)
+        torch.testing.assert_close(handed, own)
+        losses[backend] = handed
+    torch.testing.assert_close(losses.get("cpu", losses["reference"]), losses["reference"])
+    with pytest.raises(TypeError, match="logit_scale must be a real number"):
+        block.logit_scale = "3"
