@@ -15,17 +15,35 @@ from torch.autograd import forward_ad
 FORWARD_AD = "forward-mode AD"
 ONNX_EXPORT = "ONNX export"
 TORCHSCRIPT_TRACE = "TorchScript trace"
+COMPILED_TRANSFORM = "torch.compile over torch.func transforms"
+
+
+def _jvp_transform_active() -> bool:
+    """Whether a torch.func forward-mode transform (jvp, jacfwd, hessian's outer jacfwd) is active
+    at any level, below or above other transforms (vmap, grad). Eager mode only."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
 
 
 def forward_ad_option(*tensors) -> str:
-    """:data:`FORWARD_AD` when one of ``tensors`` (None allowed) carries a forward-mode tangent
-    (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``), else "": a backend option
+    """:data:`FORWARD_AD` under a torch.func forward-mode transform (``jvp``, ``jacfwd``,
+    ``hessian``, whatever other transforms wrap or are wrapped by it), or when one of ``tensors``
+    (None allowed) carries a tangent of ``torch.autograd.forward_ad``, else "": a backend option
     (:mod:`attenscribble_ops.backends`), since only the reference has forward-mode derivatives.
     Not inspected under torch.compile."""
     if torch.compiler.is_compiling():
         return ""
+    if _jvp_transform_active():
+        return FORWARD_AD
     for t in tensors:
-        if t is not None and forward_ad.unpack_dual(t).tangent is not None:
+        # a transform's wrapper (vmap, grad) hides the tangents of the levels below it, and
+        # unpack_dual has no batching rule: the transforms' levels were checked above
+        if t is not None and not torch._C._functorch.is_functorch_wrapped_tensor(t) \
+                and forward_ad.unpack_dual(t).tangent is not None:
             return FORWARD_AD
     return ""
 
@@ -44,10 +62,22 @@ def export_option() -> str:
     return ""
 
 
-def reference_only_options(*tensors) -> tuple[str, str]:
+def compiled_transform_option() -> str:
+    """:data:`COMPILED_TRANSFORM` while torch.compile traces a call under a torch.func transform
+    (``torch.compile(torch.func.grad(f))``, ``vmap``, ...), else "". The fused backends call their
+    operators through autograd functions that the eager transforms take; compiled, torch turns
+    them into an operator with no batching rule ("You tried to vmap over ApplyTemplate"), and the
+    registered operator itself has no form grad takes. Which transforms are active is not
+    traceable by the compiler, so any of them sends the call to the reference."""
+    return COMPILED_TRANSFORM if torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active() \
+        else ""
+
+
+def reference_only_options(*tensors) -> tuple[str, str, str]:
     """The backend options of a call that only the reference can run: forward-mode tangents on
-    ``tensors``, an ONNX export or a TorchScript trace in progress."""
-    return forward_ad_option(*tensors), export_option()
+    ``tensors``, an ONNX export or a TorchScript trace in progress, torch.compile over torch.func
+    transforms."""
+    return forward_ad_option(*tensors), export_option(), compiled_transform_option()
 
 
 def _describe(x) -> str:
@@ -127,6 +157,12 @@ def bandwidth(x, name: str) -> float:
 
 
 def integer(x, name: str, *, minimum: int) -> int:
+    """An int >= ``minimum``; a ``torch.SymInt`` (a size traced with dynamic shapes, e.g. an
+    attention grid under torch.export) is kept symbolic, its bound checked as a guard."""
+    if isinstance(x, torch.SymInt):
+        if x < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {x}")
+        return x
     if isinstance(x, bool) or not isinstance(x, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {_describe(x)}")
     if int(x) < minimum:

@@ -15,7 +15,9 @@ them and the rules that say why one cannot run.
   forward-mode derivatives, and so does a call that ``torch.onnx.export`` traces
   (``_checks.ONNX_EXPORT``): ONNX has operators for the reference's torch ops only; and one that
   ``torch.jit.trace`` traces (``_checks.TORCHSCRIPT_TRACE``): the trace would record the fused
-  backends' Python autograd functions, which TorchScript cannot save.
+  backends' Python autograd functions, which TorchScript cannot save; and one that torch.compile
+  traces under a torch.func transform (``_checks.COMPILED_TRANSFORM``): compiled, the fused
+  backends' autograd functions have no batching rule and their operators no form grad takes.
 * :func:`explain` says what is compiled and why each faster backend was skipped.
 
 The order is data: change ``AUTO_ORDER`` (from benchmark results), not the code.
@@ -173,6 +175,10 @@ def why_not(op: str, backend: str, meta: Meta) -> Optional[str]:
         reason = ("a TorchScript trace (torch.jit.trace) needs backend='reference': it would record the fused "
                   "kernels' Python autograd functions, which torch.jit.save cannot store (torch.export and "
                   "torch.compile take the fused kernels)")
+    if reason is None and backend != "reference" and _checks.COMPILED_TRANSFORM in meta.options:
+        reason = ("torch.compile over torch.func transforms (grad, vmap, ...) needs backend='reference': compiled, "
+                  "the fused kernels' autograd functions have no batching rule and the registered operators no "
+                  "form grad takes (the transforms in eager mode, and torch.compile alone, take the fused kernels)")
     if reason is None and entry.check is not None:
         reason = entry.check(meta)
     return reason

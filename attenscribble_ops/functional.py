@@ -5,6 +5,7 @@ Every default reproduces the official AttenScribble run (spec §4-6).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -160,7 +161,9 @@ def masked_crf_loss(probs: torch.Tensor, image: Optional[torch.Tensor] = None, *
     compat = _prepare_compat(compatibility, classes, dtype, probs.device)
     backend = _checks.choice(backend, "backend", backends.CHOICES)
     last_mask = mask_dst if mask_dst is not None else mask_src
-    denom = last_mask.sum().clamp(min=1) if last_mask is not None else float(batch * torch.Size(shape).numel())
+    # sym_float: a float in eager mode, symbolic in an exported program with dynamic sizes
+    denom = (last_mask.sum().clamp(min=1) if last_mask is not None
+             else torch.sym_float(batch * math.prod(shape)))
     meta = backends.Meta.of(probs, "compatibility" if compat is not None else "",
                             *_checks.reference_only_options(probs, compat))
     _, impl = backends.select("masked_crf", backend, meta)
@@ -299,7 +302,10 @@ def attentive_similarity_loss(q: torch.Tensor, k: torch.Tensor, probs: torch.Ten
         q, _head_dim_option(q), _slice_option(n, q.shape[3], probs_grid.shape[1]),
         *_checks.reference_only_options(q, k, probs_grid, head_weight, head_bias, lse)))
     raw = impl(q, k, probs_grid, head_weight, head_bias, lse, sample_weight, (h, w), radius, sigma, logit_scale)
-    return raw / (batch * n)
+    # sym_float: a float in eager mode (the same quotient), symbolic under dynamic shapes, where a
+    # tensor under torch.func's transforms cannot be divided by a SymInt, and float() would
+    # specialise an exported program's sizes
+    return raw / torch.sym_float(batch * n)
 
 
 def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, logit_scale: float = 1.0,

@@ -89,6 +89,37 @@ def test_block_exports_with_torch_export(backend):
     torch.testing.assert_close(program.module()(x), net(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+@pytest.mark.parametrize("backend", [b for b in runnable_backends("masked_crf") if b in ("reference", "cpu")])
+def test_losses_export_with_dynamic_sizes(backend, strict):
+    """The masked CRF without a mask (its denominator B * H * W stays symbolic) and the block with
+    the similarity loss (the grid the block hands over is a pair of SymInts) export with dynamic
+    spatial sizes, in torch.export's default non-strict mode too, and run at another size."""
+    class Losses(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = ao.nn.SpatialSelfAttention(8, heads=2, backend=backend)
+            self.loss = ao.nn.AttentiveSimilarityLoss(heads=2, radius=1, backend=backend)
+
+        def forward(self, x, probs, image):
+            _, sim = self.block(x)
+            return self.loss(sim, probs) + ao.masked_crf_loss(probs, image, radius=1, backend=backend)
+
+    torch.manual_seed(0)
+    net = Losses().eval()
+    h, w = torch.export.Dim("h", min=3, max=32), torch.export.Dim("w", min=3, max=32)
+
+    def inputs(hh, ww):
+        g = torch.Generator().manual_seed(hh * 100 + ww)
+        return (torch.randn(2, 8, hh, ww, generator=g), torch.rand(2, 3, hh, ww, generator=g).softmax(1),
+                torch.rand(2, 1, hh, ww, generator=g))
+
+    program = torch.export.export(net, inputs(4, 5), dynamic_shapes=({2: h, 3: w}, {2: h, 3: w}, {2: h, 3: w}),
+                                  strict=strict)
+    for size in ((4, 5), (6, 3)):
+        torch.testing.assert_close(program.module()(*inputs(*size)), net(*inputs(*size)), rtol=1e-5, atol=1e-6)
+
+
 def _sizes_match_eager(fn, make, sizes, backend="inductor", one_graph=True):
     """fn compiled with fullgraph and dynamic shapes, called on inputs of every size, against eager
     (values and gradients); with ``one_graph``, one graph serves every size. ``make(size)`` ->

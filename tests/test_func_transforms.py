@@ -200,6 +200,62 @@ def test_forward_mode_under_auto_takes_the_reference(op, device):
     assert all(f"{b}: skipped: forward-mode AD" in report for b in skipped), report
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_forward_mode_over_other_transforms_takes_the_reference(op):
+    """Forward mode outside grad (jvp(grad(f)), hessian = jacfwd(jacrev)) and outside vmap: the
+    innermost tensors are grad's or vmap's wrappers, which hide the tangent, so the forward-mode
+    transform is found among the active transforms: "auto" takes the reference, a named fused
+    backend raises, and jvp(vmap(f)) runs (unpack_dual has no batching rule)."""
+    f_auto, xs = _problem(op, "auto", "cpu")
+    f_ref, _ = _problem(op, "reference", "cpu")
+    g = torch.Generator().manual_seed(9)
+    tangents = tuple(torch.randn(x.shape, generator=g, dtype=x.dtype) for x in xs)
+
+    def hvp(fn):
+        return func.jvp(func.grad(fn), (xs[0],), (tangents[0],))[1]
+
+    first = lambda fn: (lambda x: fn(x, *xs[1:]))  # noqa: E731 - f of its first input only
+    torch.testing.assert_close(hvp(first(f_auto)), hvp(first(f_ref)), rtol=0, atol=0)
+    if op == "masked_crf":  # hessian of the small CRF problem (the others' are large)
+        small = xs[0][:1, :, :4, :4]
+        crf = lambda p: ao.masked_crf_loss(p, small[:, :1], radius=1)  # noqa: E731
+        crf_ref = lambda p: ao.masked_crf_loss(p, small[:, :1], radius=1, backend="reference")  # noqa: E731
+        torch.testing.assert_close(func.hessian(crf)(small), func.hessian(crf_ref)(small), rtol=0, atol=0)
+    for backend, _ in FUSED[op]:
+        if _ != "cpu":
+            continue
+        f_fused, _ = _problem(op, backend, "cpu")
+        with pytest.raises(ao.BackendUnavailableError, match="forward-mode AD"):
+            hvp(first(f_fused))
+    batched = tuple(x[None] for x in xs)
+    per_sample = func.jvp(func.vmap(f_auto), batched, tuple(t[None] for t in tangents))[1]
+    torch.testing.assert_close(per_sample[0].double(), func.jvp(f_ref, xs, tangents)[1].double(), rtol=1e-5,
+                               atol=1e-8)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_compile_over_transforms_takes_the_reference(op):
+    """torch.compile(grad(f)) and torch.compile(vmap(grad(f))) under "auto": the reference (the
+    fused kernels' autograd functions do not compile under the transforms), equal to eager; a
+    named fused backend raises. torch.compile of f itself still takes the fused kernels."""
+    torch._dynamo.reset()
+    f_auto, xs = _problem(op, "auto", "cpu")
+    grad_eager = func.grad(f_auto)(*xs)
+    compiled = torch.compile(func.grad(f_auto), backend="aot_eager", fullgraph=True)(*xs)
+    torch.testing.assert_close(compiled, grad_eager, rtol=1e-5, atol=1e-7)
+    batched = tuple(x[None].expand(2, *x.shape) for x in xs)
+    per_sample = torch.compile(func.vmap(func.grad(f_auto)), backend="aot_eager", fullgraph=True)(*batched)
+    torch.testing.assert_close(per_sample[0], grad_eager, rtol=1e-5, atol=1e-7)
+    for backend, device in FUSED[op]:
+        if device != "cpu":
+            continue
+        f_fused, _ = _problem(op, backend, "cpu")
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="torch.compile over torch.func transforms"):
+            torch.compile(func.grad(f_fused), backend="aot_eager", fullgraph=True)(*xs)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("backend,device", FUSED["spatial_attention"], ids=_ids(FUSED["spatial_attention"]))
 def test_second_order_under_func_raises(backend, device):
     f, xs = _problem("spatial_attention", backend, device)
