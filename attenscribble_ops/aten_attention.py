@@ -50,13 +50,14 @@ def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
     return x.contiguous()
 
 
-def nan_rows_kept_(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``out`` (a kernel's fresh output, one row per token of q, with or without a last axis) set
-    to NaN in place where q's row holds a NaN, as the reference and the fused kernels give. torch's
-    CPU flash kernel returns 0 there (its row maximum skips the NaN): the backends built on SDPA
-    would otherwise differ from the others."""
+def nan_rows_kept(out: torch.Tensor, q: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``out`` (one row per token of q, with or without a last axis) NaN where q's row holds a NaN,
+    as the reference and the fused kernels give. torch's CPU flash kernel returns 0 there (its row
+    maximum skips the NaN): the backends built on SDPA would otherwise differ from the others.
+    ``inplace``: into ``out`` itself (a kernel's fresh output that autograd has not saved)."""
     rows = torch.isnan(q).any(-1)
-    return out.masked_fill_(rows[..., None] if out.dim() == q.dim() else rows, float("nan"))
+    rows = rows[..., None] if out.dim() == q.dim() else rows
+    return out.masked_fill_(rows, float("nan")) if inplace else out.masked_fill(rows, float("nan"))
 
 
 def _sdpa_forward(q, k, v, scale):
@@ -167,8 +168,8 @@ class _AtenAttention(torch.autograd.Function):
         c = d ** -0.5
         out_p, lse_a, state_a = _sdpa_forward(qp, kp, vp, c)
         _, lse_s, state_s = _sdpa_forward(qp, kp, torch.zeros_like(vp), logit_scale)
-        out = nan_rows_kept_(out_p[..., :dv].contiguous() if width != dv else out_p, q)
-        lse = nan_rows_kept_(lse_s[..., :q.shape[2]].to(acc_dtype(q.dtype), copy=True), q)
+        out = nan_rows_kept(out_p[..., :dv].contiguous() if width != dv else out_p, q, inplace=True)
+        lse = nan_rows_kept(lse_s[..., :q.shape[2]].to(acc_dtype(q.dtype), copy=True), q, inplace=True)
         # the kernel's padded output where it is not ``out`` itself (tensors only: torch.compile)
         return (out, lse, out.new_empty(0) if out is out_p else out_p, lse_a, lse_s, *state_a, *state_s)
 

@@ -347,9 +347,10 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, logi
     meta = backends.Meta.of(q, _head_dim_option(q), _head_dim_option(v),
                             _slice_option(q.shape[2], q.shape[3], v.shape[3]), *_checks.reference_only_options(q, k, v))
     if not return_lse and backend == "auto" and _sdpa_output_only(q, k, v, meta):
-        from .aten_attention import nan_rows_kept_
+        from .aten_attention import nan_rows_kept
 
-        return nan_rows_kept_(F.scaled_dot_product_attention(q, k, v), q), None
+        # not in place: under a TorchScript trace the output may be saved for SDPA's backward
+        return nan_rows_kept(F.scaled_dot_product_attention(q, k, v), q), None
     _, impl = backends.select("spatial_attention", backend, meta)
     if not return_lse:
         return impl(q, k, v, logit_scale)[0], None
