@@ -113,7 +113,7 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         asl = args.lambda_asl if args.lambda_asl is not None else VARIANTS[args.variant].get(
             "lambda_asl", LossConfig.lambda_asl)
         need(asl == 0, f"--variant {args.variant} has an attentive similarity loss (weight {asl}), which needs the "
-             "attention block: give --attention-stage 0-4, or --lambda-asl 0")
+             f"attention block: give --attention-stage 0-{stages - 1}, or --lambda-asl 0")
     for name in ("lambda_crf", "lambda_asl"):
         value = getattr(args, name)
         need(value is None or (math.isfinite(value) and value >= 0),

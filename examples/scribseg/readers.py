@@ -20,9 +20,8 @@ CHAOS_CLASSES = ("liver", "right kidney", "left kidney", "spleen")
 # CHAOS PNG masks encode organs as grey levels; each organ accepts the released range.
 CHAOS_GREY_LEVELS = ((1, 55, 70), (2, 110, 135), (3, 175, 200), (4, 240, 255))
 
-_ACDC_H5 = re.compile(r"^(patient\d+)_frame(\d+)\.h5$")
 _ACDC_H5_SLICE = re.compile(r"^(patient\d+)_frame(\d+)_slice_(\d+)\.h5$")  # WSL4MIS training slices
-_PATIENT = re.compile(r"^(patient\d+)")
+_PATIENT = re.compile(r"^(patient\d+)")  # patientNNN_frameMM.h5 and other names that start so
 _ACDC_NII = re.compile(r"^(patient\d+)_frame(\d+)\.nii(\.gz)?$")
 
 
@@ -68,7 +67,7 @@ def read_h5_volume(path, *, spacing: Optional[Sequence[float]] = None, num_class
         scribble = None if scribble is None else scribble[None]
     if image.size and (image.min() < 0 or image.max() > 1):
         image = normalise_intensity(image)
-    match = _ACDC_H5.match(path.name) or _PATIENT.match(path.name)
+    match = _PATIENT.match(path.name)
     case = path.stem
     patient = match.group(1) if match else case
     return Volume(case, patient, image, label, scribble, None if spacing is None else tuple(spacing), num_classes,
